@@ -1,0 +1,97 @@
+//! Types that cross the kernel/user boundary.
+//!
+//! Every type here is `#[repr(C)]`, `Copy` and free of implicit padding: the eBPF programs
+//! write them byte for byte into a ring buffer and userspace reads the same bytes back, so a
+//! hidden padding hole would be uninitialised kernel memory and a layout change on one side
+//! only would be silent corruption. Flags are `u32`, never `bool`. The `layout` test pins
+//! every size and offset.
+#![no_std]
+
+/// `TASK_COMM_LEN` in the kernel.
+pub const COMM_LEN: usize = 16;
+/// Bytes of the executed file name kept (longer names are cut, never overrun).
+pub const FILENAME_LEN: usize = 256;
+/// Bytes of argv copied from the new process image at exec. A power of two so the eBPF side
+/// can bound the copy length in a way the verifier accepts. Userspace reads the rest from
+/// `/proc/<pid>/cmdline` when `argv_total` says the copy was cut.
+pub const ARGV_LEN: usize = 1024;
+
+/// `ExecEvent::kind` and `ExitEvent::kind`: the first `u32` of every ring buffer record.
+pub const EVENT_EXEC: u32 = 1;
+pub const EVENT_EXIT: u32 = 2;
+
+/// Indexes of the per-CPU `LOST` counter array: ring buffer reservations that failed.
+pub const LOST_EXEC: u32 = 0;
+pub const LOST_EXIT: u32 = 1;
+pub const LOST_SLOTS: u32 = 2;
+
+/// Byte offset of `sp` in x86-64 `struct pt_regs` (fixed by the ABI of `ptrace`): the 20th
+/// 8-byte slot after r15 … orig_ax, ip, cs, flags.
+pub const PT_REGS_SP_OFFSET: usize = 19 * 8;
+
+/// A process image was replaced (`sched/sched_process_exec`).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct ExecEvent {
+    pub kind: u32,
+    /// Thread-group id (the userspace "pid").
+    pub tgid: u32,
+    /// Thread-group id of the real parent; 0 when the kernel offsets were unknown.
+    pub ppid: u32,
+    pub uid: u32,
+    /// Bytes of `argv` that hold data (NUL-separated arguments).
+    pub argv_len: u32,
+    /// Length of the whole argv area in the process; larger than `argv_len` when cut.
+    pub argv_total: u32,
+    /// `bpf_ktime_get_ns()` at exec: CLOCK_MONOTONIC, for exec → export latency.
+    pub ktime_ns: u64,
+    pub comm: [u8; COMM_LEN],
+    /// NUL-terminated path given to execve.
+    pub filename: [u8; FILENAME_LEN],
+    pub argv: [u8; ARGV_LEN],
+}
+
+/// A thread-group leader exited (`sched/sched_process_exit`).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct ExitEvent {
+    pub kind: u32,
+    pub tgid: u32,
+    pub ktime_ns: u64,
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: both types are repr(C), Copy, contain only integers and byte arrays, and have
+    // no padding (checked by the `layout` test), so every bit pattern is a valid value.
+    unsafe impl aya::Pod for super::ExecEvent {}
+    unsafe impl aya::Pod for super::ExitEvent {}
+}
+
+#[cfg(test)]
+mod layout {
+    extern crate std;
+    use super::*;
+    use core::mem::{offset_of, size_of};
+
+    #[test]
+    fn exec_event_has_no_padding() {
+        assert_eq!(offset_of!(ExecEvent, ktime_ns), 24);
+        assert_eq!(offset_of!(ExecEvent, comm), 32);
+        assert_eq!(offset_of!(ExecEvent, filename), 48);
+        assert_eq!(offset_of!(ExecEvent, argv), 48 + FILENAME_LEN);
+        assert_eq!(size_of::<ExecEvent>(), 48 + FILENAME_LEN + ARGV_LEN);
+        assert_eq!(size_of::<ExecEvent>() % 8, 0);
+    }
+
+    #[test]
+    fn exit_event_has_no_padding() {
+        assert_eq!(offset_of!(ExitEvent, ktime_ns), 8);
+        assert_eq!(size_of::<ExitEvent>(), 16);
+    }
+
+    #[test]
+    fn argv_len_is_a_power_of_two() {
+        assert!(ARGV_LEN.is_power_of_two());
+    }
+}

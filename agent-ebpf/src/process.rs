@@ -1,0 +1,167 @@
+//! Process lifecycle: one ring buffer record per exec and per thread-group exit.
+//!
+//! Records are submitted with `BPF_RB_NO_WAKEUP`: userspace drains the ring on a short timer
+//! instead of being woken per event, which costs a fraction of the CPU under an exec storm
+//! (issue #2 measured +5.6 % system CPU for a woken reader against +1 % for a timed drain).
+
+use agent_common::{
+    ExecEvent, ExitEvent, ARGV_LEN, EVENT_EXEC, EVENT_EXIT, FILENAME_LEN, LOST_EXEC, LOST_EXIT,
+    LOST_SLOTS, PT_REGS_SP_OFFSET,
+};
+use aya_ebpf::{
+    bindings::BPF_RB_NO_WAKEUP,
+    cty::c_void,
+    helpers::{
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_task,
+        bpf_get_current_uid_gid, bpf_ktime_get_ns, bpf_probe_read_kernel,
+        bpf_probe_read_kernel_str_bytes, bpf_probe_read_user,
+        generated::{
+            bpf_get_current_task_btf, bpf_probe_read_user as raw_probe_read_user, bpf_task_pt_regs,
+        },
+    },
+    macros::{map, tracepoint},
+    maps::{PerCpuArray, RingBuf},
+    programs::TracePointContext,
+    EbpfContext as _,
+};
+
+/// Offsets into `struct task_struct`, found by userspace in the running kernel's BTF and
+/// written here before load (aya has no CO-RE relocations for Rust programs). Zero means
+/// unknown: the event then carries ppid 0 and userspace reads it from /proc.
+#[unsafe(no_mangle)]
+static TASK_REAL_PARENT_OFFSET: u32 = 0;
+#[unsafe(no_mangle)]
+static TASK_TGID_OFFSET: u32 = 0;
+
+/// 256 KiB holds ~190 exec records: at 2,000 execs/s and a 10 ms drain, ~20 are in flight.
+#[map]
+static EVENTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
+
+#[map]
+static LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(LOST_SLOTS, 0);
+
+/// `sched_process_exec` record: `__data_loc char[] filename` at offset 8 (see
+/// /sys/kernel/tracing/events/sched/sched_process_exec/format; userspace checks it).
+const EXEC_FILENAME_LOC_OFFSET: usize = 8;
+
+#[tracepoint]
+pub fn sched_process_exec(ctx: TracePointContext) -> u32 {
+    match try_exec(&ctx) {
+        Ok(()) | Err(()) => 0,
+    }
+}
+
+#[tracepoint]
+pub fn sched_process_exit(_ctx: TracePointContext) -> u32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tgid = (pid_tgid >> 32) as u32;
+    // Threads other than the leader exit all the time; only the leader ends the process.
+    if pid_tgid as u32 != tgid {
+        return 0;
+    }
+    match EVENTS.reserve::<ExitEvent>(0) {
+        Some(mut entry) => {
+            entry.write(ExitEvent {
+                kind: EVENT_EXIT,
+                tgid,
+                ktime_ns: unsafe { bpf_ktime_get_ns() },
+            });
+            entry.submit(BPF_RB_NO_WAKEUP as u64);
+        }
+        None => count_lost(LOST_EXIT),
+    }
+    0
+}
+
+fn try_exec(ctx: &TracePointContext) -> Result<(), ()> {
+    let Some(mut entry) = EVENTS.reserve::<ExecEvent>(0) else {
+        count_lost(LOST_EXEC);
+        return Ok(());
+    };
+    let ev = entry.as_mut_ptr();
+    let pid_tgid = bpf_get_current_pid_tgid();
+    // SAFETY: `ev` points at a reserved, exclusively owned ring buffer record of the right size.
+    unsafe {
+        (*ev).kind = EVENT_EXEC;
+        (*ev).tgid = (pid_tgid >> 32) as u32;
+        (*ev).uid = bpf_get_current_uid_gid() as u32;
+        (*ev).ktime_ns = bpf_ktime_get_ns();
+        (*ev).ppid = parent_tgid();
+        (*ev).comm = bpf_get_current_comm().unwrap_or([0; 16]);
+        (*ev).filename[0] = 0;
+        if let Ok(loc) = ctx.read_at::<u32>(EXEC_FILENAME_LOC_OFFSET) {
+            let src = (ctx.as_ptr() as *const u8).add((loc & 0xffff) as usize);
+            let dst = &mut *(&raw mut (*ev).filename as *mut [u8; FILENAME_LEN]);
+            let _ = bpf_probe_read_kernel_str_bytes(src, dst);
+        }
+        let (len, total) = copy_argv(&raw mut (*ev).argv as *mut u8);
+        (*ev).argv_len = len;
+        (*ev).argv_total = total;
+    }
+    entry.submit(BPF_RB_NO_WAKEUP as u64);
+    Ok(())
+}
+
+/// `current->real_parent->tgid`, or 0 when userspace did not provide the offsets.
+fn parent_tgid() -> u32 {
+    let parent_off = unsafe { core::ptr::read_volatile(&TASK_REAL_PARENT_OFFSET) } as usize;
+    let tgid_off = unsafe { core::ptr::read_volatile(&TASK_TGID_OFFSET) } as usize;
+    if parent_off == 0 || tgid_off == 0 {
+        return 0;
+    }
+    let task = unsafe { bpf_get_current_task() } as *const u8;
+    // SAFETY: bpf_probe_read_kernel checks every address; a bad one yields an error.
+    unsafe {
+        let Ok(parent) = bpf_probe_read_kernel(task.add(parent_off) as *const *const u8) else {
+            return 0;
+        };
+        bpf_probe_read_kernel(parent.add(tgid_off) as *const u32).unwrap_or(0)
+    }
+}
+
+/// Copies the start of the new image's argv into `dst` (ARGV_LEN bytes) and returns
+/// (bytes copied, length of the whole argv area).
+///
+/// At `sched_process_exec` the new image's user registers are set up: `sp` points at argc,
+/// followed by argv[0..argc], NULL, envp[0..]. The argument strings are contiguous from argv[0]
+/// up to envp[0], which is where `mm->arg_start`/`arg_end` point too — reached through the
+/// ABI-stable `pt_regs` instead of `mm_struct` offsets that change between kernels.
+unsafe fn copy_argv(dst: *mut u8) -> (u32, u32) {
+    let task = unsafe { bpf_get_current_task_btf() };
+    let regs = unsafe { bpf_task_pt_regs(task) } as *const u8;
+    let Ok(sp) = (unsafe { bpf_probe_read_kernel(regs.add(PT_REGS_SP_OFFSET) as *const u64) })
+    else {
+        return (0, 0);
+    };
+    let (Ok(argc), Ok(arg_start)) = (unsafe { bpf_probe_read_user(sp as *const u64) }, unsafe {
+        bpf_probe_read_user((sp + 8) as *const u64)
+    }) else {
+        return (0, 0);
+    };
+    let env_start =
+        unsafe { bpf_probe_read_user((sp + 16 + 8 * (argc & 0xffff_ffff)) as *const u64) }
+            .unwrap_or(0);
+    let total = if env_start > arg_start {
+        env_start - arg_start
+    } else {
+        // No environment: the argv area is not delimited; take what fits.
+        ARGV_LEN as u64
+    };
+    let mut len = total;
+    if len > ARGV_LEN as u64 {
+        len = ARGV_LEN as u64;
+    }
+    // SAFETY: `dst` holds ARGV_LEN bytes and `len` ≤ ARGV_LEN; the source is checked by the helper.
+    let rc = unsafe { raw_probe_read_user(dst as *mut c_void, len as u32, arg_start as *const c_void) };
+    if rc != 0 {
+        return (0, total.min(u32::MAX as u64) as u32);
+    }
+    (len as u32, total.min(u32::MAX as u64) as u32)
+}
+
+fn count_lost(slot: u32) {
+    if let Some(counter) = LOST.get_ptr_mut(slot) {
+        // SAFETY: a per-CPU slot is only touched by programs on this CPU, one at a time.
+        unsafe { *counter += 1 };
+    }
+}
