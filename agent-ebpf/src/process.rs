@@ -152,7 +152,8 @@ unsafe fn copy_argv(dst: *mut u8) -> (u32, u32) {
         len = ARGV_LEN as u64;
     }
     // SAFETY: `dst` holds ARGV_LEN bytes and `len` ≤ ARGV_LEN; the source is checked by the helper.
-    let rc = unsafe { raw_probe_read_user(dst as *mut c_void, len as u32, arg_start as *const c_void) };
+    let rc =
+        unsafe { raw_probe_read_user(dst as *mut c_void, len as u32, arg_start as *const c_void) };
     if rc != 0 {
         return (0, total.min(u32::MAX as u64) as u32);
     }

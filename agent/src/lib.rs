@@ -1,1 +1,5 @@
 pub mod identity;
+pub mod metrics;
+#[cfg(target_os = "linux")]
+pub mod proc;
+pub mod tracker;

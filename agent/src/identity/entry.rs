@@ -36,7 +36,11 @@ impl<'a> Entry<'a> {
         } else {
             basename(argv0)
         };
-        let program = if program.is_empty() { facts.comm.as_str() } else { program };
+        let program = if program.is_empty() {
+            facts.comm.as_str()
+        } else {
+            program
+        };
         if program.is_empty() {
             return None;
         }
@@ -145,8 +149,9 @@ fn module_rule(module: &str, sub: Option<&str>) -> Option<(Framework, Role)> {
         },
         "vllm" if module.starts_with("vllm.entrypoints") => (Vllm, Server),
         "sglang" if module == "sglang.launch_server" => (Sglang, Server),
-        "sglang" if module.starts_with("sglang.bench_one_batch")
-            || module.starts_with("sglang.bench_offline") =>
+        "sglang"
+            if module.starts_with("sglang.bench_one_batch")
+                || module.starts_with("sglang.bench_offline") =>
         {
             (Sglang, Script)
         }
@@ -248,7 +253,11 @@ fn parse_python(rest: &[String]) -> Entry<'_> {
                 let base = basename(script);
                 // A console script (`/usr/local/bin/vllm serve …` run via its shebang) is the
                 // program it names; a `.py` file is a script.
-                let kind = if base.ends_with(".py") { Kind::Script } else { Kind::Program };
+                let kind = if base.ends_with(".py") {
+                    Kind::Script
+                } else {
+                    Kind::Program
+                };
                 return Entry {
                     kind,
                     name: strip_suffixes(base).to_owned(),
@@ -269,7 +278,10 @@ fn parse_python(rest: &[String]) -> Entry<'_> {
 }
 
 pub(super) fn basename(path: &str) -> &str {
-    path.trim_end_matches('/').rsplit('/').next().unwrap_or(path)
+    path.trim_end_matches('/')
+        .rsplit('/')
+        .next()
+        .unwrap_or(path)
 }
 
 fn strip_suffixes(name: &str) -> &str {
@@ -282,8 +294,9 @@ fn strip_suffixes(name: &str) -> &str {
 fn is_python(name: &str) -> bool {
     let name = strip_suffixes(name);
     name.strip_prefix("python").is_some_and(|v| {
-        v.chars()
-            .all(|c| c.is_ascii_digit() || matches!(c, '.' | 't' | 'm' | 'w' | 'd' | '-' | 'b' | 'g'))
+        v.chars().all(|c| {
+            c.is_ascii_digit() || matches!(c, '.' | 't' | 'm' | 'w' | 'd' | '-' | 'b' | 'g')
+        })
     })
 }
 
@@ -303,12 +316,69 @@ pub(super) fn is_multiprocessing_child(child: &ProcessFacts) -> bool {
 /// Programs that servers run in passing: never counted as one of their workers.
 pub(super) fn is_utility(child: &ProcessFacts) -> bool {
     const UTILITIES: &[&str] = &[
-        "sh", "bash", "dash", "zsh", "env", "cc", "gcc", "g++", "c++", "clang", "clang++", "ld",
-        "ld.gold", "ld.lld", "as", "collect2", "cc1", "cc1plus", "ninja", "make", "cmake", "nvcc",
-        "ptxas", "cicc", "fatbinary", "nvlink", "git", "nvidia-smi", "ldconfig", "ldconfig.real",
-        "uname", "lsb_release", "cat", "ls", "grep", "sed", "awk", "ps", "which", "nproc",
-        "lscpu", "sleep", "true", "false", "id", "hostname", "curl", "wget", "tar", "rm", "mkdir",
-        "cp", "mv", "chmod", "df", "du", "free", "ip", "ss", "ping", "tail", "head", "sort",
+        "sh",
+        "bash",
+        "dash",
+        "zsh",
+        "env",
+        "cc",
+        "gcc",
+        "g++",
+        "c++",
+        "clang",
+        "clang++",
+        "ld",
+        "ld.gold",
+        "ld.lld",
+        "as",
+        "collect2",
+        "cc1",
+        "cc1plus",
+        "ninja",
+        "make",
+        "cmake",
+        "nvcc",
+        "ptxas",
+        "cicc",
+        "fatbinary",
+        "nvlink",
+        "git",
+        "nvidia-smi",
+        "ldconfig",
+        "ldconfig.real",
+        "uname",
+        "lsb_release",
+        "cat",
+        "ls",
+        "grep",
+        "sed",
+        "awk",
+        "ps",
+        "which",
+        "nproc",
+        "lscpu",
+        "sleep",
+        "true",
+        "false",
+        "id",
+        "hostname",
+        "curl",
+        "wget",
+        "tar",
+        "rm",
+        "mkdir",
+        "cp",
+        "mv",
+        "chmod",
+        "df",
+        "du",
+        "free",
+        "ip",
+        "ss",
+        "ping",
+        "tail",
+        "head",
+        "sort",
     ];
     let name = basename(child.argv.first().map(String::as_str).unwrap_or(&child.exe));
     let exe = basename(&child.exe);

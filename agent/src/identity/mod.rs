@@ -154,7 +154,10 @@ pub fn classify(facts: &ProcessFacts) -> Option<Identity> {
 /// same program re-executed (Python `multiprocessing` spawn, forked workers), or when its
 /// parent is a server and the child is not a common utility (a shell, a compiler, nvidia-smi)
 /// that servers run in passing. A child that classifies on its own keeps its own framework.
-pub fn derive(child: &ProcessFacts, parent: Option<(&ProcessFacts, &Identity)>) -> Option<Identity> {
+pub fn derive(
+    child: &ProcessFacts,
+    parent: Option<(&ProcessFacts, &Identity)>,
+) -> Option<Identity> {
     let own = classify(child);
     let Some((parent_facts, parent_id)) = parent else {
         return own;

@@ -26,7 +26,14 @@ const MODEL_FLAGS: &[&str] = &[
 const FALLBACK_FLAGS: &[&str] = &["--served-model-name", "--tokenizer", "--tokenizer-name"];
 
 /// File extensions of model weights and engines.
-const WEIGHT_EXTENSIONS: &[&str] = &[".gguf", ".safetensors", ".onnx", ".engine", ".plan", ".ggml"];
+const WEIGHT_EXTENSIONS: &[&str] = &[
+    ".gguf",
+    ".safetensors",
+    ".onnx",
+    ".engine",
+    ".plan",
+    ".ggml",
+];
 
 pub(super) fn extract(framework: Framework, entry: &Entry, facts: &ProcessFacts) -> Option<String> {
     from_flags(MODEL_FLAGS, entry.args)
@@ -177,7 +184,10 @@ fn stem_of_path(raw: &str) -> Option<String> {
         .rsplit('/')
         .filter(|c| !c.is_empty() && *c != "." && *c != "..");
     let last = components.next()?;
-    if let Some(hex) = last.strip_prefix("sha256-").or_else(|| last.strip_prefix("sha256:")) {
+    if let Some(hex) = last
+        .strip_prefix("sha256-")
+        .or_else(|| last.strip_prefix("sha256:"))
+    {
         return Some(format!("sha256-{}", &hex[..hex.len().min(12)]));
     }
     let lower = last.to_ascii_lowercase();

@@ -12,7 +12,9 @@ pub fn sanitize_label(raw: &str) -> String {
         if out.len() >= MAX_LABEL_LEN {
             break;
         }
-        let c = if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '/' | '@' | '+' | '=' | '-') {
+        let c = if c.is_ascii_alphanumeric()
+            || matches!(c, '.' | '_' | ':' | '/' | '@' | '+' | '=' | '-')
+        {
             c
         } else {
             '_'
@@ -30,10 +32,27 @@ pub fn sanitize_label(raw: &str) -> String {
 /// names a secret.
 pub fn looks_like_secret(value: &str) -> bool {
     const PREFIXES: &[&str] = &[
-        "sk-", "sk_", "hf_", "ghp_", "gho_", "ghs_", "ghu_", "github_pat_", "glpat-", "xoxb-",
-        "xoxp-", "AKIA", "ASIA", "eyJ", "Bearer ", "bearer ", "Basic ",
+        "sk-",
+        "sk_",
+        "hf_",
+        "ghp_",
+        "gho_",
+        "ghs_",
+        "ghu_",
+        "github_pat_",
+        "glpat-",
+        "xoxb-",
+        "xoxp-",
+        "AKIA",
+        "ASIA",
+        "eyJ",
+        "Bearer ",
+        "bearer ",
+        "Basic ",
     ];
-    const SECRET_WORDS: &[&str] = &["token", "secret", "password", "passwd", "api_key", "apikey", "api-key"];
+    const SECRET_WORDS: &[&str] = &[
+        "token", "secret", "password", "passwd", "api_key", "apikey", "api-key",
+    ];
     let v = value.trim();
     if PREFIXES.iter().any(|p| v.starts_with(p)) {
         return true;
@@ -46,7 +65,8 @@ pub fn looks_like_secret(value: &str) -> bool {
     }
     // A long run of token characters with no separator a model name would have.
     v.len() >= 32
-        && v.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '+')
+        && v.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '+')
         && v.chars().any(|c| c.is_ascii_digit())
         && v.chars().any(|c| c.is_ascii_uppercase())
         && v.chars().any(|c| c.is_ascii_lowercase())

@@ -18,9 +18,20 @@ fn facts(cmdline: &str) -> ProcessFacts {
 }
 
 fn mismatch(case: &ProcessFacts, expected: Option<(&str, &str, &str)>) -> Option<String> {
-    let got = classify(case).map(|id| (id.framework.as_str(), id.model_name.clone(), id.role.as_str()));
+    let got = classify(case).map(|id| {
+        (
+            id.framework.as_str(),
+            id.model_name.clone(),
+            id.role.as_str(),
+        )
+    });
     let got_ref = got.as_ref().map(|(f, m, r)| (*f, m.as_str(), *r));
-    (got_ref != expected).then(|| format!("{:?}: got {got_ref:?}, want {expected:?}", case.argv.join(" ")))
+    (got_ref != expected).then(|| {
+        format!(
+            "{:?}: got {got_ref:?}, want {expected:?}",
+            case.argv.join(" ")
+        )
+    })
 }
 
 fn check(case: &ProcessFacts, expected: Option<(&str, &str, &str)>, what: &str) {
@@ -129,25 +140,48 @@ fn command_lines() {
         .iter()
         .filter_map(|(cmdline, expected)| mismatch(&facts(cmdline), *expected))
         .collect();
-    assert!(failures.is_empty(), "{} of {} cases wrong:\n{}", failures.len(), table.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} of {} cases wrong:\n{}",
+        failures.len(),
+        table.len(),
+        failures.join("\n")
+    );
 }
 
 #[test]
 fn model_from_environment_when_the_command_line_says_nothing() {
     let mut f = facts("text-generation-launcher --port 8080");
     f.env = vec![
-        ("HF_TOKEN".into(), "hf_abcdefghijklmnopqrstuvwxyzABCDEF".into()),
+        (
+            "HF_TOKEN".into(),
+            "hf_abcdefghijklmnopqrstuvwxyzABCDEF".into(),
+        ),
         ("MODEL_ID".into(), "HuggingFaceH4/zephyr-7b-beta".into()),
     ];
-    check(&f, Some(("tgi", "HuggingFaceH4/zephyr-7b-beta", "server")), "env MODEL_ID");
-    f.env = vec![("MODEL_NAME".into(), "hf_abcdefghijklmnopqrstuvwxyzABCDEF".into())];
-    check(&f, Some(("tgi", "unknown", "server")), "a secret in MODEL_NAME is dropped");
+    check(
+        &f,
+        Some(("tgi", "HuggingFaceH4/zephyr-7b-beta", "server")),
+        "env MODEL_ID",
+    );
+    f.env = vec![(
+        "MODEL_NAME".into(),
+        "hf_abcdefghijklmnopqrstuvwxyzABCDEF".into(),
+    )];
+    check(
+        &f,
+        Some(("tgi", "unknown", "server")),
+        "a secret in MODEL_NAME is dropped",
+    );
 }
 
 #[test]
 fn python_scripts_are_classified_by_the_libraries_they_load() {
     let cases: &[(&[&str], Option<&str>)] = &[
-        (&["/venv/lib/python3.11/site-packages/torch/lib/libtorch_cpu.so"], Some("pytorch")),
+        (
+            &["/venv/lib/python3.11/site-packages/torch/lib/libtorch_cpu.so"],
+            Some("pytorch"),
+        ),
         (
             &[
                 "/venv/lib/python3.11/site-packages/torch/lib/libtorch_cpu.so",
@@ -162,16 +196,26 @@ fn python_scripts_are_classified_by_the_libraries_they_load() {
             ],
             Some("vllm"),
         ),
-        (&["/venv/lib/python3.11/site-packages/llama_cpp/lib/libllama.so"], Some("llama.cpp")),
+        (
+            &["/venv/lib/python3.11/site-packages/llama_cpp/lib/libllama.so"],
+            Some("llama.cpp"),
+        ),
         (&["/usr/lib/x86_64-linux-gnu/libssl.so.3"], None),
     ];
     for (libs, expected) in cases {
         let mut f = facts("python3 chat.py --model Qwen/Qwen2.5-0.5B-Instruct");
         f.libraries = libs.iter().map(|s| (*s).to_owned()).collect();
         let got = classify(&f);
-        assert_eq!(got.as_ref().map(|i| i.framework.as_str()), *expected, "{libs:?}");
+        assert_eq!(
+            got.as_ref().map(|i| i.framework.as_str()),
+            *expected,
+            "{libs:?}"
+        );
         if let Some(id) = got {
-            assert_eq!((id.model_name.as_str(), id.role), ("Qwen/Qwen2.5-0.5B-Instruct", Role::Script));
+            assert_eq!(
+                (id.model_name.as_str(), id.role),
+                ("Qwen/Qwen2.5-0.5B-Instruct", Role::Script)
+            );
         }
     }
     let mut pip = facts("python3 -m pip install torch");
@@ -179,7 +223,11 @@ fn python_scripts_are_classified_by_the_libraries_they_load() {
     assert_eq!(classify(&pip), None, "pip is never an LLM process");
     let mut grep = facts("grep torch requirements.txt");
     grep.libraries = pip.libraries.clone();
-    assert_eq!(classify(&grep), None, "libraries only classify interpreters");
+    assert_eq!(
+        classify(&grep),
+        None,
+        "libraries only classify interpreters"
+    );
 }
 
 #[test]
@@ -193,26 +241,45 @@ fn lineage() {
     assert_eq!(worker.model_name, "meta-llama/Llama-3.1-8B-Instruct");
     assert_eq!(worker.framework, Framework::Vllm);
 
-    for utility in ["/bin/sh -c nvidia-smi", "/usr/bin/gcc -O3 -shared cuda_utils.c", "/sbin/ldconfig -p"] {
-        assert_eq!(derive(&facts(utility), Some((&server, &server_id))), None, "{utility}");
+    for utility in [
+        "/bin/sh -c nvidia-smi",
+        "/usr/bin/gcc -O3 -shared cuda_utils.c",
+        "/sbin/ldconfig -p",
+    ] {
+        assert_eq!(
+            derive(&facts(utility), Some((&server, &server_id))),
+            None,
+            "{utility}"
+        );
     }
     // A script's children inherit only when they are the same program re-executed.
     let script = facts("torchrun --nproc_per_node 2 gen.py");
     let script_id = classify(&script).unwrap();
-    assert_eq!(derive(&facts("/usr/bin/htop"), Some((&script, &script_id))), None);
+    assert_eq!(
+        derive(&facts("/usr/bin/htop"), Some((&script, &script_id))),
+        None
+    );
     let mut rank = facts("torchrun --nproc_per_node 2 gen.py");
     rank.argv = vec!["/usr/bin/python3".into(), "-u".into(), "gen.py".into()];
     let mut script_py = script.clone();
     script_py.exe = "/usr/bin/python3".into();
     rank.exe = "/usr/bin/python3".into();
-    assert_eq!(derive(&rank, Some((&script_py, &script_id))).map(|i| i.role), Some(Role::Worker));
+    assert_eq!(
+        derive(&rank, Some((&script_py, &script_id))).map(|i| i.role),
+        Some(Role::Worker)
+    );
 
     // A child that is an LLM process of another framework keeps its own identity.
     let ollama = facts("/usr/local/bin/ollama serve");
     let ollama_id = classify(&ollama).unwrap();
-    let runner = facts("/usr/local/bin/ollama runner --model /root/.ollama/models/blobs/sha256-aaaaaaaaaaaaaaaa");
+    let runner = facts(
+        "/usr/local/bin/ollama runner --model /root/.ollama/models/blobs/sha256-aaaaaaaaaaaaaaaa",
+    );
     let runner_id = derive(&runner, Some((&ollama, &ollama_id))).unwrap();
-    assert_eq!((runner_id.role, runner_id.model_name.as_str()), (Role::Worker, "unknown"));
+    assert_eq!(
+        (runner_id.role, runner_id.model_name.as_str()),
+        (Role::Worker, "unknown")
+    );
 }
 
 #[test]
@@ -238,7 +305,9 @@ fn labels_are_bounded_and_safe() {
     assert_eq!(sanitize_label("ünïcödé name\n\0x"), "n_c_d_name_x");
     assert!(looks_like_secret("sk-ant-api03-xyz"));
     assert!(looks_like_secret("api_key=abc"));
-    assert!(looks_like_secret("eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxIn0.abc"));
+    assert!(looks_like_secret(
+        "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxIn0.abc"
+    ));
     assert!(!looks_like_secret("meta-llama/Llama-3.1-8B-Instruct"));
     assert!(!looks_like_secret("qwen2.5-7b-instruct-q4_k_m"));
 }

@@ -1,0 +1,243 @@
+//! Encoding a [`Snapshot`] with prometheus-client: one `Collector` over the whole snapshot,
+//! using const metrics (values were read by the collectors, not kept in live metric objects).
+
+use std::collections::BTreeMap;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Unit;
+
+use super::{BuildInfo, KindCount, ProcessLabels, ProcessSample, Snapshot};
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, EncodeLabelSet)]
+struct CountLabels {
+    llm_type: String,
+    model_name: String,
+    framework: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct CollectorLabel {
+    collector: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct KindLabel {
+    kind: String,
+}
+
+/// The snapshot of one scrape plus the build's static info.
+#[derive(Debug)]
+pub struct SnapshotCollector {
+    pub snapshot: Snapshot,
+    pub build: BuildInfo,
+}
+
+fn gauge_family<'a, L: EncodeLabelSet + 'a>(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    unit: Option<&Unit>,
+    samples: impl IntoIterator<Item = (&'a L, f64)>,
+) -> Result<(), std::fmt::Error> {
+    let mut samples = samples.into_iter().peekable();
+    if samples.peek().is_none() {
+        return Ok(());
+    }
+    let mut metric = encoder.encode_descriptor(name, help, unit, MetricType::Gauge)?;
+    for (labels, value) in samples {
+        ConstGauge::new(value).encode(metric.encode_family(labels)?)?;
+    }
+    Ok(())
+}
+
+fn counter_family<'a, L: EncodeLabelSet + 'a>(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    unit: Option<&Unit>,
+    samples: impl IntoIterator<Item = (&'a L, f64)>,
+) -> Result<(), std::fmt::Error> {
+    let mut samples = samples.into_iter().peekable();
+    if samples.peek().is_none() {
+        return Ok(());
+    }
+    let mut metric = encoder.encode_descriptor(name, help, unit, MetricType::Counter)?;
+    for (labels, value) in samples {
+        ConstCounter::new(value).encode(metric.encode_family(labels)?)?;
+    }
+    Ok(())
+}
+
+/// A family with one unlabelled sample.
+fn scalar(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    kind: MetricType,
+    value: f64,
+) -> Result<(), std::fmt::Error> {
+    let metric = encoder.encode_descriptor(name, help, None, kind)?;
+    match kind {
+        MetricType::Counter => ConstCounter::new(value).encode(metric),
+        _ => ConstGauge::new(value).encode(metric),
+    }
+}
+
+fn per_process<'a>(
+    processes: &'a [ProcessSample],
+    value: impl Fn(&ProcessSample) -> Option<f64> + 'a,
+) -> impl Iterator<Item = (&'a ProcessLabels, f64)> + 'a {
+    processes
+        .iter()
+        .filter_map(move |p| value(p).map(|v| (&p.labels, v)))
+}
+
+fn kinds(counts: &[KindCount]) -> Vec<(KindLabel, f64)> {
+    counts
+        .iter()
+        .map(|c| {
+            (
+                KindLabel {
+                    kind: c.kind.to_owned(),
+                },
+                c.value as f64,
+            )
+        })
+        .collect()
+}
+
+fn by_ref<L>(samples: &[(L, f64)]) -> impl Iterator<Item = (&L, f64)> {
+    samples.iter().map(|(l, v)| (l, *v))
+}
+
+fn collectors(
+    s: &Snapshot,
+    value: impl Fn(&super::CollectorStatus) -> f64,
+) -> Vec<(CollectorLabel, f64)> {
+    s.collectors
+        .iter()
+        .map(|c| {
+            (
+                CollectorLabel {
+                    collector: c.collector.to_owned(),
+                },
+                value(c),
+            )
+        })
+        .collect()
+}
+
+impl Collector for SnapshotCollector {
+    fn encode(&self, mut e: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let s = &self.snapshot;
+        let p = &s.processes;
+
+        let mut counts: BTreeMap<CountLabels, f64> = BTreeMap::new();
+        for proc in p.iter().filter(|p| p.alive) {
+            let key = CountLabels {
+                llm_type: proc.labels.llm_type.clone(),
+                model_name: proc.labels.model_name.clone(),
+                framework: proc.labels.framework.clone(),
+            };
+            *counts.entry(key).or_default() += 1.0;
+        }
+        gauge_family(
+            &mut e,
+            "llm_process_count",
+            "Running LLM processes by model family, model and framework.",
+            None,
+            counts.iter().map(|(l, v)| (l, *v)),
+        )?;
+        gauge_family(
+            &mut e,
+            "llm_process_cpu_percent",
+            "CPU use of the process since the previous scrape, in percent of one core.",
+            None,
+            per_process(p, |s| s.cpu_percent),
+        )?;
+        counter_family(
+            &mut e,
+            "llm_process_cpu_seconds",
+            "CPU time (user + system) the process has used.",
+            None,
+            per_process(p, |s| Some(s.cpu_seconds)),
+        )?;
+        gauge_family(
+            &mut e,
+            "llm_process_memory_bytes",
+            "Resident set size of the process.",
+            None,
+            per_process(p, |s| Some(s.memory_bytes as f64)),
+        )?;
+        gauge_family(
+            &mut e,
+            "llm_process_threads",
+            "Threads in the process.",
+            None,
+            per_process(p, |s| Some(s.threads as f64)),
+        )?;
+        gauge_family(
+            &mut e,
+            "llm_process_start_time_seconds",
+            "Start time of the process, seconds since the Unix epoch.",
+            None,
+            per_process(p, |s| Some(s.start_time_seconds)),
+        )?;
+
+        gauge_family(
+            &mut e,
+            "llmscope_build_info",
+            "llmscope version and mode; always 1.",
+            None,
+            [(&self.build, 1.0)],
+        )?;
+        gauge_family(
+            &mut e,
+            "llmscope_collector_success",
+            "Whether the collector worked on this scrape (1) or failed (0).",
+            None,
+            by_ref(&collectors(s, |c| if c.success { 1.0 } else { 0.0 })),
+        )?;
+        gauge_family(
+            &mut e,
+            "llmscope_collector_duration",
+            "How long the collector took on this scrape.",
+            Some(&Unit::Seconds),
+            by_ref(&collectors(s, |c| c.duration_seconds)),
+        )?;
+        scalar(
+            &mut e,
+            "llmscope_tracked_processes",
+            "LLM processes in the agent's table, including those in their grace period after exit.",
+            MetricType::Gauge,
+            s.agent.tracked_processes as f64,
+        )?;
+        scalar(
+            &mut e,
+            "llmscope_tracked_processes_dropped",
+            "LLM processes not tracked because the table was full (--max-processes).",
+            MetricType::Counter,
+            s.agent.tracked_dropped as f64,
+        )?;
+        counter_family(
+            &mut e,
+            "llmscope_events",
+            "Kernel events received, by kind.",
+            None,
+            by_ref(&kinds(&s.agent.events)),
+        )?;
+        counter_family(&mut e, "llmscope_events_lost", "Kernel events lost because the ring buffer was full, by kind; reconciliation repairs what they missed.", None, by_ref(&kinds(&s.agent.events_lost)))?;
+        counter_family(
+            &mut e,
+            "llmscope_reconcile_repairs",
+            "Processes whose exec or exit the /proc reconciliation found missing, by kind.",
+            None,
+            by_ref(&kinds(&s.agent.repairs)),
+        )?;
+        Ok(())
+    }
+}

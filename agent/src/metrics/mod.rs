@@ -1,0 +1,140 @@
+//! The metric model shared by every llmscope binary: a [`Snapshot`] gathered by collectors,
+//! encoded by prometheus-client, served as Prometheus text or OpenMetrics.
+//!
+//! Gather and encode are separate: collectors do the slow work (/proc, kernel maps) and fill
+//! a snapshot; encoding the snapshot is cheap and cannot fail halfway through a collector.
+
+mod encode;
+pub mod exposition;
+
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::identity::Identity;
+
+/// The labels of every per-process series.
+#[derive(
+    Debug, Clone, PartialEq, Eq, Hash, Serialize, prometheus_client::encoding::EncodeLabelSet,
+)]
+pub struct ProcessLabels {
+    pub pid: String,
+    pub name: String,
+    pub llm_type: String,
+    pub model_name: String,
+    pub framework: String,
+    pub role: String,
+}
+
+impl ProcessLabels {
+    pub fn new(pid: u32, name: &str, identity: &Identity) -> Self {
+        ProcessLabels {
+            pid: pid.to_string(),
+            name: name.to_owned(),
+            llm_type: identity.llm_type.clone(),
+            model_name: identity.model_name.clone(),
+            framework: identity.framework.as_str().to_owned(),
+            role: identity.role.as_str().to_owned(),
+        }
+    }
+}
+
+/// One process's resource use at the last reading.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ProcessSample {
+    #[serde(flatten)]
+    pub labels: ProcessLabels,
+    /// False during the grace period after exit (values are the last reading).
+    pub alive: bool,
+    pub cpu_seconds: f64,
+    /// CPU use since the previous reading, in percent of one core; None on the first reading.
+    pub cpu_percent: Option<f64>,
+    pub memory_bytes: u64,
+    pub threads: u64,
+    pub start_time_seconds: f64,
+}
+
+/// Whether a collector worked on this scrape, and how long it took.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct CollectorStatus {
+    pub collector: &'static str,
+    pub success: bool,
+    pub duration_seconds: f64,
+}
+
+/// A counter with one label, `kind`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct KindCount {
+    pub kind: &'static str,
+    pub value: u64,
+}
+
+/// The agent's own health.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct AgentStats {
+    pub tracked_processes: u64,
+    pub tracked_dropped: u64,
+    /// Kernel events received, by kind (exec, exit).
+    pub events: Vec<KindCount>,
+    /// Kernel events lost (ring buffer full), by kind.
+    pub events_lost: Vec<KindCount>,
+    /// What reconciliation repaired, by kind (missed_exec, missed_exit).
+    pub repairs: Vec<KindCount>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Snapshot {
+    pub processes: Vec<ProcessSample>,
+    pub collectors: Vec<CollectorStatus>,
+    pub agent: AgentStats,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct CollectError(pub String);
+
+/// A source of metrics. A collector that fails never fails the scrape: it shows up as
+/// `llmscope_collector_success{collector="…"} 0`, and whatever it did fill in stays.
+pub trait Collector: Send {
+    fn name(&self) -> &'static str;
+    fn collect(&mut self, snapshot: &mut Snapshot) -> Result<(), CollectError>;
+}
+
+/// Runs every collector into one snapshot, recording success and duration of each.
+pub fn gather(collectors: &mut [Box<dyn Collector>]) -> Snapshot {
+    let mut snapshot = Snapshot::default();
+    for c in collectors.iter_mut() {
+        let started = Instant::now();
+        let result = c.collect(&mut snapshot);
+        if let Err(e) = &result {
+            tracing::debug!(collector = c.name(), error = %e, "collector failed");
+        }
+        snapshot.collectors.push(CollectorStatus {
+            collector: c.name(),
+            success: result.is_ok(),
+            duration_seconds: secs(started.elapsed()),
+        });
+    }
+    snapshot
+}
+
+fn secs(d: Duration) -> f64 {
+    d.as_secs_f64()
+}
+
+/// Static facts about this build, exported as `llmscope_build_info`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, prometheus_client::encoding::EncodeLabelSet)]
+pub struct BuildInfo {
+    pub version: String,
+    /// `ebpf` for the Linux agent, `polling` for windows-fallback.
+    pub mode: String,
+}
+
+impl BuildInfo {
+    pub fn new(mode: &str) -> Self {
+        BuildInfo {
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            mode: mode.to_owned(),
+        }
+    }
+}

@@ -1,0 +1,205 @@
+//! Everything the agent reads from /proc, through a configurable root (`--path.procfs`), so a
+//! DaemonSet reads the host's /proc at /host/proc and tests read fixture trees.
+//!
+//! Every read is bounded (a 1 MiB command line costs at most [`CMDLINE_LIMIT`] bytes) and a
+//! process that exits mid-read is an ordinary `Gone` error, never a panic.
+
+mod parse;
+
+pub use parse::{parse_cmdline, parse_environ_selected, shared_objects};
+
+use std::fs::File;
+use std::io::{self, Read};
+use std::path::{Path, PathBuf};
+
+use crate::identity::{ProcessFacts, MODEL_ENV_VARS};
+
+/// Bytes of /proc/<pid>/cmdline read at most.
+pub const CMDLINE_LIMIT: usize = 64 * 1024;
+/// Bytes of /proc/<pid>/environ read at most.
+pub const ENVIRON_LIMIT: usize = 64 * 1024;
+/// Bytes of /proc/<pid>/maps read at most (a large Python process has ~3,000 lines).
+pub const MAPS_LIMIT: usize = 1024 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProcError {
+    #[error("process {0} is gone")]
+    Gone(u32),
+    #[error("reading {path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error("parsing {path}: {reason}")]
+    Parse { path: PathBuf, reason: String },
+}
+
+/// One reading of a process's resource use.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ProcSample {
+    pub ppid: u32,
+    /// Start time in clock ticks since boot: with the pid, identifies a process across pid reuse.
+    pub start_ticks: u64,
+    /// user + system CPU time, in clock ticks.
+    pub cpu_ticks: u64,
+    pub rss_bytes: u64,
+    pub threads: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct ProcRoot {
+    root: PathBuf,
+    pub ticks_per_second: u64,
+    page_size: u64,
+    /// Boot time, seconds since the epoch (`btime` in <root>/stat).
+    pub boot_time_seconds: u64,
+}
+
+impl ProcRoot {
+    pub fn new(root: impl Into<PathBuf>) -> Result<Self, ProcError> {
+        let root = root.into();
+        let stat_path = root.join("stat");
+        let stat = std::fs::read_to_string(&stat_path).map_err(|source| ProcError::Io {
+            path: stat_path.clone(),
+            source,
+        })?;
+        let boot_time_seconds = parse::boot_time(&stat).ok_or_else(|| ProcError::Parse {
+            path: stat_path,
+            reason: "no btime line".into(),
+        })?;
+        Ok(ProcRoot {
+            root,
+            ticks_per_second: procfs::ticks_per_second(),
+            page_size: procfs::page_size(),
+            boot_time_seconds,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.root
+    }
+
+    fn pid_path(&self, pid: u32, file: &str) -> PathBuf {
+        self.root.join(pid.to_string()).join(file)
+    }
+
+    /// Every numeric entry of the proc root.
+    pub fn pids(&self) -> Result<Vec<u32>, ProcError> {
+        let entries = std::fs::read_dir(&self.root).map_err(|source| ProcError::Io {
+            path: self.root.clone(),
+            source,
+        })?;
+        Ok(entries
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+            .collect())
+    }
+
+    pub fn sample(&self, pid: u32) -> Result<ProcSample, ProcError> {
+        let stat = self
+            .process(pid)?
+            .stat()
+            .map_err(|e| self.proc_error(pid, "stat", e))?;
+        Ok(ProcSample {
+            ppid: stat.ppid.max(0) as u32,
+            start_ticks: stat.starttime,
+            cpu_ticks: stat.utime + stat.stime,
+            rss_bytes: stat.rss * self.page_size,
+            threads: stat.num_threads.max(0) as u64,
+        })
+    }
+
+    /// The facts classification needs, read from /proc: comm, exe, bounded argv, parent.
+    /// The environment is read separately ([`ProcRoot::model_env`]) and only when needed.
+    pub fn facts(&self, pid: u32) -> Result<ProcessFacts, ProcError> {
+        let (cmdline, _) = self.read_bounded(pid, "cmdline", CMDLINE_LIMIT)?;
+        let sample = self.sample(pid)?;
+        let comm = self
+            .read_bounded(pid, "comm", 64)
+            .map(|(b, _)| String::from_utf8_lossy(&b).trim_end().to_owned())
+            .unwrap_or_default();
+        let exe = std::fs::read_link(self.pid_path(pid, "exe"))
+            .map(|p| {
+                p.to_string_lossy()
+                    .trim_end_matches(" (deleted)")
+                    .to_owned()
+            })
+            .unwrap_or_default();
+        Ok(ProcessFacts {
+            pid,
+            ppid: sample.ppid,
+            comm,
+            exe,
+            argv: parse_cmdline(&cmdline),
+            env: Vec::new(),
+            libraries: Vec::new(),
+        })
+    }
+
+    /// The full command line, up to [`CMDLINE_LIMIT`] bytes.
+    pub fn cmdline(&self, pid: u32) -> Result<Vec<String>, ProcError> {
+        Ok(parse_cmdline(
+            &self.read_bounded(pid, "cmdline", CMDLINE_LIMIT)?.0,
+        ))
+    }
+
+    /// Only the variables of [`MODEL_ENV_VARS`]; nothing else leaves this function.
+    pub fn model_env(&self, pid: u32) -> Result<Vec<(String, String)>, ProcError> {
+        let (environ, _) = self.read_bounded(pid, "environ", ENVIRON_LIMIT)?;
+        Ok(parse_environ_selected(&environ, MODEL_ENV_VARS))
+    }
+
+    /// Paths of the shared objects the process maps.
+    pub fn libraries(&self, pid: u32) -> Result<Vec<String>, ProcError> {
+        let (maps, _) = self.read_bounded(pid, "maps", MAPS_LIMIT)?;
+        Ok(shared_objects(&maps))
+    }
+
+    pub fn start_ticks(&self, pid: u32) -> Result<u64, ProcError> {
+        Ok(self.sample(pid)?.start_ticks)
+    }
+
+    fn process(&self, pid: u32) -> Result<procfs::process::Process, ProcError> {
+        procfs::process::Process::new_with_root(self.root.join(pid.to_string()))
+            .map_err(|e| self.proc_error(pid, "", e))
+    }
+
+    fn proc_error(&self, pid: u32, file: &str, e: procfs::ProcError) -> ProcError {
+        match e {
+            procfs::ProcError::NotFound(_) => ProcError::Gone(pid),
+            procfs::ProcError::Io(source, _) if source.kind() == io::ErrorKind::NotFound => {
+                ProcError::Gone(pid)
+            }
+            other => ProcError::Parse {
+                path: self.pid_path(pid, file),
+                reason: other.to_string(),
+            },
+        }
+    }
+
+    /// Reads at most `limit` bytes; the flag says whether the file was longer.
+    fn read_bounded(
+        &self,
+        pid: u32,
+        file: &str,
+        limit: usize,
+    ) -> Result<(Vec<u8>, bool), ProcError> {
+        let path = self.pid_path(pid, file);
+        let gone_or_io = |source: io::Error| match source.kind() {
+            // ESRCH: the process exited between open and read.
+            io::ErrorKind::NotFound => ProcError::Gone(pid),
+            _ if source.raw_os_error() == Some(libc::ESRCH) => ProcError::Gone(pid),
+            _ => ProcError::Io {
+                path: path.clone(),
+                source,
+            },
+        };
+        let file = File::open(&path).map_err(gone_or_io)?;
+        let mut buf = Vec::with_capacity(limit.min(4096));
+        file.take(limit as u64 + 1)
+            .read_to_end(&mut buf)
+            .map_err(gone_or_io)?;
+        let truncated = buf.len() > limit;
+        buf.truncate(limit);
+        Ok((buf, truncated))
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,64 @@
+//! Pure parsers over /proc file contents.
+
+/// Most arguments kept from one command line.
+pub const MAX_ARGS: usize = 4096;
+
+/// NUL-separated arguments, lossily decoded (non-UTF-8 bytes become U+FFFD).
+pub fn parse_cmdline(raw: &[u8]) -> Vec<String> {
+    let raw = raw.strip_suffix(&[0]).unwrap_or(raw);
+    if raw.is_empty() {
+        return Vec::new();
+    }
+    raw.split(|b| *b == 0)
+        .take(MAX_ARGS)
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect()
+}
+
+/// The `NAME=value` pairs of a NUL-separated environment whose name is in `wanted`.
+pub fn parse_environ_selected(raw: &[u8], wanted: &[&str]) -> Vec<(String, String)> {
+    raw.split(|b| *b == 0)
+        .filter_map(|kv| {
+            let eq = kv.iter().position(|b| *b == b'=')?;
+            let name = std::str::from_utf8(&kv[..eq]).ok()?;
+            wanted.contains(&name).then(|| {
+                (
+                    name.to_owned(),
+                    String::from_utf8_lossy(&kv[eq + 1..]).into_owned(),
+                )
+            })
+        })
+        .collect()
+}
+
+/// Distinct paths of mapped shared objects (`*.so`, `*.so.N`) in a maps file.
+pub fn shared_objects(maps: &[u8]) -> Vec<String> {
+    const MAX_LIBRARIES: usize = 1024;
+    let mut out: Vec<String> = Vec::new();
+    for line in maps.split(|b| *b == b'\n') {
+        // address perms offset dev inode path — the path starts at the 6th field.
+        let Some(path) = line
+            .splitn(6, |b| *b == b' ')
+            .nth(5)
+            .map(|p| String::from_utf8_lossy(p).trim().to_owned())
+        else {
+            continue;
+        };
+        let is_so = path.starts_with('/')
+            && (path.ends_with(".so") || path.contains(".so.") || path.contains(".so ("));
+        if is_so && out.last() != Some(&path) && !out.contains(&path) {
+            out.push(path);
+            if out.len() == MAX_LIBRARIES {
+                break;
+            }
+        }
+    }
+    out
+}
+
+/// `btime` from /proc/stat.
+pub fn boot_time(stat: &str) -> Option<u64> {
+    stat.lines()
+        .find_map(|l| l.strip_prefix("btime "))
+        .and_then(|v| v.trim().parse().ok())
+}

@@ -1,0 +1,281 @@
+//! The table of LLM processes the agent exports: who they are, when they exited, and what
+//! was dropped because the table was full.
+//!
+//! Portable (no /proc, no eBPF): the agent feeds it from exec/exit events and /proc scans,
+//! windows-fallback from its polling loop. Keyed by pid; a process is identified across pid
+//! reuse by its start time, so a new process never inherits an old one's series.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::identity::{derive, sanitize_label, Identity, ProcessFacts};
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Tracked {
+    pub pid: u32,
+    pub ppid: u32,
+    /// Sanitised `comm`: the `name` label.
+    pub name: String,
+    #[serde(flatten)]
+    pub identity: Identity,
+    /// Start time in clock ticks since boot (None when the process was gone before it was read).
+    pub start_ticks: Option<u64>,
+    /// Executable path, kept for lineage (a child running the same program inherits).
+    #[serde(skip)]
+    pub exe: String,
+    #[serde(skip)]
+    pub exited_at: Option<Instant>,
+}
+
+impl Tracked {
+    pub fn is_alive(&self) -> bool {
+        self.exited_at.is_none()
+    }
+}
+
+/// What [`Tracker::observe`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Observed {
+    /// A new LLM process (or a new identity for a pid that exec'd something else).
+    Added(Identity),
+    /// Known already, same identity.
+    Unchanged,
+    /// A tracked pid now runs something that is not an LLM process: its series are gone.
+    Removed,
+    /// Not an LLM process, not tracked.
+    Ignored,
+    /// The table is full of live processes.
+    Dropped,
+}
+
+#[derive(Debug)]
+pub struct Tracker {
+    procs: HashMap<u32, Tracked>,
+    capacity: usize,
+    dropped: u64,
+}
+
+impl Tracker {
+    pub fn new(capacity: usize) -> Self {
+        Tracker {
+            procs: HashMap::new(),
+            capacity,
+            dropped: 0,
+        }
+    }
+
+    /// Classifies `facts` (with the identity of its parent, when tracked) and records the
+    /// result. Called for every exec and for every process a scan finds.
+    pub fn observe(&mut self, facts: &ProcessFacts, start_ticks: Option<u64>) -> Observed {
+        let parent = self
+            .procs
+            .get(&facts.ppid)
+            .filter(|p| p.is_alive() && facts.ppid != facts.pid)
+            .map(|p| {
+                (
+                    ProcessFacts {
+                        exe: p.exe.clone(),
+                        ..ProcessFacts::default()
+                    },
+                    p.identity.clone(),
+                )
+            });
+        let identity = derive(facts, parent.as_ref().map(|(f, i)| (f, i)));
+        let Some(identity) = identity else {
+            return match self.procs.remove(&facts.pid) {
+                Some(_) => Observed::Removed,
+                None => Observed::Ignored,
+            };
+        };
+        if let Some(existing) = self.procs.get(&facts.pid) {
+            if existing.is_alive()
+                && existing.identity == identity
+                && (existing.start_ticks == start_ticks || start_ticks.is_none())
+            {
+                return Observed::Unchanged;
+            }
+        } else if self.procs.len() >= self.capacity && !self.evict_one_exited() {
+            self.dropped += 1;
+            return Observed::Dropped;
+        }
+        self.procs.insert(
+            facts.pid,
+            Tracked {
+                pid: facts.pid,
+                ppid: facts.ppid,
+                name: sanitize_label(&facts.comm),
+                identity: identity.clone(),
+                start_ticks,
+                exe: facts.exe.clone(),
+                exited_at: None,
+            },
+        );
+        Observed::Added(identity)
+    }
+
+    /// The process exited: its series stay for the grace period, then go.
+    pub fn exited(&mut self, pid: u32, now: Instant) -> bool {
+        match self.procs.get_mut(&pid) {
+            Some(p) if p.exited_at.is_none() => {
+                p.exited_at = Some(now);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Removes processes that exited more than `grace` ago; returns how many.
+    pub fn expire(&mut self, now: Instant, grace: Duration) -> usize {
+        let before = self.procs.len();
+        self.procs
+            .retain(|_, p| p.exited_at.is_none_or(|t| now.duration_since(t) < grace));
+        before - self.procs.len()
+    }
+
+    pub fn get(&self, pid: u32) -> Option<&Tracked> {
+        self.procs.get(&pid)
+    }
+
+    pub fn contains(&self, pid: u32) -> bool {
+        self.procs.contains_key(&pid)
+    }
+
+    /// Live and recently exited processes, in pid order.
+    pub fn all(&self) -> Vec<Tracked> {
+        let mut v: Vec<Tracked> = self.procs.values().cloned().collect();
+        v.sort_by_key(|p| p.pid);
+        v
+    }
+
+    pub fn live_pids(&self) -> Vec<u32> {
+        self.procs
+            .values()
+            .filter(|p| p.is_alive())
+            .map(|p| p.pid)
+            .collect()
+    }
+
+    pub fn len(&self) -> usize {
+        self.procs.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.procs.is_empty()
+    }
+
+    /// Processes not recorded because the table was full.
+    pub fn dropped(&self) -> u64 {
+        self.dropped
+    }
+
+    fn evict_one_exited(&mut self) -> bool {
+        let oldest = self
+            .procs
+            .values()
+            .filter_map(|p| p.exited_at.map(|t| (t, p.pid)))
+            .min();
+        oldest.is_some_and(|(_, pid)| self.procs.remove(&pid).is_some())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::Role;
+
+    fn facts(pid: u32, ppid: u32, cmdline: &str) -> ProcessFacts {
+        let argv: Vec<String> = cmdline.split(' ').map(str::to_owned).collect();
+        ProcessFacts {
+            pid,
+            ppid,
+            comm: argv[0]
+                .rsplit('/')
+                .next()
+                .unwrap()
+                .chars()
+                .take(15)
+                .collect(),
+            exe: argv[0].clone(),
+            argv,
+            ..Default::default()
+        }
+    }
+
+    const VLLM: &str = "/usr/bin/python3 -m vllm.entrypoints.openai.api_server --model m/x";
+
+    #[test]
+    fn children_inherit_and_everything_expires_after_the_grace_period() {
+        let mut t = Tracker::new(16);
+        let t0 = Instant::now();
+        assert!(matches!(
+            t.observe(&facts(10, 1, VLLM), Some(5)),
+            Observed::Added(_)
+        ));
+        let child = facts(11, 10, "/usr/bin/python3 -c from multiprocessing.spawn import spawn_main --multiprocessing-fork");
+        assert!(matches!(t.observe(&child, Some(6)), Observed::Added(_)));
+        assert_eq!(t.get(11).unwrap().identity.role, Role::Worker);
+        assert_eq!(
+            t.observe(&facts(12, 10, "/bin/sh -c nvidia-smi"), Some(7)),
+            Observed::Ignored
+        );
+        assert_eq!(t.observe(&facts(10, 1, VLLM), Some(5)), Observed::Unchanged);
+
+        assert!(t.exited(10, t0));
+        assert!(!t.exited(10, t0), "an exit is counted once");
+        assert_eq!(
+            t.expire(t0 + Duration::from_secs(5), Duration::from_secs(10)),
+            0
+        );
+        assert_eq!(
+            t.all().len(),
+            2,
+            "exited processes stay during the grace period"
+        );
+        assert_eq!(
+            t.expire(t0 + Duration::from_secs(10), Duration::from_secs(10)),
+            1
+        );
+        assert_eq!(t.live_pids(), vec![11]);
+    }
+
+    #[test]
+    fn a_reused_pid_never_inherits_old_series() {
+        let mut t = Tracker::new(16);
+        t.observe(&facts(10, 1, VLLM), Some(5));
+        t.exited(10, Instant::now());
+        // Same pid, new process that is not an LLM process: the old entry goes at once.
+        assert_eq!(
+            t.observe(&facts(10, 1, "/bin/ls"), Some(99)),
+            Observed::Removed
+        );
+        assert!(t.is_empty());
+        // Same pid, another LLM process: replaced, with the new start time.
+        t.observe(&facts(10, 1, VLLM), Some(5));
+        let llama = facts(10, 1, "llama-server -m /m/q.gguf");
+        assert!(matches!(t.observe(&llama, Some(100)), Observed::Added(_)));
+        let p = t.get(10).unwrap();
+        assert_eq!(
+            (p.identity.model_name.as_str(), p.start_ticks),
+            ("q", Some(100))
+        );
+        // Same command line, new start time (the exit event was lost): a new process.
+        assert!(matches!(t.observe(&llama, Some(200)), Observed::Added(_)));
+    }
+
+    #[test]
+    fn the_table_is_bounded_and_drops_are_counted() {
+        let mut t = Tracker::new(2);
+        t.observe(&facts(1, 0, VLLM), None);
+        t.observe(&facts(2, 0, VLLM), None);
+        assert_eq!(t.observe(&facts(3, 0, VLLM), None), Observed::Dropped);
+        assert_eq!((t.len(), t.dropped()), (2, 1));
+        t.exited(1, Instant::now());
+        assert!(
+            matches!(t.observe(&facts(3, 0, VLLM), None), Observed::Added(_)),
+            "an exited entry makes room"
+        );
+        assert_eq!(t.len(), 2);
+    }
+}
