@@ -1,5 +1,22 @@
+//! llmscope: a Linux node agent that sees every LLM / inference process the moment it execs
+//! and exports what it uses to Prometheus.
+//!
+//! Portable modules (classification, process table, metric model, HTTP) build everywhere and
+//! are shared with windows-fallback; the eBPF sensor, the /proc reader and the agent runtime
+//! are Linux-only.
+
+pub mod config;
+pub mod http;
 pub mod identity;
 pub mod metrics;
+pub mod tracker;
+
 #[cfg(target_os = "linux")]
 pub mod proc;
-pub mod tracker;
+
+#[cfg(all(target_os = "linux", feature = "ebpf"))]
+pub mod agent;
+#[cfg(all(target_os = "linux", feature = "ebpf"))]
+pub mod collectors;
+#[cfg(all(target_os = "linux", feature = "ebpf"))]
+pub mod ebpf;

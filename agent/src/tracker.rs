@@ -68,7 +68,13 @@ impl Tracker {
 
     /// Classifies `facts` (with the identity of its parent, when tracked) and records the
     /// result. Called for every exec and for every process a scan finds.
-    pub fn observe(&mut self, facts: &ProcessFacts, start_ticks: Option<u64>) -> Observed {
+    /// `start_ticks` is asked for only when the process is an LLM process, so the many
+    /// processes that are not cost no /proc read.
+    pub fn observe(
+        &mut self,
+        facts: &ProcessFacts,
+        start_ticks: impl FnOnce() -> Option<u64>,
+    ) -> Observed {
         let parent = self
             .procs
             .get(&facts.ppid)
@@ -89,6 +95,7 @@ impl Tracker {
                 None => Observed::Ignored,
             };
         };
+        let start_ticks = start_ticks();
         if let Some(existing) = self.procs.get(&facts.pid) {
             if existing.is_alive()
                 && existing.identity == identity
@@ -210,17 +217,20 @@ mod tests {
         let mut t = Tracker::new(16);
         let t0 = Instant::now();
         assert!(matches!(
-            t.observe(&facts(10, 1, VLLM), Some(5)),
+            t.observe(&facts(10, 1, VLLM), || Some(5)),
             Observed::Added(_)
         ));
         let child = facts(11, 10, "/usr/bin/python3 -c from multiprocessing.spawn import spawn_main --multiprocessing-fork");
-        assert!(matches!(t.observe(&child, Some(6)), Observed::Added(_)));
+        assert!(matches!(t.observe(&child, || Some(6)), Observed::Added(_)));
         assert_eq!(t.get(11).unwrap().identity.role, Role::Worker);
         assert_eq!(
-            t.observe(&facts(12, 10, "/bin/sh -c nvidia-smi"), Some(7)),
+            t.observe(&facts(12, 10, "/bin/sh -c nvidia-smi"), || Some(7)),
             Observed::Ignored
         );
-        assert_eq!(t.observe(&facts(10, 1, VLLM), Some(5)), Observed::Unchanged);
+        assert_eq!(
+            t.observe(&facts(10, 1, VLLM), || Some(5)),
+            Observed::Unchanged
+        );
 
         assert!(t.exited(10, t0));
         assert!(!t.exited(10, t0), "an exit is counted once");
@@ -243,37 +253,43 @@ mod tests {
     #[test]
     fn a_reused_pid_never_inherits_old_series() {
         let mut t = Tracker::new(16);
-        t.observe(&facts(10, 1, VLLM), Some(5));
+        t.observe(&facts(10, 1, VLLM), || Some(5));
         t.exited(10, Instant::now());
         // Same pid, new process that is not an LLM process: the old entry goes at once.
         assert_eq!(
-            t.observe(&facts(10, 1, "/bin/ls"), Some(99)),
+            t.observe(&facts(10, 1, "/bin/ls"), || Some(99)),
             Observed::Removed
         );
         assert!(t.is_empty());
         // Same pid, another LLM process: replaced, with the new start time.
-        t.observe(&facts(10, 1, VLLM), Some(5));
+        t.observe(&facts(10, 1, VLLM), || Some(5));
         let llama = facts(10, 1, "llama-server -m /m/q.gguf");
-        assert!(matches!(t.observe(&llama, Some(100)), Observed::Added(_)));
+        assert!(matches!(
+            t.observe(&llama, || Some(100)),
+            Observed::Added(_)
+        ));
         let p = t.get(10).unwrap();
         assert_eq!(
             (p.identity.model_name.as_str(), p.start_ticks),
             ("q", Some(100))
         );
         // Same command line, new start time (the exit event was lost): a new process.
-        assert!(matches!(t.observe(&llama, Some(200)), Observed::Added(_)));
+        assert!(matches!(
+            t.observe(&llama, || Some(200)),
+            Observed::Added(_)
+        ));
     }
 
     #[test]
     fn the_table_is_bounded_and_drops_are_counted() {
         let mut t = Tracker::new(2);
-        t.observe(&facts(1, 0, VLLM), None);
-        t.observe(&facts(2, 0, VLLM), None);
-        assert_eq!(t.observe(&facts(3, 0, VLLM), None), Observed::Dropped);
+        t.observe(&facts(1, 0, VLLM), || None);
+        t.observe(&facts(2, 0, VLLM), || None);
+        assert_eq!(t.observe(&facts(3, 0, VLLM), || None), Observed::Dropped);
         assert_eq!((t.len(), t.dropped()), (2, 1));
         t.exited(1, Instant::now());
         assert!(
-            matches!(t.observe(&facts(3, 0, VLLM), None), Observed::Added(_)),
+            matches!(t.observe(&facts(3, 0, VLLM), || None), Observed::Added(_)),
             "an exited entry makes room"
         );
         assert_eq!(t.len(), 2);

@@ -105,9 +105,10 @@ impl ProcRoot {
         })
     }
 
-    /// The facts classification needs, read from /proc: comm, exe, bounded argv, parent.
-    /// The environment is read separately ([`ProcRoot::model_env`]) and only when needed.
-    pub fn facts(&self, pid: u32) -> Result<ProcessFacts, ProcError> {
+    /// The facts classification needs, read from /proc: comm, exe, bounded argv, parent —
+    /// with the resource sample read on the way. The environment and the mapped libraries are
+    /// read separately ([`ProcRoot::model_env`], [`ProcRoot::libraries`]) and only when needed.
+    pub fn facts(&self, pid: u32) -> Result<(ProcessFacts, ProcSample), ProcError> {
         let (cmdline, _) = self.read_bounded(pid, "cmdline", CMDLINE_LIMIT)?;
         let sample = self.sample(pid)?;
         let comm = self
@@ -121,7 +122,7 @@ impl ProcRoot {
                     .to_owned()
             })
             .unwrap_or_default();
-        Ok(ProcessFacts {
+        let facts = ProcessFacts {
             pid,
             ppid: sample.ppid,
             comm,
@@ -129,7 +130,8 @@ impl ProcRoot {
             argv: parse_cmdline(&cmdline),
             env: Vec::new(),
             libraries: Vec::new(),
-        })
+        };
+        Ok((facts, sample))
     }
 
     /// The full command line, up to [`CMDLINE_LIMIT`] bytes.

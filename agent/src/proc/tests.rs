@@ -92,7 +92,7 @@ fn reads_through_a_configurable_root() {
         (1, 300, 7, 12345)
     );
     assert_eq!(sample.rss_bytes, 2048 * procfs::page_size());
-    let facts = root.facts(4242).unwrap();
+    let (facts, _) = root.facts(4242).unwrap();
     assert_eq!(facts.comm, "llama-server");
     assert_eq!(&facts.argv[..3], ["llama-server", "-m", "/models/x.gguf"]);
     let total: usize = facts.argv.iter().map(|a| a.len() + 1).sum();

@@ -1,0 +1,164 @@
+//! The events thread: drains the ring buffer every [`DRAIN_INTERVAL`], turns exec records
+//! into facts, classifies them, and re-examines interpreters whose imports may say more later.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use aya::maps::{MapData, RingBuf};
+
+use super::{Counters, Shared, DRAIN_INTERVAL};
+use crate::ebpf::{decode, ExecRecord, KernelEvent};
+use crate::identity::{worth_rechecking, ProcessFacts, UNKNOWN};
+use crate::tracker::Observed;
+
+/// Interpreters waiting for their imports: re-read at 0.5 s, 1 s, 2 s … up to this delay.
+const RECHECK_MAX_DELAY: Duration = Duration::from_secs(32);
+/// Most interpreters waiting at once; past it, new ones are left to the periodic scan.
+const RECHECK_CAPACITY: usize = 1024;
+/// How often expiry and rechecks run.
+const HOUSEKEEPING_INTERVAL: Duration = Duration::from_millis(100);
+
+pub(super) fn spawn(
+    shared: Arc<Shared>,
+    ring: RingBuf<MapData>,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name("llmscope-events".into())
+        .spawn(move || run(&shared, ring))
+}
+
+fn run(shared: &Shared, mut ring: RingBuf<MapData>) {
+    shared.reader_alive.store(true, Ordering::Relaxed);
+    let mut rechecks = Rechecks::default();
+    let mut last_housekeeping = Instant::now();
+    while !shared.stopping() {
+        while let Some(item) = ring.next() {
+            let event = decode(&item);
+            drop(item);
+            match event {
+                KernelEvent::Exec(rec) => {
+                    Counters::add(&shared.counters.exec, 1);
+                    on_exec(shared, &mut rechecks, rec);
+                }
+                KernelEvent::Exit { pid, .. } => {
+                    Counters::add(&shared.counters.exit, 1);
+                    rechecks.waiting.remove(&pid);
+                    shared.tracker().exited(pid, Instant::now());
+                }
+                KernelEvent::Malformed => Counters::add(&shared.counters.malformed, 1),
+            }
+        }
+        if last_housekeeping.elapsed() >= HOUSEKEEPING_INTERVAL {
+            last_housekeeping = Instant::now();
+            rechecks.run_due(shared);
+            shared.tracker().expire(Instant::now(), shared.grace);
+        }
+        std::thread::sleep(DRAIN_INTERVAL);
+    }
+    shared.reader_alive.store(false, Ordering::Relaxed);
+}
+
+fn on_exec(shared: &Shared, rechecks: &mut Rechecks, rec: ExecRecord) {
+    let pid = rec.pid;
+    let mut facts = ProcessFacts {
+        pid,
+        ppid: rec.ppid,
+        comm: rec.comm,
+        exe: rec.filename,
+        argv: rec.argv,
+        env: Vec::new(),
+        libraries: Vec::new(),
+    };
+    if rec.argv_truncated {
+        // The kernel copied the first bytes; /proc has the rest while the process lives.
+        if let Ok(full) = shared.proc.cmdline(pid) {
+            if !full.is_empty() {
+                facts.argv = full;
+            }
+        }
+    }
+    if facts.ppid == 0 {
+        facts.ppid = shared.proc.sample(pid).map(|s| s.ppid).unwrap_or(0);
+    }
+    rechecks.waiting.remove(&pid);
+    match observe_with_env(shared, &mut facts) {
+        Observed::Ignored if worth_rechecking(&facts) => rechecks.add(pid),
+        Observed::Dropped => {
+            tracing::warn!(pid, "process table full (--max-processes): not tracked")
+        }
+        _ => {}
+    }
+}
+
+/// Classifies `facts`; when the result names no model, reads the model variables from the
+/// environment and classifies again.
+pub(super) fn observe_with_env(shared: &Shared, facts: &mut ProcessFacts) -> Observed {
+    let pid = facts.pid;
+    let start = || shared.proc.start_ticks(pid).ok();
+    let observed = shared.tracker().observe(facts, start);
+    let observed = match &observed {
+        Observed::Added(id) if id.model_name == UNKNOWN => match shared.proc.model_env(pid) {
+            Ok(env) if !env.is_empty() => {
+                facts.env = env;
+                shared.tracker().observe(facts, start);
+                observed
+            }
+            _ => observed,
+        },
+        _ => observed,
+    };
+    if let Observed::Added(id) = &observed {
+        tracing::info!(
+            pid,
+            framework = id.framework.as_str(),
+            model = %id.model_name,
+            role = id.role.as_str(),
+            "LLM process detected"
+        );
+    }
+    observed
+}
+
+#[derive(Default)]
+struct Rechecks {
+    /// pid → (when to look again, current delay)
+    waiting: HashMap<u32, (Instant, Duration)>,
+}
+
+impl Rechecks {
+    fn add(&mut self, pid: u32) {
+        if self.waiting.len() < RECHECK_CAPACITY {
+            let delay = Duration::from_millis(500);
+            self.waiting.insert(pid, (Instant::now() + delay, delay));
+        }
+    }
+
+    fn run_due(&mut self, shared: &Shared) {
+        let now = Instant::now();
+        let due: Vec<u32> = self
+            .waiting
+            .iter()
+            .filter(|(_, (at, _))| *at <= now)
+            .map(|(pid, _)| *pid)
+            .collect();
+        for pid in due {
+            let Some((_, delay)) = self.waiting.remove(&pid) else {
+                continue;
+            };
+            let Ok((mut facts, _)) = shared.proc.facts(pid) else {
+                continue;
+            };
+            facts.libraries = shared.proc.libraries(pid).unwrap_or_default();
+            let observed = observe_with_env(shared, &mut facts);
+            let next = delay * 2;
+            if matches!(observed, Observed::Ignored)
+                && next <= RECHECK_MAX_DELAY
+                && worth_rechecking(&facts)
+            {
+                self.waiting.insert(pid, (now + next, next));
+            }
+        }
+    }
+}

@@ -1,0 +1,176 @@
+//! The Linux agent: kernel events and /proc scans feed the process table; collectors read it
+//! at scrape time.
+//!
+//! ```text
+//!  sched_process_exec/exit ──ring buffer──▶ events thread (drains every 10 ms) ─┐
+//!  /proc scan (start-up + every --rescan-interval) ──▶ reconcile thread ─────────┤
+//!                                                                                ▼
+//!                                                           Tracker (Mutex, bounded)
+//!                                                                                │
+//!  GET /metrics ──▶ collectors (process: /proc samples; kernel: loss counters) ◀─┘
+//! ```
+
+mod events;
+mod reconcile;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use crate::collectors::{kernel::KernelCollector, process::ProcessCollector};
+use crate::config::Config;
+use crate::ebpf::Sensor;
+use crate::http::MetricsSource;
+use crate::metrics::{gather, BuildInfo, Collector, Snapshot};
+use crate::proc::ProcRoot;
+use crate::tracker::Tracker;
+
+/// How often the events thread drains the ring buffer: detection within ~10 ms without a
+/// wake-up per event.
+pub const DRAIN_INTERVAL: Duration = Duration::from_millis(10);
+
+/// Event and repair counts, written by the events and reconcile threads.
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub exec: AtomicU64,
+    pub exit: AtomicU64,
+    pub malformed: AtomicU64,
+    pub missed_exec: AtomicU64,
+    pub missed_exit: AtomicU64,
+}
+
+impl Counters {
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+/// State shared by the threads and the scrape path.
+pub struct Shared {
+    tracker: Mutex<Tracker>,
+    pub counters: Counters,
+    pub proc: ProcRoot,
+    pub grace: Duration,
+    pub stop: AtomicBool,
+    pub reader_alive: AtomicBool,
+}
+
+impl Shared {
+    pub fn new(proc: ProcRoot, grace: Duration, max_processes: usize) -> Self {
+        Shared {
+            tracker: Mutex::new(Tracker::new(max_processes)),
+            counters: Counters::default(),
+            proc,
+            grace,
+            stop: AtomicBool::new(false),
+            reader_alive: AtomicBool::new(false),
+        }
+    }
+
+    /// The table; a panic in another thread while holding it does not make it unusable.
+    pub fn tracker(&self) -> MutexGuard<'_, Tracker> {
+        self.tracker.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn stopping(&self) -> bool {
+        self.stop.load(Ordering::Relaxed)
+    }
+}
+
+struct AgentSource {
+    collectors: Mutex<Vec<Box<dyn Collector>>>,
+    shared: Arc<Shared>,
+}
+
+impl MetricsSource for AgentSource {
+    fn gather(&self) -> Snapshot {
+        let mut collectors = self.collectors.lock().unwrap_or_else(|e| e.into_inner());
+        gather(&mut collectors)
+    }
+
+    fn build_info(&self) -> BuildInfo {
+        BuildInfo::new("ebpf")
+    }
+
+    fn health(&self) -> Result<(), String> {
+        if self.shared.reader_alive.load(Ordering::Relaxed) {
+            Ok(())
+        } else {
+            Err("the kernel event reader is not running".into())
+        }
+    }
+}
+
+/// Runs the agent until SIGINT or SIGTERM.
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    use anyhow::Context;
+
+    let proc = ProcRoot::new(&config.procfs)
+        .with_context(|| format!("--path.procfs {}", config.procfs.display()))?;
+    let sensor = Sensor::load()?;
+    tracing::info!(
+        kernel_ppid = sensor.kernel_ppid,
+        "eBPF exec/exit tracepoints attached"
+    );
+    let shared = Arc::new(Shared::new(
+        proc.clone(),
+        config.grace_period,
+        config.max_processes as usize,
+    ));
+    // `programs` holds the attachments: dropped at the end of this function, after the
+    // threads that read the ring buffer have stopped.
+    let Sensor {
+        programs,
+        events,
+        lost,
+        ..
+    } = sensor;
+    let listener = tokio::net::TcpListener::bind(config.listen_address)
+        .await
+        .with_context(|| format!("--web.listen-address {}", config.listen_address))?;
+    tracing::info!(address = %config.listen_address, "serving /metrics");
+
+    let events_thread = events::spawn(shared.clone(), events)?;
+    let reconcile_thread = reconcile::spawn(shared.clone(), config.rescan_interval)?;
+
+    let collectors: Vec<Box<dyn Collector>> = vec![
+        Box::new(ProcessCollector::new(shared.clone())),
+        Box::new(KernelCollector::new(shared.clone(), lost)),
+    ];
+    let source = Arc::new(AgentSource {
+        collectors: Mutex::new(collectors),
+        shared: shared.clone(),
+    });
+    crate::http::serve(listener, source, shutdown_signal()).await?;
+
+    tracing::info!("shutting down");
+    shared.stop.store(true, Ordering::Relaxed);
+    for (name, handle) in [("events", events_thread), ("reconcile", reconcile_thread)] {
+        if join_within(handle, Duration::from_secs(5)).is_err() {
+            tracing::warn!(thread = name, "did not stop within 5 s; exiting anyway");
+        }
+    }
+    drop(programs);
+    tracing::info!("eBPF programs detached");
+    Ok(())
+}
+
+fn join_within(handle: std::thread::JoinHandle<()>, limit: Duration) -> Result<(), ()> {
+    let deadline = std::time::Instant::now() + limit;
+    while !handle.is_finished() {
+        if std::time::Instant::now() >= deadline {
+            return Err(());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    handle.join().map_err(|_| ())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("installing a SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

@@ -1,0 +1,94 @@
+//! The /proc scan: at start-up it finds the LLM processes that already run; then, every
+//! `--rescan-interval`, it repairs what lost kernel events missed — processes that exec'd
+//! unseen (`missed_exec`) and processes that exited unseen (`missed_exit`).
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::events::observe_with_env;
+use super::{Counters, Shared};
+use crate::identity::worth_rechecking;
+use crate::tracker::Observed;
+
+pub(super) fn spawn(
+    shared: Arc<Shared>,
+    interval: Duration,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name("llmscope-reconcile".into())
+        .spawn(move || {
+            let found = scan(&shared, false);
+            tracing::info!(found, "start-up scan done");
+            let mut next = Instant::now() + interval;
+            while !shared.stopping() {
+                if Instant::now() >= next {
+                    scan(&shared, true);
+                    next = Instant::now() + interval;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        })
+}
+
+/// One pass over /proc; returns how many LLM processes it added. With `repair`, what it
+/// finds is counted as missed by the kernel events.
+pub(super) fn scan(shared: &Shared, repair: bool) -> usize {
+    let pids = match shared.proc.pids() {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::warn!(error = %e, "scanning /proc failed");
+            return 0;
+        }
+    };
+    let present: HashSet<u32> = pids.iter().copied().collect();
+
+    let vanished: Vec<u32> = shared
+        .tracker()
+        .live_pids()
+        .into_iter()
+        .filter(|pid| !present.contains(pid))
+        .collect();
+    for pid in vanished {
+        if shared.tracker().exited(pid, Instant::now()) && repair {
+            Counters::add(&shared.counters.missed_exit, 1);
+        }
+    }
+
+    // Untracked processes, and tracked ones whose start time changed (the pid was reused
+    // while the exit and the exec were both lost). Parents first, so children inherit.
+    let mut candidates = Vec::new();
+    for pid in pids {
+        let tracked_start = {
+            let tracker = shared.tracker();
+            tracker
+                .get(pid)
+                .filter(|t| t.is_alive())
+                .map(|t| t.start_ticks)
+        };
+        let Ok((mut facts, sample)) = shared.proc.facts(pid) else {
+            continue;
+        };
+        match tracked_start {
+            Some(Some(start)) if start == sample.start_ticks => continue,
+            Some(None) => continue,
+            _ => {}
+        }
+        if worth_rechecking(&facts) {
+            facts.libraries = shared.proc.libraries(pid).unwrap_or_default();
+        }
+        candidates.push((sample.start_ticks, facts));
+    }
+    candidates.sort_by_key(|(start, facts)| (*start, facts.pid));
+
+    let mut added = 0;
+    for (_, mut facts) in candidates {
+        if let Observed::Added(_) = observe_with_env(shared, &mut facts) {
+            added += 1;
+            if repair {
+                Counters::add(&shared.counters.missed_exec, 1);
+            }
+        }
+    }
+    added
+}

@@ -1,0 +1,70 @@
+//! The agent's own kernel-side health: events received and lost, repairs made.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use crate::agent::Shared;
+use crate::ebpf::LostCounters;
+use crate::metrics::{CollectError, Collector, KindCount, Snapshot};
+
+pub struct KernelCollector {
+    shared: Arc<Shared>,
+    lost: LostCounters,
+}
+
+impl KernelCollector {
+    pub fn new(shared: Arc<Shared>, lost: LostCounters) -> Self {
+        KernelCollector { shared, lost }
+    }
+}
+
+impl Collector for KernelCollector {
+    fn name(&self) -> &'static str {
+        "kernel"
+    }
+
+    fn collect(&mut self, snapshot: &mut Snapshot) -> Result<(), CollectError> {
+        let c = &self.shared.counters;
+        let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+        let agent = &mut snapshot.agent;
+        agent.events = vec![
+            KindCount {
+                kind: "exec",
+                value: load(&c.exec),
+            },
+            KindCount {
+                kind: "exit",
+                value: load(&c.exit),
+            },
+            KindCount {
+                kind: "malformed",
+                value: load(&c.malformed),
+            },
+        ];
+        agent.repairs = vec![
+            KindCount {
+                kind: "missed_exec",
+                value: load(&c.missed_exec),
+            },
+            KindCount {
+                kind: "missed_exit",
+                value: load(&c.missed_exit),
+            },
+        ];
+        let (exec, exit) = self
+            .lost
+            .read()
+            .map_err(|e| CollectError(format!("reading the LOST map: {e}")))?;
+        agent.events_lost = vec![
+            KindCount {
+                kind: "exec",
+                value: exec,
+            },
+            KindCount {
+                kind: "exit",
+                value: exit,
+            },
+        ];
+        Ok(())
+    }
+}

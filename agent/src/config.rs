@@ -1,0 +1,142 @@
+//! Command-line flags, with `LLMSCOPE_*` environment variables as fallbacks. Parsed and
+//! validated before anything starts; a bad value is a usage error (exit code 2) naming it.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "llmscope",
+    version,
+    about = "Sees every LLM process on this machine the moment it execs, and exports it to Prometheus."
+)]
+pub struct Config {
+    /// Address to serve /metrics, /healthz and /api/processes on.
+    #[arg(
+        long = "web.listen-address",
+        env = "LLMSCOPE_WEB_LISTEN_ADDRESS",
+        default_value = "127.0.0.1:9101"
+    )]
+    pub listen_address: SocketAddr,
+
+    /// Root of the proc filesystem to read (the host's /proc mounted at /host/proc in a container).
+    #[arg(
+        long = "path.procfs",
+        env = "LLMSCOPE_PATH_PROCFS",
+        default_value = "/proc"
+    )]
+    pub procfs: PathBuf,
+
+    /// How long the series of an exited process stay before they disappear (e.g. 10s, 500ms, 1m).
+    #[arg(long, env = "LLMSCOPE_GRACE_PERIOD", default_value = "10s", value_parser = parse_duration)]
+    pub grace_period: Duration,
+
+    /// How often a /proc scan repairs what the kernel events missed (lost events).
+    #[arg(long, env = "LLMSCOPE_RESCAN_INTERVAL", default_value = "30s", value_parser = parse_duration)]
+    pub rescan_interval: Duration,
+
+    /// Most LLM processes tracked at once; more are dropped and counted.
+    #[arg(long, env = "LLMSCOPE_MAX_PROCESSES", default_value_t = 8192, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub max_processes: u32,
+
+    /// Log level or tracing filter (error, warn, info, debug, trace, or e.g. "llmscope=debug").
+    #[arg(long, env = "LLMSCOPE_LOG_LEVEL", default_value = "info")]
+    pub log_level: String,
+}
+
+impl Config {
+    /// Checks what clap cannot: every problem is reported, not just the first.
+    pub fn validate(&self) -> Result<(), Vec<String>> {
+        let mut problems = Vec::new();
+        if self.grace_period.is_zero() {
+            problems.push("--grace-period must be greater than 0".to_owned());
+        }
+        if self.rescan_interval < Duration::from_secs(1) {
+            problems.push("--rescan-interval must be at least 1s".to_owned());
+        }
+        if !self.procfs.join("stat").is_file() {
+            problems.push(format!(
+                "--path.procfs {}: no proc filesystem there (no stat file)",
+                self.procfs.display()
+            ));
+        }
+        if tracing_subscriber::EnvFilter::try_new(&self.log_level).is_err() {
+            problems.push(format!(
+                "--log-level {:?} is not a level or tracing filter",
+                self.log_level
+            ));
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(problems)
+        }
+    }
+}
+
+/// `250ms`, `10s`, `5m`, `1h`, or a plain number of seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
+    let (number, unit) = s.split_at(split);
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration (e.g. 10s, 500ms, 1m)"))?;
+    let seconds = match unit {
+        "ms" => value / 1000.0,
+        "" | "s" => value,
+        "m" => value * 60.0,
+        "h" => value * 3600.0,
+        _ => return Err(format!("{s:?}: unknown unit {unit:?} (use ms, s, m or h)")),
+    };
+    Duration::try_from_secs_f64(seconds).map_err(|e| format!("{s:?}: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("1.5m"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("3"), Ok(Duration::from_secs(3)));
+        assert!(parse_duration("ten").is_err());
+        assert!(parse_duration("10y").is_err());
+        assert!(parse_duration("").is_err());
+    }
+
+    #[test]
+    fn defaults_and_bad_flags() {
+        let c = Config::try_parse_from(["llmscope"]).unwrap();
+        assert_eq!(c.listen_address.to_string(), "127.0.0.1:9101");
+        assert_eq!(c.grace_period, Duration::from_secs(10));
+        assert_eq!(c.rescan_interval, Duration::from_secs(30));
+        let err = Config::try_parse_from(["llmscope", "--grace-period", "soon"]).unwrap_err();
+        assert!(err.to_string().contains("--grace-period"), "{err}");
+        assert_eq!(err.exit_code(), 2);
+        let bad = Config::try_parse_from([
+            "llmscope",
+            "--grace-period",
+            "0s",
+            "--rescan-interval",
+            "10ms",
+            "--path.procfs",
+            "/nonexistent",
+            "--log-level",
+            "lo[ud",
+        ])
+        .unwrap();
+        assert_eq!(
+            bad.validate().unwrap_err().len(),
+            4,
+            "every problem is reported at once"
+        );
+    }
+}
