@@ -42,6 +42,12 @@ pub struct Config {
     #[arg(long, env = "LLMSCOPE_MAX_PROCESSES", default_value_t = 8192, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub max_processes: u32,
 
+    /// Size of the kernel → agent event ring buffer: a power of two, at least one page. A
+    /// larger ring loses fewer events under exec storms; losses are counted and repaired by
+    /// the periodic scan either way.
+    #[arg(long, env = "LLMSCOPE_RING_BUFFER_BYTES", default_value_t = 256 * 1024)]
+    pub ring_buffer_bytes: u32,
+
     /// Log level or tracing filter (error, warn, info, debug, trace, or e.g. "llmscope=debug").
     #[arg(long, env = "LLMSCOPE_LOG_LEVEL", default_value = "info")]
     pub log_level: String,
@@ -56,6 +62,13 @@ impl Config {
         }
         if self.rescan_interval < Duration::from_secs(1) {
             problems.push("--rescan-interval must be at least 1s".to_owned());
+        }
+        let page = 4096;
+        if !self.ring_buffer_bytes.is_power_of_two() || self.ring_buffer_bytes < page {
+            problems.push(format!(
+                "--ring-buffer-bytes {} must be a power of two of at least {page}",
+                self.ring_buffer_bytes
+            ));
         }
         if !self.procfs.join("stat").is_file() {
             problems.push(format!(

@@ -1,1 +1,88 @@
-fn main() {}
+//! `cargo xtask build-ebpf | run | test`: every set-up step a fresh machine needs, said out loud.
+
+mod ebpf;
+mod setup;
+
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "llmscope's build, run and test tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Build the eBPF object (installs bpf-linker and rust-src first when missing).
+    BuildEbpf,
+    /// Build everything and run the agent as root: `cargo xtask run -- --grace-period 5s`.
+    Run {
+        /// Arguments passed to the agent.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Run every test: unit tests and the privileged integration tests (needs root).
+    Test {
+        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().task {
+        Task::BuildEbpf => ebpf::build(),
+        Task::Run { args } => run(args),
+        Task::Test { args } => test(args),
+    }
+}
+
+fn run(args: Vec<String>) -> Result<()> {
+    ebpf::build()?;
+    setup::cargo(&[
+        "build",
+        "--release",
+        "--package",
+        "llmscope-agent",
+        "--bin",
+        "llmscope",
+    ])?;
+    let binary = setup::workspace_root().join("target/release/llmscope");
+    let mut cmd = if setup::is_root() {
+        Command::new(&binary)
+    } else {
+        println!("xtask: the agent needs root (eBPF, tracefs): running it with sudo");
+        let mut c = Command::new("sudo");
+        c.arg(&binary);
+        c
+    };
+    let status = cmd
+        .args(&args)
+        .status()
+        .with_context(|| format!("running {}", binary.display()))?;
+    if !status.success() {
+        bail!("llmscope exited with {status}");
+    }
+    Ok(())
+}
+
+fn test(args: Vec<String>) -> Result<()> {
+    if !setup::is_root() {
+        bail!("cargo xtask test runs privileged tests that load eBPF programs: run it as root (e.g. sudo -E cargo xtask test)");
+    }
+    setup::ensure_debian_packages(&[("cc", "gcc"), ("python3", "python3")])?;
+    ebpf::build()?;
+    // Integration tests start agents and process storms: one at a time, so they do not
+    // compete for this machine's two cores.
+    let mut cargo_args = vec!["test", "--workspace", "--exclude", "agent-ebpf"];
+    cargo_args.extend(args.iter().map(String::as_str));
+    if !args.iter().any(|a| a == "--") {
+        cargo_args.push("--");
+    }
+    cargo_args.push("--test-threads=1");
+    setup::cargo(&cargo_args)
+}

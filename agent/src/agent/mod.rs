@@ -107,7 +107,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 
     let proc = ProcRoot::new(&config.procfs)
         .with_context(|| format!("--path.procfs {}", config.procfs.display()))?;
-    let sensor = Sensor::load()?;
+    let sensor = Sensor::load(config.ring_buffer_bytes)?;
     tracing::info!(
         kernel_ppid = sensor.kernel_ppid,
         "eBPF exec/exit tracepoints attached"

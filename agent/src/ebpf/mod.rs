@@ -59,7 +59,8 @@ impl LostCounters {
 }
 
 impl Sensor {
-    pub fn load() -> Result<Sensor, SensorError> {
+    /// `ring_buffer_bytes`: a power of two, at least one page (checked by the config).
+    pub fn load(ring_buffer_bytes: u32) -> Result<Sensor, SensorError> {
         let tracefs = ensure_tracefs()?;
         check_exec_layout(&tracefs)?;
         let (parent_off, tgid_off) = match task_offsets() {
@@ -72,6 +73,7 @@ impl Sensor {
         let mut ebpf = EbpfLoader::new()
             .override_global("TASK_REAL_PARENT_OFFSET", &parent_off, true)
             .override_global("TASK_TGID_OFFSET", &tgid_off, true)
+            .map_max_entries("EVENTS", ring_buffer_bytes)
             .load(EBPF_OBJECT)?;
         for name in ["sched_process_exec", "sched_process_exit"] {
             let program: &mut TracePoint = ebpf

@@ -307,14 +307,23 @@ pub(super) fn is_same_program(child: &ProcessFacts, parent: &ProcessFacts) -> bo
 /// Python `multiprocessing` spawn / forkserver children:
 /// `python -c 'from multiprocessing.spawn import spawn_main; …' --multiprocessing-fork`.
 pub(super) fn is_multiprocessing_child(child: &ProcessFacts) -> bool {
-    child
-        .argv
-        .iter()
-        .any(|a| a == "--multiprocessing-fork" || a.contains("from multiprocessing."))
+    child.argv.iter().any(|a| {
+        a == "--multiprocessing-fork"
+            || a.contains("spawn_main")
+            || a.contains("multiprocessing.forkserver")
+    })
 }
 
-/// Programs that servers run in passing: never counted as one of their workers.
+/// Programs that servers run in passing, and Python's multiprocessing resource tracker:
+/// never counted as one of their workers.
 pub(super) fn is_utility(child: &ProcessFacts) -> bool {
+    if child
+        .argv
+        .iter()
+        .any(|a| a.contains("multiprocessing.resource_tracker"))
+    {
+        return true;
+    }
     const UTILITIES: &[&str] = &[
         "sh",
         "bash",

@@ -162,9 +162,10 @@ pub fn derive(
     let Some((parent_facts, parent_id)) = parent else {
         return own;
     };
-    let inherits = entry::is_same_program(child, parent_facts)
-        || entry::is_multiprocessing_child(child)
-        || (parent_id.role != Role::Script && !entry::is_utility(child));
+    let inherits = !entry::is_utility(child)
+        && (entry::is_same_program(child, parent_facts)
+            || entry::is_multiprocessing_child(child)
+            || parent_id.role != Role::Script);
     match own {
         Some(own) if own.framework != parent_id.framework || !inherits => Some(own),
         _ if inherits => Some(Identity {

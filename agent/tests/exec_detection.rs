@@ -1,0 +1,371 @@
+//! Privileged end-to-end tests: the real eBPF object loaded by the real agent binary, real
+//! processes, and assertions on the agent's real /metrics. Run as root (`cargo xtask test`).
+
+mod support;
+
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use support::*;
+
+const LLAMA_MODEL: &str = "/models/qwen2.5-7b-instruct-q4_k_m.gguf";
+const VLLM_MODEL: &str = "meta-llama/Llama-3.1-8B-Instruct";
+const WAIT: Duration = Duration::from_secs(15);
+
+fn pid_series(agent: &Agent, pid: u32) -> Option<Labels> {
+    agent
+        .metrics()
+        .find("llm_process_memory_bytes", &[("pid", &pid.to_string())])
+        .into_iter()
+        .next()
+        .map(|(l, _)| l)
+}
+
+fn wait_series(agent: &Agent, pid: u32) -> Labels {
+    wait_for(WAIT, || pid_series(agent, pid)).unwrap_or_else(|| {
+        panic!(
+            "no series for pid {pid}:\n{}\nagent log:\n{}",
+            agent.metrics().0,
+            agent.log()
+        )
+    })
+}
+
+fn assert_identity(labels: &Labels, framework: &str, model: &str, role: &str) {
+    let got = |k: &str| labels.get(k).map(String::as_str).unwrap_or("");
+    assert_eq!(
+        (got("framework"), got("model_name"), got("role")),
+        (framework, model, role),
+        "{labels:?}"
+    );
+}
+
+/// Detection through exec events only: the periodic scan is pushed out of the test's reach.
+#[test]
+fn exec_detection_lineage_secrets_and_grace_period() {
+    let agent = Agent::start(&["--grace-period", "2s", "--rescan-interval", "1h"]);
+    let (mut vllm, engine_core) = start_vllm(VLLM_MODEL);
+    let mut llama = spawn(
+        &workload("llama-server"),
+        &["-m", LLAMA_MODEL, "--port", "8080"],
+    );
+
+    let server = wait_series(&agent, vllm.pid());
+    assert_identity(&server, "vllm", VLLM_MODEL, "server");
+    assert_eq!(server["llm_type"], "llama");
+    let worker = wait_series(&agent, engine_core);
+    assert_identity(&worker, "vllm", VLLM_MODEL, "worker");
+    let llama_labels = wait_series(&agent, llama.pid());
+    assert_identity(
+        &llama_labels,
+        "llama.cpp",
+        "qwen2.5-7b-instruct-q4_k_m",
+        "server",
+    );
+    assert_eq!(llama_labels["name"], "llama-server");
+
+    let m = agent.metrics();
+    assert_eq!(
+        m.value(
+            "llm_process_count",
+            &[("framework", "vllm"), ("model_name", VLLM_MODEL)]
+        ),
+        Some(2.0)
+    );
+    assert_eq!(
+        m.value("llm_process_count", &[("framework", "llama.cpp")]),
+        Some(1.0)
+    );
+    for family in [
+        "llm_process_cpu_seconds_total",
+        "llm_process_threads",
+        "llm_process_start_time_seconds",
+    ] {
+        assert!(
+            m.value(family, &[("pid", &llama.pid().to_string())])
+                .is_some(),
+            "{family}"
+        );
+    }
+    assert!(
+        m.value(
+            "llm_process_memory_bytes",
+            &[("pid", &vllm.pid().to_string())]
+        )
+        .unwrap()
+            > 1e6
+    );
+    assert_eq!(
+        m.value("llmscope_collector_success", &[("collector", "process")]),
+        Some(1.0)
+    );
+    assert!(
+        m.value("llmscope_events_total", &[("kind", "exec")])
+            .unwrap()
+            >= 3.0
+    );
+    assert_eq!(
+        m.value(
+            "llmscope_reconcile_repairs_total",
+            &[("kind", "missed_exec")]
+        ),
+        Some(0.0),
+        "found by exec events, not by a scan"
+    );
+
+    // No secret anywhere: labels, the JSON API, the landing page, the log.
+    let (_, api) = agent.get("/api/processes").unwrap();
+    let (_, landing) = agent.get("/").unwrap();
+    assert!(api.contains(&format!("\"pid\":\"{engine_core}\"")), "{api}");
+    for (what, text) in [
+        ("metrics", &m.0),
+        ("api", &api),
+        ("landing", &landing),
+        ("log", &agent.log()),
+    ] {
+        for secret in ["sk-secret", "hf_TopSecret", "--api-key"] {
+            assert!(
+                !text.contains(secret),
+                "{secret} leaked into the {what}:\n{text}"
+            );
+        }
+    }
+
+    // OpenMetrics by content negotiation.
+    let (code, head, body) = http_get(
+        agent.addr,
+        "/metrics",
+        Some("application/openmetrics-text;version=1.0.0,text/plain;q=0.5"),
+    )
+    .unwrap();
+    assert_eq!(code, 200);
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("content-type: application/openmetrics-text"),
+        "{head}"
+    );
+    assert!(body.ends_with("# EOF\n"));
+
+    // Exit: the series stay through the grace period (marked not alive), then go.
+    vllm.kill();
+    llama.kill();
+    // SAFETY: signalling a process this test started (it also dies with its parent).
+    unsafe { libc::kill(engine_core as i32, libc::SIGKILL) };
+    let exited = wait_for(WAIT, || {
+        let (_, api) = agent.get("/api/processes").ok()?;
+        let procs: Vec<serde_json::Value> = serde_json::from_str(&api).ok()?;
+        let dead = procs.iter().filter(|p| p["alive"] == false).count();
+        (dead >= 3).then_some(procs)
+    });
+    assert!(exited.is_some(), "exits not seen:\n{}", agent.log());
+    let gone = wait_for(WAIT, || {
+        let m = agent.metrics();
+        (m.samples("llm_process_memory_bytes").is_empty()
+            && m.samples("llm_process_count").is_empty())
+        .then_some(())
+    });
+    assert!(
+        gone.is_some(),
+        "series still there after the grace period:\n{}",
+        agent.metrics().0
+    );
+    // The engine core died with its parent (daemon child) or is still being reaped: either
+    // way nothing of the old processes is left.
+}
+
+#[test]
+fn processes_already_running_are_found_at_start_up() {
+    let llama = spawn(&workload("llama-server"), &["-m", LLAMA_MODEL]);
+    let plain = spawn(&workload("plain-program"), &["-m", LLAMA_MODEL]);
+    std::thread::sleep(Duration::from_millis(100));
+    let agent = Agent::start(&["--rescan-interval", "1h"]);
+    let labels = wait_series(&agent, llama.pid());
+    assert_identity(&labels, "llama.cpp", "qwen2.5-7b-instruct-q4_k_m", "server");
+    assert!(
+        pid_series(&agent, plain.pid()).is_none(),
+        "a program that only mentions a model is not an LLM process"
+    );
+}
+
+#[test]
+fn hostile_command_lines() {
+    let agent = Agent::start(&["--grace-period", "1s", "--rescan-interval", "1h"]);
+
+    // 1 MiB of arguments: the kernel copies 1 KiB, /proc gives the bounded rest.
+    let filler = "x".repeat(64 * 1024);
+    let mut args = vec!["-m", "/models/big-model.gguf"];
+    args.extend(std::iter::repeat_n(filler.as_str(), 16));
+    let big = spawn(&workload("llama-server"), &args);
+    assert_identity(
+        &wait_series(&agent, big.pid()),
+        "llama.cpp",
+        "big-model",
+        "server",
+    );
+
+    // Non-UTF-8 bytes and quotes.
+    let weird = Proc(
+        Command::new(workload("llama-server"))
+            .arg("-m")
+            .arg(OsStr::from_bytes(b"/models/caf\xe9-\"q\"'x'.gguf"))
+            .arg(OsStr::from_bytes(b"\xff\xfe"))
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    assert_identity(
+        &wait_series(&agent, weird.pid()),
+        "llama.cpp",
+        "caf_-_q_x",
+        "server",
+    );
+
+    // A process that exits between exec and any /proc read: classified from the kernel's
+    // copy of argv, never sampled, and nothing of it stays.
+    let quick = Command::new(workload("llama-server"))
+        .args(["-m", "/models/quick.gguf"])
+        .env("LLMSCOPE_EXIT_AT_ONCE", "1")
+        .status()
+        .unwrap();
+    assert!(quick.success());
+    let detected = wait_for(WAIT, || agent.log().contains("model=quick").then_some(()));
+    assert!(
+        detected.is_some(),
+        "the short-lived process was not classified:\n{}",
+        agent.log()
+    );
+
+    std::thread::sleep(Duration::from_millis(1500));
+    let m = agent.metrics();
+    assert!(m
+        .find("llm_process_count", &[("model_name", "quick")])
+        .is_empty());
+    assert_eq!(agent.get("/healthz").unwrap().0, 200);
+    let total_label_bytes: usize = m
+        .samples("llm_process_memory_bytes")
+        .iter()
+        .flat_map(|(l, _)| l.values())
+        .map(String::len)
+        .sum();
+    assert!(total_label_bytes < 2048, "label values are bounded");
+}
+
+/// Forces the kernel to hand an exited LLM process's pid to a new process
+/// (/proc/sys/kernel/ns_last_pid) and checks the new one inherits nothing.
+#[test]
+fn a_reused_pid_never_inherits_old_series() {
+    let agent = Agent::start(&["--grace-period", "30s", "--rescan-interval", "1h"]);
+    let mut old = spawn(&workload("llama-server"), &["-m", "/models/old.gguf"]);
+    let pid = old.pid();
+    wait_series(&agent, pid);
+    old.kill();
+    wait_for(WAIT, || {
+        pid_series(&agent, pid).is_none().then_some(()).or_else(|| {
+            let (_, api) = agent.get("/api/processes").ok()?;
+            api.contains("\"alive\":false").then_some(())
+        })
+    })
+    .expect("exit seen");
+
+    let reuse = |program: &str, args: &[&str]| -> Option<Proc> {
+        for _ in 0..200 {
+            std::fs::write("/proc/sys/kernel/ns_last_pid", (pid - 1).to_string()).unwrap();
+            let p = spawn(&workload(program), args);
+            if p.pid() == pid {
+                return Some(p);
+            }
+        }
+        None
+    };
+    let plain = reuse("plain-program", &[]).expect("could not get the old pid back");
+    let gone = wait_for(WAIT, || pid_series(&agent, pid).is_none().then_some(()));
+    assert!(
+        gone.is_some(),
+        "a non-LLM process inherited the old series:\n{}",
+        agent.metrics().0
+    );
+    drop(plain);
+
+    let new =
+        reuse("llama-server", &["-m", "/models/new.gguf"]).expect("could not get the old pid back");
+    let labels = wait_for(WAIT, || {
+        pid_series(&agent, pid).filter(|l| l["model_name"] == "new")
+    })
+    .expect("new process series");
+    assert_identity(&labels, "llama.cpp", "new", "server");
+    assert!(agent
+        .metrics()
+        .find("llm_process_memory_bytes", &[("model_name", "old")])
+        .is_empty());
+    drop(new);
+}
+
+/// Thousands of short-lived processes while an LLM process starts: it is still detected, and
+/// every exec is either received or counted as lost (and then repaired by the scan).
+#[test]
+fn exec_storm() {
+    storm(&["--rescan-interval", "2s"]);
+}
+
+/// The same storm through a one-page ring buffer (three exec records): losses are certain.
+/// They are counted, and the LLM process is found anyway — by its event or by the scan.
+#[test]
+fn exec_storm_through_a_tiny_ring_loses_events_and_repairs() {
+    let (_, lost) = storm(&["--rescan-interval", "1s", "--ring-buffer-bytes", "4096"]);
+    assert!(lost > 0.0, "a one-page ring under a storm must lose events");
+}
+
+/// Runs 3,000 short-lived processes while an LLM process starts; returns (received, lost).
+fn storm(args: &[&str]) -> (f64, f64) {
+    const STORM: usize = 3000;
+    let agent = Agent::start(args);
+    let before = agent
+        .metrics()
+        .value("llmscope_events_total", &[("kind", "exec")])
+        .unwrap();
+    let storm = std::thread::spawn(|| {
+        std::thread::scope(|s| {
+            for _ in 0..2 {
+                s.spawn(|| {
+                    for _ in 0..STORM / 2 {
+                        Command::new("/bin/true").status().unwrap();
+                    }
+                });
+            }
+        });
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let llm = spawn(&workload("llama-server"), &["-m", "/models/storm.gguf"]);
+    storm.join().unwrap();
+    assert_identity(
+        &wait_series(&agent, llm.pid()),
+        "llama.cpp",
+        "storm",
+        "server",
+    );
+
+    // The last execs are drained within the next 10 ms tick: wait for the accounts to settle.
+    let counts = || {
+        let m = agent.metrics();
+        let received = m
+            .value("llmscope_events_total", &[("kind", "exec")])
+            .unwrap()
+            - before;
+        let lost = m
+            .value("llmscope_events_lost_total", &[("kind", "exec")])
+            .unwrap();
+        (received, lost)
+    };
+    let settled = wait_for(WAIT, || {
+        Some(counts()).filter(|(r, l)| r + l >= STORM as f64)
+    });
+    let (received, lost) = counts();
+    assert!(
+        settled.is_some(),
+        "received {received} + lost {lost} < {STORM}"
+    );
+    println!("{received} exec events received, {lost} lost");
+    (received, lost)
+}

@@ -1,0 +1,303 @@
+//! Helpers for the privileged integration tests: a running agent, processes that are always
+//! cleaned up, a tiny HTTP client and an exposition parser.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// Polls `f` every 20 ms until it returns Some or `limit` passes. The limit only bounds a
+/// hang; assertions never depend on how fast something happened.
+pub fn wait_for<T>(limit: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+pub fn require_root() {
+    // SAFETY: no preconditions.
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "the privileged tests load eBPF programs: run them as root (cargo xtask test)"
+    );
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A running agent; killed (SIGTERM, then SIGKILL) when dropped, so a failing test leaves no
+/// agent and no eBPF program behind.
+pub struct Agent {
+    child: Child,
+    pub addr: SocketAddr,
+    log: PathBuf,
+}
+
+impl Agent {
+    pub fn start(args: &[&str]) -> Agent {
+        require_root();
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let log = std::env::temp_dir().join(format!("llmscope-test-agent-{}.log", addr.port()));
+        let child = Command::new(env!("CARGO_BIN_EXE_llmscope"))
+            .arg("--web.listen-address")
+            .arg(addr.to_string())
+            .args(args)
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("starting llmscope");
+        let mut agent = Agent { child, addr, log };
+        let healthy = wait_for(Duration::from_secs(30), || {
+            if let Ok(Some(status)) = agent.child.try_wait() {
+                panic!(
+                    "llmscope exited with {status} at start-up:\n{}",
+                    agent.log()
+                );
+            }
+            agent.get("/healthz").ok().filter(|(code, _)| *code == 200)
+        });
+        assert!(
+            healthy.is_some(),
+            "llmscope did not become healthy:\n{}",
+            agent.log()
+        );
+        agent
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn get(&self, path: &str) -> std::io::Result<(u16, String)> {
+        http_get(self.addr, path, None).map(|(code, _, body)| (code, body))
+    }
+
+    pub fn metrics(&self) -> Exposition {
+        let (code, _, body) = http_get(self.addr, "/metrics", None).expect("scraping /metrics");
+        assert_eq!(code, 200, "{body}");
+        Exposition(body)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        terminate(&mut self.child);
+    }
+}
+
+fn terminate(child: &mut Child) {
+    // SAFETY: signalling a child we own.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    if wait_for(Duration::from_secs(10), || child.try_wait().ok().flatten()).is_none() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
+/// A test process, killed when dropped.
+pub struct Proc(pub Child);
+
+impl Proc {
+    pub fn pid(&self) -> u32 {
+        self.0.id()
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+pub fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+/// The C workload, compiled once per test binary into a private directory, and reachable
+/// under any program name (a hard link per name, so /proc/<pid>/exe names it too).
+pub fn workload(name: &str) -> PathBuf {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    let dir = DIR.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("llmscope-fixtures-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let status = Command::new("cc")
+            .args(["-O2", "-o"])
+            .arg(dir.join("workload"))
+            .arg(fixtures().join("workload.c"))
+            .status()
+            .expect("running cc (cargo xtask test installs gcc)");
+        assert!(status.success(), "compiling workload.c");
+        dir
+    });
+    let path = dir.join(name);
+    if !path.exists() {
+        std::fs::hard_link(dir.join("workload"), &path).unwrap();
+    }
+    path
+}
+
+pub fn spawn(program: &Path, args: &[&str]) -> Proc {
+    Proc(
+        Command::new(program)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {}: {e}", program.display())),
+    )
+}
+
+/// The vLLM-shaped Python process; returns it and its engine-core child's pid.
+pub fn start_vllm(model: &str) -> (Proc, u32) {
+    let mut child = Command::new("python3")
+        .args([
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            model,
+            "--api-key",
+            "sk-secret",
+        ])
+        .env("PYTHONPATH", fixtures())
+        .env("HF_TOKEN", "hf_TopSecretTokenValue1234567890")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("starting python3");
+    let mut out = child.stdout.take().unwrap();
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    while out.read(&mut byte).unwrap_or(0) == 1 && byte[0] != b'\n' {
+        line.push(byte[0]);
+    }
+    let line = String::from_utf8_lossy(&line).into_owned();
+    let pid = line
+        .strip_prefix("engine_core_pid=")
+        .and_then(|p| p.trim().parse().ok())
+        .unwrap_or_else(|| panic!("unexpected output from the vLLM stand-in: {line:?}"));
+    (Proc(child), pid)
+}
+
+/// GET over HTTP/1.0; returns (status, headers, body).
+pub fn http_get(
+    addr: SocketAddr,
+    path: &str,
+    accept: Option<&str>,
+) -> std::io::Result<(u16, String, String)> {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let accept = accept
+        .map(|a| format!("Accept: {a}\r\n"))
+        .unwrap_or_default();
+    write!(
+        stream,
+        "GET {path} HTTP/1.0\r\nHost: {addr}\r\n{accept}\r\n"
+    )?;
+    let mut raw = String::new();
+    stream.read_to_string(&mut raw)?;
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    Ok((code, head.to_owned(), body.to_owned()))
+}
+
+/// A scraped exposition.
+pub struct Exposition(pub String);
+
+pub type Labels = HashMap<String, String>;
+
+impl Exposition {
+    /// Samples of `name` as (labels, value).
+    pub fn samples(&self, name: &str) -> Vec<(Labels, f64)> {
+        self.0
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| {
+                let (series, value) = l.rsplit_once(' ')?;
+                let (metric, labels) = match series.split_once('{') {
+                    Some((m, rest)) => (m, parse_labels(rest.strip_suffix('}')?)),
+                    None => (series, Labels::new()),
+                };
+                if metric != name {
+                    return None;
+                }
+                Some((labels, value.parse().ok()?))
+            })
+            .collect()
+    }
+
+    /// Samples of `name` whose labels include every `(key, value)` of `want`.
+    pub fn find(&self, name: &str, want: &[(&str, &str)]) -> Vec<(Labels, f64)> {
+        self.samples(name)
+            .into_iter()
+            .filter(|(l, _)| {
+                want.iter()
+                    .all(|(k, v)| l.get(*k).map(String::as_str) == Some(*v))
+            })
+            .collect()
+    }
+
+    pub fn value(&self, name: &str, want: &[(&str, &str)]) -> Option<f64> {
+        self.find(name, want).first().map(|(_, v)| *v)
+    }
+}
+
+fn parse_labels(s: &str) -> Labels {
+    let mut labels = Labels::new();
+    let mut rest = s;
+    while let Some((key, after)) = rest.split_once("=\"") {
+        let mut value = String::new();
+        let mut chars = after.char_indices();
+        let mut end = after.len();
+        while let Some((i, c)) = chars.next() {
+            match c {
+                '\\' => {
+                    if let Some((_, n)) = chars.next() {
+                        value.push(match n {
+                            'n' => '\n',
+                            other => other,
+                        });
+                    }
+                }
+                '"' => {
+                    end = i + 1;
+                    break;
+                }
+                c => value.push(c),
+            }
+        }
+        labels.insert(key.trim_start_matches(',').to_owned(), value);
+        rest = &after[end..];
+    }
+    labels
+}
