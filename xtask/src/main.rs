@@ -76,6 +76,16 @@ fn test(args: Vec<String>) -> Result<()> {
     }
     setup::ensure_debian_packages(&[("cc", "gcc"), ("python3", "python3")])?;
     ebpf::build()?;
+    setup::cargo(&[
+        "clippy",
+        "--workspace",
+        "--exclude",
+        "agent-ebpf",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ])?;
     // Integration tests start agents and process storms: one at a time, so they do not
     // compete for this machine's two cores.
     let mut cargo_args = vec!["test", "--workspace", "--exclude", "agent-ebpf"];

@@ -17,7 +17,10 @@ fn facts(cmdline: &str) -> ProcessFacts {
     }
 }
 
-fn mismatch(case: &ProcessFacts, expected: Option<(&str, &str, &str)>) -> Option<String> {
+/// (framework, model_name, role), or None for "not an LLM process".
+type Expected<'a> = Option<(&'a str, &'a str, &'a str)>;
+
+fn mismatch(case: &ProcessFacts, expected: Expected) -> Option<String> {
     let got = classify(case).map(|id| {
         (
             id.framework.as_str(),
@@ -34,7 +37,7 @@ fn mismatch(case: &ProcessFacts, expected: Option<(&str, &str, &str)>) -> Option
     })
 }
 
-fn check(case: &ProcessFacts, expected: Option<(&str, &str, &str)>, what: &str) {
+fn check(case: &ProcessFacts, expected: Expected, what: &str) {
     if let Some(m) = mismatch(case, expected) {
         panic!("{what}: {m}");
     }
@@ -43,7 +46,7 @@ fn check(case: &ProcessFacts, expected: Option<(&str, &str, &str)>, what: &str) 
 #[test]
 fn command_lines() {
     #[rustfmt::skip]
-    let table: &[(&str, Option<(&str, &str, &str)>)] = &[
+    let table: &[(&str, Expected)] = &[
         // vLLM
         ("vllm serve Qwen/Qwen2.5-7B-Instruct", Some(("vllm", "Qwen/Qwen2.5-7B-Instruct", "server"))),
         ("/usr/bin/python3 /usr/local/bin/vllm serve Qwen/Qwen2.5-7B-Instruct --port 8000 --tensor-parallel-size 2", Some(("vllm", "Qwen/Qwen2.5-7B-Instruct", "server"))),
