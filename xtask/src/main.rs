@@ -25,6 +25,8 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Measure the exec path: exec → visible latency and exec-storm overhead (needs root).
+    Bench,
     /// Run every test: unit tests and the privileged integration tests (needs root).
     Test {
         /// Extra arguments for `cargo test` (e.g. a test name filter).
@@ -38,6 +40,7 @@ fn main() -> Result<()> {
         Task::BuildEbpf => ebpf::build(),
         Task::Run { args } => run(args),
         Task::Test { args } => test(args),
+        Task::Bench => bench(),
     }
 }
 
@@ -95,4 +98,13 @@ fn test(args: Vec<String>) -> Result<()> {
     }
     cargo_args.push("--test-threads=1");
     setup::cargo(&cargo_args)
+}
+
+fn bench() -> Result<()> {
+    if !setup::is_root() {
+        bail!("cargo xtask bench loads eBPF programs: run it as root");
+    }
+    setup::ensure_debian_packages(&[("cc", "gcc")])?;
+    ebpf::build()?;
+    setup::cargo(&["bench", "--package", "llmscope-agent", "--bench", "exec"])
 }

@@ -12,7 +12,16 @@ use std::time::{Duration, Instant};
 
 /// Polls `f` every 20 ms until it returns Some or `limit` passes. The limit only bounds a
 /// hang; assertions never depend on how fast something happened.
-pub fn wait_for<T>(limit: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+pub fn wait_for<T>(limit: Duration, f: impl FnMut() -> Option<T>) -> Option<T> {
+    poll_for(limit, Duration::from_millis(20), f)
+}
+
+/// [`wait_for`] with a chosen polling interval.
+pub fn poll_for<T>(
+    limit: Duration,
+    every: Duration,
+    mut f: impl FnMut() -> Option<T>,
+) -> Option<T> {
     let deadline = Instant::now() + limit;
     loop {
         if let Some(v) = f() {
@@ -21,7 +30,7 @@ pub fn wait_for<T>(limit: Duration, mut f: impl FnMut() -> Option<T>) -> Option<
         if Instant::now() >= deadline {
             return None;
         }
-        std::thread::sleep(Duration::from_millis(20));
+        std::thread::sleep(every);
     }
 }
 
