@@ -19,11 +19,17 @@ pub const ARGV_LEN: usize = 1024;
 /// `ExecEvent::kind` and `ExitEvent::kind`: the first `u32` of every ring buffer record.
 pub const EVENT_EXEC: u32 = 1;
 pub const EVENT_EXIT: u32 = 2;
+pub const EVENT_FORK: u32 = 3;
 
 /// Indexes of the per-CPU `LOST` counter array: ring buffer reservations that failed.
 pub const LOST_EXEC: u32 = 0;
 pub const LOST_EXIT: u32 = 1;
-pub const LOST_SLOTS: u32 = 2;
+pub const LOST_FORK: u32 = 2;
+pub const LOST_SLOTS: u32 = 3;
+
+/// `clone_flags` bits the fork program filters on (include/uapi/linux/sched.h).
+pub const CLONE_VFORK: u64 = 0x0000_4000;
+pub const CLONE_THREAD: u64 = 0x0001_0000;
 
 /// Byte offset of `sp` in x86-64 `struct pt_regs` (fixed by the ABI of `ptrace`): the 20th
 /// 8-byte slot after r15 … orig_ax, ip, cs, flags.
@@ -60,12 +66,27 @@ pub struct ExitEvent {
     pub ktime_ns: u64,
 }
 
+/// A tracked process created a child process without exec (`task/task_newtask`, neither a
+/// thread nor a vfork). Sent only for parents in the `TRACKED` map, which userspace keeps.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct ForkEvent {
+    pub kind: u32,
+    /// The child's tgid (a new process: its pid).
+    pub tgid: u32,
+    pub ppid: u32,
+    /// Explicit padding so `ktime_ns` is aligned without a hidden hole.
+    pub reserved: u32,
+    pub ktime_ns: u64,
+}
+
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: both types are repr(C), Copy, contain only integers and byte arrays, and have
     // no padding (checked by the `layout` test), so every bit pattern is a valid value.
     unsafe impl aya::Pod for super::ExecEvent {}
     unsafe impl aya::Pod for super::ExitEvent {}
+    unsafe impl aya::Pod for super::ForkEvent {}
 }
 
 #[cfg(test)]
@@ -88,6 +109,13 @@ mod layout {
     fn exit_event_has_no_padding() {
         assert_eq!(offset_of!(ExitEvent, ktime_ns), 8);
         assert_eq!(size_of::<ExitEvent>(), 16);
+    }
+
+    #[test]
+    fn fork_event_has_no_padding() {
+        assert_eq!(offset_of!(ForkEvent, reserved), 12);
+        assert_eq!(offset_of!(ForkEvent, ktime_ns), 16);
+        assert_eq!(size_of::<ForkEvent>(), 24);
     }
 
     #[test]

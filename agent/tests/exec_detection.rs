@@ -46,7 +46,7 @@ fn assert_identity(labels: &Labels, framework: &str, model: &str, role: &str) {
 #[test]
 fn exec_detection_lineage_secrets_and_grace_period() {
     let agent = Agent::start(&["--grace-period", "2s", "--rescan-interval", "1h"]);
-    let (mut vllm, engine_core) = start_vllm(VLLM_MODEL);
+    let (mut vllm, engine_core) = start_vllm(VLLM_MODEL, "spawn");
     let mut llama = spawn(
         &workload("llama-server"),
         &["-m", LLAMA_MODEL, "--port", "8080"],
@@ -173,6 +173,42 @@ fn exec_detection_lineage_secrets_and_grace_period() {
     );
     // The engine core died with its parent (daemon child) or is still being reaped: either
     // way nothing of the old processes is left.
+}
+
+/// A worker forked without exec (vLLM's `fork` start method, PyTorch DataLoader workers) is
+/// reported by the kernel's fork program, not left to the periodic scan.
+#[test]
+fn forked_workers_are_detected_without_exec() {
+    let agent = Agent::start(&["--rescan-interval", "1h"]);
+    let (vllm, engine_core) = start_vllm(VLLM_MODEL, "fork");
+    assert_identity(
+        &wait_series(&agent, vllm.pid()),
+        "vllm",
+        VLLM_MODEL,
+        "server",
+    );
+    assert_identity(
+        &wait_series(&agent, engine_core),
+        "vllm",
+        VLLM_MODEL,
+        "worker",
+    );
+    let m = agent.metrics();
+    assert!(
+        m.value("llmscope_events_total", &[("kind", "fork")])
+            .unwrap()
+            >= 1.0
+    );
+    assert_eq!(
+        m.value(
+            "llmscope_reconcile_repairs_total",
+            &[("kind", "missed_exec")]
+        ),
+        Some(0.0)
+    );
+    drop(vllm);
+    // SAFETY: signalling a process this test started (it also dies with its parent).
+    unsafe { libc::kill(engine_core as i32, libc::SIGKILL) };
 }
 
 #[test]

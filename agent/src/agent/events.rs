@@ -10,7 +10,7 @@ use aya::maps::{MapData, RingBuf};
 
 use super::{Counters, Shared, DRAIN_INTERVAL};
 use crate::ebpf::{decode, ExecRecord, KernelEvent};
-use crate::identity::{worth_rechecking, ProcessFacts, UNKNOWN};
+use crate::identity::{worth_rechecking, Identity, ProcessFacts, UNKNOWN};
 use crate::tracker::Observed;
 
 /// Interpreters waiting for their imports: re-read at 0.5 s, 1 s, 2 s … up to this delay.
@@ -45,7 +45,11 @@ fn run(shared: &Shared, mut ring: RingBuf<MapData>) {
                 KernelEvent::Exit { pid, .. } => {
                     Counters::add(&shared.counters.exit, 1);
                     rechecks.waiting.remove(&pid);
-                    shared.tracker().exited(pid, Instant::now());
+                    shared.exited(pid);
+                }
+                KernelEvent::Fork { pid, ppid, .. } => {
+                    Counters::add(&shared.counters.fork, 1);
+                    on_fork(shared, pid, ppid);
                 }
                 KernelEvent::Malformed => Counters::add(&shared.counters.malformed, 1),
             }
@@ -84,6 +88,7 @@ fn on_exec(shared: &Shared, rechecks: &mut Rechecks, rec: ExecRecord) {
     }
     rechecks.waiting.remove(&pid);
     match observe_with_env(shared, &mut facts) {
+        Observed::Added(id) => log_detected(pid, &id, "exec"),
         Observed::Ignored if worth_rechecking(&facts) => rechecks.add(pid),
         Observed::Dropped => {
             tracing::warn!(pid, "process table full (--max-processes): not tracked")
@@ -92,32 +97,62 @@ fn on_exec(shared: &Shared, rechecks: &mut Rechecks, rec: ExecRecord) {
     }
 }
 
+/// A tracked process forked without exec (the kernel reports only those): the child runs
+/// the same program, so it is classified from the parent's program and its own command line.
+/// A fork that execs soon after is re-classified by its exec event.
+fn on_fork(shared: &Shared, pid: u32, ppid: u32) {
+    let Some(parent) = shared.tracker().get(ppid).cloned() else {
+        return;
+    };
+    let mut facts = ProcessFacts {
+        pid,
+        ppid,
+        comm: parent.name,
+        exe: parent.exe,
+        argv: shared.proc.cmdline(pid).unwrap_or_default(),
+        env: Vec::new(),
+        libraries: Vec::new(),
+    };
+    if let Observed::Added(id) = observe_with_env(shared, &mut facts) {
+        tracing::debug!(
+            pid,
+            ppid,
+            role = id.role.as_str(),
+            "forked child of an LLM process"
+        );
+    }
+}
+
+pub(super) fn log_detected(pid: u32, id: &Identity, via: &str) {
+    tracing::info!(
+        pid,
+        framework = id.framework.as_str(),
+        model = %id.model_name,
+        role = id.role.as_str(),
+        via,
+        "LLM process detected"
+    );
+}
+
 /// Classifies `facts`; when the result names no model, reads the model variables from the
-/// environment and classifies again.
+/// environment and classifies again. Keeps the kernel's tracked set in step.
 pub(super) fn observe_with_env(shared: &Shared, facts: &mut ProcessFacts) -> Observed {
     let pid = facts.pid;
     let start = || shared.proc.start_ticks(pid).ok();
-    let observed = shared.tracker().observe(facts, start);
-    let observed = match &observed {
-        Observed::Added(id) if id.model_name == UNKNOWN => match shared.proc.model_env(pid) {
-            Ok(env) if !env.is_empty() => {
-                facts.env = env;
-                shared.tracker().observe(facts, start);
-                observed
-            }
-            _ => observed,
-        },
-        _ => observed,
-    };
+    let mut observed = shared.tracker().observe(facts, start);
     if let Observed::Added(id) = &observed {
-        tracing::info!(
-            pid,
-            framework = id.framework.as_str(),
-            model = %id.model_name,
-            role = id.role.as_str(),
-            "LLM process detected"
-        );
+        if id.model_name == UNKNOWN {
+            if let Ok(env) = shared.proc.model_env(pid) {
+                if !env.is_empty() {
+                    facts.env = env;
+                    if let Observed::Added(with_model) = shared.tracker().observe(facts, start) {
+                        observed = Observed::Added(with_model);
+                    }
+                }
+            }
+        }
     }
+    shared.note(pid, &observed);
     observed
 }
 

@@ -19,21 +19,25 @@ use std::time::Duration;
 
 use crate::collectors::{kernel::KernelCollector, process::ProcessCollector};
 use crate::config::Config;
-use crate::ebpf::Sensor;
+use crate::ebpf::{Sensor, TrackedPids};
 use crate::http::MetricsSource;
 use crate::metrics::{gather, BuildInfo, Collector, Snapshot};
 use crate::proc::ProcRoot;
-use crate::tracker::Tracker;
+use crate::tracker::{Observed, Tracker};
 
 /// How often the events thread drains the ring buffer: detection within ~10 ms without a
 /// wake-up per event.
 pub const DRAIN_INTERVAL: Duration = Duration::from_millis(10);
+
+/// How long each shutdown step (HTTP, threads) may take before it is cut short.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 /// Event and repair counts, written by the events and reconcile threads.
 #[derive(Debug, Default)]
 pub struct Counters {
     pub exec: AtomicU64,
     pub exit: AtomicU64,
+    pub fork: AtomicU64,
     pub malformed: AtomicU64,
     pub missed_exec: AtomicU64,
     pub missed_exit: AtomicU64,
@@ -48,6 +52,8 @@ impl Counters {
 /// State shared by the threads and the scrape path.
 pub struct Shared {
     tracker: Mutex<Tracker>,
+    /// The kernel's copy of the tracked pids (for fork events). Lock order: tracker first.
+    kernel_tracked: Mutex<TrackedPids>,
     pub counters: Counters,
     pub proc: ProcRoot,
     pub grace: Duration,
@@ -56,9 +62,15 @@ pub struct Shared {
 }
 
 impl Shared {
-    pub fn new(proc: ProcRoot, grace: Duration, max_processes: usize) -> Self {
+    pub fn new(
+        proc: ProcRoot,
+        grace: Duration,
+        max_processes: usize,
+        kernel_tracked: TrackedPids,
+    ) -> Self {
         Shared {
             tracker: Mutex::new(Tracker::new(max_processes)),
+            kernel_tracked: Mutex::new(kernel_tracked),
             counters: Counters::default(),
             proc,
             grace,
@@ -70,6 +82,36 @@ impl Shared {
     /// The table; a panic in another thread while holding it does not make it unusable.
     pub fn tracker(&self) -> MutexGuard<'_, Tracker> {
         self.tracker.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Keeps the kernel's tracked set in step with what `observe` did.
+    pub fn note(&self, pid: u32, observed: &Observed) {
+        let mut kernel = self
+            .kernel_tracked
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        match observed {
+            Observed::Added(_) => {
+                if let Err(e) = kernel.insert(pid) {
+                    tracing::debug!(pid, error = %e, "cannot add to the kernel's tracked set");
+                }
+            }
+            Observed::Removed => kernel.remove(pid),
+            Observed::Unchanged | Observed::Ignored | Observed::Dropped => {}
+        }
+    }
+
+    /// The process exited (or was found gone): starts its grace period. True when it was
+    /// tracked and alive.
+    pub fn exited(&self, pid: u32) -> bool {
+        let was_alive = self.tracker().exited(pid, std::time::Instant::now());
+        if was_alive {
+            self.kernel_tracked
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(pid);
+        }
+        was_alive
     }
 
     pub fn stopping(&self) -> bool {
@@ -107,24 +149,26 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 
     let proc = ProcRoot::new(&config.procfs)
         .with_context(|| format!("--path.procfs {}", config.procfs.display()))?;
-    let sensor = Sensor::load(config.ring_buffer_bytes)?;
+    let sensor = Sensor::load(config.ring_buffer_bytes, config.max_processes)?;
     tracing::info!(
         kernel_ppid = sensor.kernel_ppid,
-        "eBPF exec/exit tracepoints attached"
+        "eBPF exec, exit and fork tracepoints attached"
     );
-    let shared = Arc::new(Shared::new(
-        proc.clone(),
-        config.grace_period,
-        config.max_processes as usize,
-    ));
     // `programs` holds the attachments: dropped at the end of this function, after the
     // threads that read the ring buffer have stopped.
     let Sensor {
         programs,
         events,
         lost,
+        tracked,
         ..
     } = sensor;
+    let shared = Arc::new(Shared::new(
+        proc.clone(),
+        config.grace_period,
+        config.max_processes as usize,
+        tracked,
+    ));
     let listener = tokio::net::TcpListener::bind(config.listen_address)
         .await
         .with_context(|| format!("--web.listen-address {}", config.listen_address))?;
@@ -141,13 +185,26 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         collectors: Mutex::new(collectors),
         shared: shared.clone(),
     });
-    crate::http::serve(listener, source, shutdown_signal()).await?;
-
+    let (stop_http, http_stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(crate::http::serve(listener, source, async {
+        let _ = http_stopped.await;
+    }));
+    shutdown_signal().await;
     tracing::info!("shutting down");
+    let _ = stop_http.send(());
+    // Scrapers keep connections alive; give in-flight scrapes a bounded time to finish.
+    match tokio::time::timeout(SHUTDOWN_GRACE, server).await {
+        Ok(Ok(result)) => result.context("serving HTTP")?,
+        Ok(Err(e)) => tracing::warn!(error = %e, "the HTTP server task failed"),
+        Err(_) => tracing::warn!("HTTP connections still open after {SHUTDOWN_GRACE:?}: cut short"),
+    }
     shared.stop.store(true, Ordering::Relaxed);
     for (name, handle) in [("events", events_thread), ("reconcile", reconcile_thread)] {
-        if join_within(handle, Duration::from_secs(5)).is_err() {
-            tracing::warn!(thread = name, "did not stop within 5 s; exiting anyway");
+        if join_within(handle, SHUTDOWN_GRACE).is_err() {
+            tracing::warn!(
+                thread = name,
+                "did not stop within {SHUTDOWN_GRACE:?}; exiting anyway"
+            );
         }
     }
     drop(programs);

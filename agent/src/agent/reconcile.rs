@@ -6,7 +6,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::events::observe_with_env;
+use super::events::{log_detected, observe_with_env};
 use super::{Counters, Shared};
 use crate::identity::worth_rechecking;
 use crate::tracker::Observed;
@@ -50,7 +50,7 @@ pub(super) fn scan(shared: &Shared, repair: bool) -> usize {
         .filter(|pid| !present.contains(pid))
         .collect();
     for pid in vanished {
-        if shared.tracker().exited(pid, Instant::now()) && repair {
+        if shared.exited(pid) && repair {
             Counters::add(&shared.counters.missed_exit, 1);
         }
     }
@@ -83,7 +83,16 @@ pub(super) fn scan(shared: &Shared, repair: bool) -> usize {
 
     let mut added = 0;
     for (_, mut facts) in candidates {
-        if let Observed::Added(_) = observe_with_env(shared, &mut facts) {
+        if let Observed::Added(id) = observe_with_env(shared, &mut facts) {
+            log_detected(
+                facts.pid,
+                &id,
+                if repair {
+                    "scan (missed exec)"
+                } else {
+                    "start-up scan"
+                },
+            );
             added += 1;
             if repair {
                 Counters::add(&shared.counters.missed_exec, 1);

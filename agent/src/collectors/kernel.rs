@@ -37,6 +37,10 @@ impl Collector for KernelCollector {
                 value: load(&c.exit),
             },
             KindCount {
+                kind: "fork",
+                value: load(&c.fork),
+            },
+            KindCount {
                 kind: "malformed",
                 value: load(&c.malformed),
             },
@@ -51,7 +55,7 @@ impl Collector for KernelCollector {
                 value: load(&c.missed_exit),
             },
         ];
-        let (exec, exit) = self
+        let [exec, exit, fork] = self
             .lost
             .read()
             .map_err(|e| CollectError(format!("reading the LOST map: {e}")))?;
@@ -63,6 +67,10 @@ impl Collector for KernelCollector {
             KindCount {
                 kind: "exit",
                 value: exit,
+            },
+            KindCount {
+                kind: "fork",
+                value: fork,
             },
         ];
         Ok(())

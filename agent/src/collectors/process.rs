@@ -63,7 +63,7 @@ impl Collector for ProcessCollector {
                     }
                     // Gone, or the pid now belongs to another process: the exit was missed.
                     Ok(_) | Err(ProcError::Gone(_)) => {
-                        if self.shared.tracker().exited(t.pid, now) {
+                        if self.shared.exited(t.pid) {
                             self.shared
                                 .counters
                                 .missed_exit

@@ -1,7 +1,7 @@
 //! Decoding ring buffer records into events. A record that is too short or of an unknown
 //! kind is counted and skipped, never trusted.
 
-use agent_common::{ExecEvent, ExitEvent, EVENT_EXEC, EVENT_EXIT};
+use agent_common::{ExecEvent, ExitEvent, ForkEvent, EVENT_EXEC, EVENT_EXIT, EVENT_FORK};
 
 use crate::proc::parse_cmdline;
 
@@ -21,7 +21,16 @@ pub struct ExecRecord {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum KernelEvent {
     Exec(ExecRecord),
-    Exit { pid: u32, ktime_ns: u64 },
+    Exit {
+        pid: u32,
+        ktime_ns: u64,
+    },
+    /// A tracked process created a child without exec.
+    Fork {
+        pid: u32,
+        ppid: u32,
+        ktime_ns: u64,
+    },
     Malformed,
 }
 
@@ -53,6 +62,15 @@ pub fn decode(bytes: &[u8]) -> KernelEvent {
             let ev: ExitEvent = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
             KernelEvent::Exit {
                 pid: ev.tgid,
+                ktime_ns: ev.ktime_ns,
+            }
+        }
+        EVENT_FORK if bytes.len() >= size_of::<ForkEvent>() => {
+            // SAFETY: as above.
+            let ev: ForkEvent = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+            KernelEvent::Fork {
+                pid: ev.tgid,
+                ppid: ev.ppid,
                 ktime_ns: ev.ktime_ns,
             }
         }

@@ -6,8 +6,8 @@ pub mod events;
 
 use std::path::Path;
 
-use agent_common::{LOST_EXEC, LOST_EXIT};
-use aya::maps::{MapData, PerCpuArray, RingBuf};
+use agent_common::{LOST_EXEC, LOST_EXIT, LOST_FORK};
+use aya::maps::{HashMap, MapData, PerCpuArray, RingBuf};
 use aya::programs::TracePoint;
 use aya::{Ebpf, EbpfLoader};
 
@@ -36,6 +36,7 @@ pub struct Sensor {
     pub programs: Ebpf,
     pub events: RingBuf<MapData>,
     pub lost: LostCounters,
+    pub tracked: TrackedPids,
     /// Whether ppid comes from the kernel (BTF offsets found) or must be read from /proc.
     pub kernel_ppid: bool,
 }
@@ -44,8 +45,8 @@ pub struct Sensor {
 pub struct LostCounters(PerCpuArray<MapData, u64>);
 
 impl LostCounters {
-    /// (exec, exit) records lost since load, summed over CPUs.
-    pub fn read(&self) -> Result<(u64, u64), String> {
+    /// (exec, exit, fork) records lost since load, summed over CPUs.
+    pub fn read(&self) -> Result<[u64; 3], String> {
         let sum = |slot: u32| -> Result<u64, String> {
             Ok(self
                 .0
@@ -54,15 +55,39 @@ impl LostCounters {
                 .iter()
                 .sum())
         };
-        Ok((sum(LOST_EXEC)?, sum(LOST_EXIT)?))
+        Ok([sum(LOST_EXEC)?, sum(LOST_EXIT)?, sum(LOST_FORK)?])
+    }
+}
+
+/// The kernel's copy of the tracked tgids: the fork program reports children of these only.
+pub struct TrackedPids(HashMap<MapData, u32, u32>);
+
+impl TrackedPids {
+    /// Fails only when the map is full (it is sized to --max-processes) or the kernel refuses.
+    pub fn insert(&mut self, pid: u32) -> Result<(), String> {
+        self.0.insert(pid, 0, 0).map_err(|e| e.to_string())
+    }
+
+    pub fn remove(&mut self, pid: u32) {
+        // Absent already (never inserted, or removed twice): nothing to do.
+        let _ = self.0.remove(&pid);
     }
 }
 
 impl Sensor {
     /// `ring_buffer_bytes`: a power of two, at least one page (checked by the config).
-    pub fn load(ring_buffer_bytes: u32) -> Result<Sensor, SensorError> {
+    pub fn load(ring_buffer_bytes: u32, max_processes: u32) -> Result<Sensor, SensorError> {
         let tracefs = ensure_tracefs()?;
-        check_exec_layout(&tracefs)?;
+        check_layout(
+            &tracefs,
+            "sched/sched_process_exec",
+            &[("__data_loc char[] filename;", 8)],
+        )?;
+        check_layout(
+            &tracefs,
+            "task/task_newtask",
+            &[("pid_t pid;", 8), (" clone_flags;", 32)],
+        )?;
         let (parent_off, tgid_off) = match task_offsets() {
             Ok(offsets) => offsets,
             Err(e) => {
@@ -74,8 +99,13 @@ impl Sensor {
             .override_global("TASK_REAL_PARENT_OFFSET", &parent_off, true)
             .override_global("TASK_TGID_OFFSET", &tgid_off, true)
             .map_max_entries("EVENTS", ring_buffer_bytes)
+            .map_max_entries("TRACKED", max_processes)
             .load(EBPF_OBJECT)?;
-        for name in ["sched_process_exec", "sched_process_exit"] {
+        for (category, name) in [
+            ("sched", "sched_process_exec"),
+            ("sched", "sched_process_exit"),
+            ("task", "task_newtask"),
+        ] {
             let program: &mut TracePoint = ebpf
                 .program_mut(name)
                 .ok_or(SensorError::Map(
@@ -86,7 +116,7 @@ impl Sensor {
                 .map_err(|e| SensorError::Program(name, e))?;
             program.load().map_err(|e| SensorError::Program(name, e))?;
             program
-                .attach("sched", name)
+                .attach(category, name)
                 .map_err(|e| SensorError::Program(name, e))?;
         }
         let events = RingBuf::try_from(
@@ -99,10 +129,16 @@ impl Sensor {
                 .ok_or(SensorError::Map("LOST", "missing".into()))?,
         )
         .map_err(|e| SensorError::Map("LOST", e.to_string()))?;
+        let tracked = HashMap::try_from(
+            ebpf.take_map("TRACKED")
+                .ok_or(SensorError::Map("TRACKED", "missing".into()))?,
+        )
+        .map_err(|e| SensorError::Map("TRACKED", e.to_string()))?;
         Ok(Sensor {
             programs: ebpf,
             events,
             lost: LostCounters(lost),
+            tracked: TrackedPids(tracked),
             kernel_ppid: parent_off != 0,
         })
     }
@@ -141,25 +177,27 @@ fn ensure_tracefs() -> Result<std::path::PathBuf, SensorError> {
     Ok("/sys/kernel/tracing".into())
 }
 
-/// The exec program reads `filename`'s `__data_loc` at offset 8; refuse a kernel where the
-/// record differs rather than read garbage.
-fn check_exec_layout(tracefs: &Path) -> Result<(), SensorError> {
-    let path = tracefs.join("events/sched/sched_process_exec/format");
-    let format = std::fs::read_to_string(&path).map_err(|e| {
-        SensorError::Layout(
-            "sched/sched_process_exec",
-            format!("{}: {e}", path.display()),
-        )
-    })?;
-    let ok = format
-        .lines()
-        .any(|l| l.contains("__data_loc char[] filename;") && l.contains("offset:8;"));
-    if ok {
-        Ok(())
-    } else {
-        Err(SensorError::Layout(
-            "sched/sched_process_exec",
-            "filename is not a __data_loc at offset 8".into(),
-        ))
+/// The programs read tracepoint records at fixed offsets; refuse a kernel where a field is
+/// elsewhere rather than read garbage. `fields`: (declaration fragment, expected offset).
+fn check_layout(
+    tracefs: &Path,
+    event: &'static str,
+    fields: &[(&str, usize)],
+) -> Result<(), SensorError> {
+    let path = tracefs.join("events").join(event).join("format");
+    let format = std::fs::read_to_string(&path)
+        .map_err(|e| SensorError::Layout(event, format!("{}: {e}", path.display())))?;
+    for (decl, offset) in fields {
+        let expected = format!("offset:{offset};");
+        if !format
+            .lines()
+            .any(|l| l.contains(decl) && l.contains(&expected))
+        {
+            return Err(SensorError::Layout(
+                event,
+                format!("{} is not at offset {offset}", decl.trim()),
+            ));
+        }
     }
+    Ok(())
 }

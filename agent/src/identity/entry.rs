@@ -57,10 +57,6 @@ impl<'a> Entry<'a> {
         Some(parse_python(rest))
     }
 
-    pub fn is_interpreter(&self) -> bool {
-        self.interpreter
-    }
-
     fn arg(&self, i: usize) -> Option<&str> {
         self.args.get(i).map(String::as_str)
     }
@@ -209,9 +205,49 @@ const LIBRARY_RULES: &[(&str, Framework)] = &[
     ("libtorch_python.so", Framework::Pytorch),
 ];
 
+/// Python tools that are never a workload, whatever they import (pip imports torch's
+/// metadata, pytest imports whatever it tests).
+const NOT_WORKLOADS: &[&str] = &[
+    "pip",
+    "pip3",
+    "pipx",
+    "ensurepip",
+    "venv",
+    "virtualenv",
+    "poetry",
+    "pdm",
+    "uv",
+    "pytest",
+    "py.test",
+    "mypy",
+    "black",
+    "ruff",
+    "flake8",
+    "pylint",
+    "isort",
+    "pre-commit",
+    "tox",
+    "nox",
+    "twine",
+    "build",
+    "setup",
+    "http.server",
+    "json.tool",
+    "unattended-upgrade",
+    "apt-listchanges",
+    "networkd-dispatcher",
+];
+
+impl Entry<'_> {
+    /// An interpreter running something no rule names yet, that is not a known tool.
+    pub fn is_unresolved_interpreter(&self) -> bool {
+        self.interpreter && !NOT_WORKLOADS.contains(&self.name.as_str())
+    }
+}
+
 /// Classification of an interpreter from the libraries it has loaded.
 pub(super) fn from_libraries(entry: &Entry, libraries: &[String]) -> Option<(Framework, Role)> {
-    if !entry.interpreter || matches!(entry.name.as_str(), "pip" | "pip3" | "ensurepip") {
+    if !entry.is_unresolved_interpreter() {
         return None;
     }
     LIBRARY_RULES.iter().find_map(|(needle, framework)| {

@@ -179,5 +179,6 @@ pub fn derive(
 /// True when a process is worth re-examining later: an interpreter running something no rule
 /// recognised yet (its imports, visible as mapped libraries, may say more once loaded).
 pub fn worth_rechecking(facts: &ProcessFacts) -> bool {
-    entry::Entry::parse(facts).is_some_and(|e| e.is_interpreter())
+    entry::Entry::parse(facts)
+        .is_some_and(|e| e.is_unresolved_interpreter() && e.framework_and_role().is_none())
 }

@@ -224,6 +224,17 @@ fn python_scripts_are_classified_by_the_libraries_they_load() {
     let mut pip = facts("python3 -m pip install torch");
     pip.libraries = vec!["/venv/lib/python3.11/site-packages/torch/lib/libtorch_cpu.so".into()];
     assert_eq!(classify(&pip), None, "pip is never an LLM process");
+    assert!(!worth_rechecking(&pip), "pip is not worth re-examining");
+    assert!(worth_rechecking(&facts("python3 chat.py")));
+    assert!(!worth_rechecking(&facts(
+        "/usr/bin/python3 /usr/local/bin/pytest -x"
+    )));
+    assert!(
+        !worth_rechecking(&facts(
+            "python3 -m vllm.entrypoints.openai.api_server --model x"
+        )),
+        "already classified"
+    );
     let mut grep = facts("grep torch requirements.txt");
     grep.libraries = pip.libraries.clone();
     assert_eq!(

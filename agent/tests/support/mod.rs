@@ -183,8 +183,9 @@ pub fn spawn(program: &Path, args: &[&str]) -> Proc {
     )
 }
 
-/// The vLLM-shaped Python process; returns it and its engine-core child's pid.
-pub fn start_vllm(model: &str) -> (Proc, u32) {
+/// The vLLM-shaped Python process, its workers started with `method` (`spawn` or `fork`);
+/// returns it and its engine-core child's pid.
+pub fn start_vllm(model: &str, method: &str) -> (Proc, u32) {
     let mut child = Command::new("python3")
         .args([
             "-m",
@@ -196,6 +197,7 @@ pub fn start_vllm(model: &str) -> (Proc, u32) {
         ])
         .env("PYTHONPATH", fixtures())
         .env("HF_TOKEN", "hf_TopSecretTokenValue1234567890")
+        .env("VLLM_WORKER_MULTIPROC_METHOD", method)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .spawn()
