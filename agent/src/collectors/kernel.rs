@@ -27,52 +27,21 @@ impl Collector for KernelCollector {
         let c = &self.shared.counters;
         let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
         let agent = &mut snapshot.agent;
-        agent.events = vec![
-            KindCount {
-                kind: "exec",
-                value: load(&c.exec),
-            },
-            KindCount {
-                kind: "exit",
-                value: load(&c.exit),
-            },
-            KindCount {
-                kind: "fork",
-                value: load(&c.fork),
-            },
-            KindCount {
-                kind: "malformed",
-                value: load(&c.malformed),
-            },
-        ];
-        agent.repairs = vec![
-            KindCount {
-                kind: "missed_exec",
-                value: load(&c.missed_exec),
-            },
-            KindCount {
-                kind: "missed_exit",
-                value: load(&c.missed_exit),
-            },
-        ];
+        agent.events = KindCount::list(&[
+            ("exec", load(&c.exec)),
+            ("exit", load(&c.exit)),
+            ("fork", load(&c.fork)),
+            ("malformed", load(&c.malformed)),
+        ]);
+        agent.repairs = KindCount::list(&[
+            ("missed_exec", load(&c.missed_exec)),
+            ("missed_exit", load(&c.missed_exit)),
+        ]);
         let [exec, exit, fork] = self
             .lost
             .read()
             .map_err(|e| CollectError(format!("reading the LOST map: {e}")))?;
-        agent.events_lost = vec![
-            KindCount {
-                kind: "exec",
-                value: exec,
-            },
-            KindCount {
-                kind: "exit",
-                value: exit,
-            },
-            KindCount {
-                kind: "fork",
-                value: fork,
-            },
-        ];
+        agent.events_lost = KindCount::list(&[("exec", exec), ("exit", exit), ("fork", fork)]);
         Ok(())
     }
 }

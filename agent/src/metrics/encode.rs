@@ -36,8 +36,9 @@ pub struct SnapshotCollector {
     pub build: BuildInfo,
 }
 
-fn gauge_family<'a, L: EncodeLabelSet + 'a>(
+fn family<'a, L: EncodeLabelSet + 'a>(
     encoder: &mut DescriptorEncoder,
+    kind: MetricType,
     name: &str,
     help: &str,
     unit: Option<&Unit>,
@@ -47,27 +48,13 @@ fn gauge_family<'a, L: EncodeLabelSet + 'a>(
     if samples.peek().is_none() {
         return Ok(());
     }
-    let mut metric = encoder.encode_descriptor(name, help, unit, MetricType::Gauge)?;
+    let mut metric = encoder.encode_descriptor(name, help, unit, kind)?;
     for (labels, value) in samples {
-        ConstGauge::new(value).encode(metric.encode_family(labels)?)?;
-    }
-    Ok(())
-}
-
-fn counter_family<'a, L: EncodeLabelSet + 'a>(
-    encoder: &mut DescriptorEncoder,
-    name: &str,
-    help: &str,
-    unit: Option<&Unit>,
-    samples: impl IntoIterator<Item = (&'a L, f64)>,
-) -> Result<(), std::fmt::Error> {
-    let mut samples = samples.into_iter().peekable();
-    if samples.peek().is_none() {
-        return Ok(());
-    }
-    let mut metric = encoder.encode_descriptor(name, help, unit, MetricType::Counter)?;
-    for (labels, value) in samples {
-        ConstCounter::new(value).encode(metric.encode_family(labels)?)?;
+        let sample = metric.encode_family(labels)?;
+        match kind {
+            MetricType::Counter => ConstCounter::new(value).encode(sample)?,
+            _ => ConstGauge::new(value).encode(sample)?,
+        }
     }
     Ok(())
 }
@@ -145,65 +132,74 @@ impl Collector for SnapshotCollector {
             };
             *counts.entry(key).or_default() += 1.0;
         }
-        gauge_family(
+        family(
             &mut e,
+            MetricType::Gauge,
             "llm_process_count",
             "Running LLM processes by model family, model and framework.",
             None,
             counts.iter().map(|(l, v)| (l, *v)),
         )?;
-        gauge_family(
+        family(
             &mut e,
+            MetricType::Gauge,
             "llm_process_cpu_percent",
             "CPU use of the process since the previous scrape, in percent of one core.",
             None,
             per_process(p, |s| s.cpu_percent),
         )?;
-        counter_family(
+        family(
             &mut e,
+            MetricType::Counter,
             "llm_process_cpu_seconds",
             "CPU time (user + system) the process has used.",
             None,
             per_process(p, |s| Some(s.cpu_seconds)),
         )?;
-        gauge_family(
+        family(
             &mut e,
+            MetricType::Gauge,
             "llm_process_memory_bytes",
             "Resident set size of the process.",
             None,
             per_process(p, |s| Some(s.memory_bytes as f64)),
         )?;
-        gauge_family(
+        family(
             &mut e,
+            MetricType::Gauge,
             "llm_process_threads",
             "Threads in the process.",
             None,
             per_process(p, |s| Some(s.threads as f64)),
         )?;
-        gauge_family(
+        family(
             &mut e,
+            MetricType::Gauge,
             "llm_process_start_time_seconds",
             "Start time of the process, seconds since the Unix epoch.",
             None,
             per_process(p, |s| Some(s.start_time_seconds)),
         )?;
 
-        gauge_family(
+        family(
             &mut e,
+            MetricType::Gauge,
             "llmscope_build_info",
             "llmscope version and mode; always 1.",
             None,
             [(&self.build, 1.0)],
         )?;
-        gauge_family(
+        family(
             &mut e,
+            MetricType::Gauge,
             "llmscope_collector_success",
             "Whether the collector worked on this scrape (1) or failed (0).",
             None,
             by_ref(&collectors(s, |c| if c.success { 1.0 } else { 0.0 })),
         )?;
-        gauge_family(
+        family(
             &mut e,
+            MetricType::Gauge,
             "llmscope_collector_duration",
             "How long the collector took on this scrape.",
             Some(&Unit::Seconds),
@@ -223,16 +219,18 @@ impl Collector for SnapshotCollector {
             MetricType::Counter,
             s.agent.tracked_dropped as f64,
         )?;
-        counter_family(
+        family(
             &mut e,
+            MetricType::Counter,
             "llmscope_events",
             "Kernel events received, by kind.",
             None,
             by_ref(&kinds(&s.agent.events)),
         )?;
-        counter_family(&mut e, "llmscope_events_lost", "Kernel events lost because the ring buffer was full, by kind; reconciliation repairs what they missed.", None, by_ref(&kinds(&s.agent.events_lost)))?;
-        counter_family(
+        family(&mut e,MetricType::Counter, "llmscope_events_lost", "Kernel events lost because the ring buffer was full, by kind; reconciliation repairs what they missed.", None, by_ref(&kinds(&s.agent.events_lost)))?;
+        family(
             &mut e,
+            MetricType::Counter,
             "llmscope_reconcile_repairs",
             "Processes whose exec or exit the /proc reconciliation found missing, by kind.",
             None,

@@ -69,6 +69,15 @@ pub struct KindCount {
     pub value: u64,
 }
 
+impl KindCount {
+    pub fn list(counts: &[(&'static str, u64)]) -> Vec<KindCount> {
+        counts
+            .iter()
+            .map(|&(kind, value)| KindCount { kind, value })
+            .collect()
+    }
+}
+
 /// The agent's own health.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct AgentStats {
