@@ -16,16 +16,25 @@ pub const FILENAME_LEN: usize = 256;
 /// `/proc/<pid>/cmdline` when `argv_total` says the copy was cut.
 pub const ARGV_LEN: usize = 1024;
 
-/// `ExecEvent::kind` and `ExitEvent::kind`: the first `u32` of every ring buffer record.
+/// `ExecEvent::kind` and `PidEvent::kind`: the first `u32` of every ring buffer record.
 pub const EVENT_EXEC: u32 = 1;
 pub const EVENT_EXIT: u32 = 2;
 pub const EVENT_FORK: u32 = 3;
+pub const EVENT_CUDA_FIRST_USE: u32 = 4;
+pub const EVENT_CUDA_OOM: u32 = 5;
+pub const EVENT_LIBRARY_OPEN: u32 = 6;
 
 /// Indexes of the per-CPU `LOST` counter array: ring buffer reservations that failed.
 pub const LOST_EXEC: u32 = 0;
 pub const LOST_EXIT: u32 = 1;
 pub const LOST_FORK: u32 = 2;
-pub const LOST_SLOTS: u32 = 3;
+/// Ring buffer full for a CUDA first-use, OOM or library-open record.
+pub const LOST_CUDA_EVENT: u32 = 3;
+/// The CUDA counter map was full: a (process, function) pair went uncounted.
+pub const LOST_CUDA_STATS: u32 = 4;
+/// The live-allocation map was full: an allocation is not tracked for live memory.
+pub const LOST_CUDA_ALLOC: u32 = 5;
+pub const LOST_SLOTS: u32 = 6;
 
 /// `clone_flags` bits the fork program filters on (include/uapi/linux/sched.h).
 pub const CLONE_VFORK: u64 = 0x0000_4000;
@@ -57,10 +66,11 @@ pub struct ExecEvent {
     pub argv: [u8; ARGV_LEN],
 }
 
-/// A thread-group leader exited (`sched/sched_process_exit`).
+/// An event about a process and nothing more: a thread-group leader exited
+/// (`EVENT_EXIT`), or a process called CUDA for the first time (`EVENT_CUDA_FIRST_USE`).
 #[repr(C)]
 #[derive(Clone, Copy)]
-pub struct ExitEvent {
+pub struct PidEvent {
     pub kind: u32,
     pub tgid: u32,
     pub ktime_ns: u64,
@@ -80,14 +90,45 @@ pub struct ForkEvent {
     pub ktime_ns: u64,
 }
 
+/// A CUDA allocation failed with out-of-memory (runtime error 2, driver error 2).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct CudaOomEvent {
+    pub kind: u32,
+    pub tgid: u32,
+    /// `CudaFn` id of the allocation function.
+    pub function: u32,
+    pub code: u32,
+    /// The size that could not be allocated.
+    pub size: u64,
+    pub ktime_ns: u64,
+}
+
+/// A tracked process opened a file whose name contains `libcud` (a CUDA library candidate).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct LibraryOpenEvent {
+    pub kind: u32,
+    pub tgid: u32,
+    /// NUL-terminated path as the process gave it to openat (in its own mount namespace).
+    pub path: [u8; FILENAME_LEN],
+}
+
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: both types are repr(C), Copy, contain only integers and byte arrays, and have
     // no padding (checked by the `layout` test), so every bit pattern is a valid value.
     unsafe impl aya::Pod for super::ExecEvent {}
-    unsafe impl aya::Pod for super::ExitEvent {}
+    unsafe impl aya::Pod for super::PidEvent {}
     unsafe impl aya::Pod for super::ForkEvent {}
+    unsafe impl aya::Pod for super::CudaOomEvent {}
+    unsafe impl aya::Pod for super::LibraryOpenEvent {}
+    unsafe impl aya::Pod for super::cuda::CudaKey {}
+    unsafe impl aya::Pod for super::cuda::CudaStat {}
+    unsafe impl aya::Pod for super::cuda::AllocKey {}
 }
+
+pub mod cuda;
 
 #[cfg(test)]
 mod layout {
@@ -107,8 +148,8 @@ mod layout {
 
     #[test]
     fn exit_event_has_no_padding() {
-        assert_eq!(offset_of!(ExitEvent, ktime_ns), 8);
-        assert_eq!(size_of::<ExitEvent>(), 16);
+        assert_eq!(offset_of!(PidEvent, ktime_ns), 8);
+        assert_eq!(size_of::<PidEvent>(), 16);
     }
 
     #[test]
@@ -116,6 +157,19 @@ mod layout {
         assert_eq!(offset_of!(ForkEvent, reserved), 12);
         assert_eq!(offset_of!(ForkEvent, ktime_ns), 16);
         assert_eq!(size_of::<ForkEvent>(), 24);
+    }
+
+    #[test]
+    fn cuda_records_have_no_padding() {
+        assert_eq!(size_of::<CudaOomEvent>(), 32);
+        assert_eq!(offset_of!(CudaOomEvent, size), 16);
+        assert_eq!(size_of::<LibraryOpenEvent>(), 8 + FILENAME_LEN);
+        assert_eq!(size_of::<cuda::CudaKey>(), 8);
+        assert_eq!(size_of::<cuda::CudaStat>(), 24);
+        assert_eq!(size_of::<cuda::AllocKey>(), 16);
+        assert_eq!(offset_of!(cuda::AllocKey, ptr), 8);
+        assert_eq!(size_of::<cuda::Pending>(), 24);
+        assert_eq!(size_of::<cuda::PendingKey>(), 16);
     }
 
     #[test]

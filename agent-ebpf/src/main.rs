@@ -2,7 +2,11 @@
 //! helper; the helpers live in one module per concern.
 #![no_std]
 #![no_main]
+// Inline asm for BPF's atomic add (cuda.rs): unstable for this architecture.
+#![feature(asm_experimental_arch)]
 
+mod cuda;
+mod maps;
 mod process;
 
 #[cfg(not(test))]

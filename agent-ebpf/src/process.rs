@@ -4,9 +4,10 @@
 //! instead of being woken per event, which costs a fraction of the CPU under an exec storm
 //! (issue #2 measured +5.6 % system CPU for a woken reader against +1 % for a timed drain).
 
+use crate::maps::{count_lost, EVENTS, TRACKED};
 use agent_common::{
-    ExecEvent, ExitEvent, ForkEvent, ARGV_LEN, CLONE_THREAD, CLONE_VFORK, EVENT_EXEC, EVENT_EXIT,
-    EVENT_FORK, FILENAME_LEN, LOST_EXEC, LOST_EXIT, LOST_FORK, LOST_SLOTS, PT_REGS_SP_OFFSET,
+    ExecEvent, ForkEvent, PidEvent, ARGV_LEN, CLONE_THREAD, CLONE_VFORK, EVENT_EXEC, EVENT_EXIT,
+    EVENT_FORK, FILENAME_LEN, LOST_EXEC, LOST_EXIT, LOST_FORK, PT_REGS_SP_OFFSET,
 };
 use aya_ebpf::{
     bindings::BPF_RB_NO_WAKEUP,
@@ -19,8 +20,7 @@ use aya_ebpf::{
             bpf_get_current_task_btf, bpf_probe_read_user as raw_probe_read_user, bpf_task_pt_regs,
         },
     },
-    macros::{map, tracepoint},
-    maps::{HashMap, PerCpuArray, RingBuf},
+    macros::tracepoint,
     programs::TracePointContext,
     EbpfContext as _,
 };
@@ -32,18 +32,6 @@ use aya_ebpf::{
 static TASK_REAL_PARENT_OFFSET: u32 = 0;
 #[unsafe(no_mangle)]
 static TASK_TGID_OFFSET: u32 = 0;
-
-/// 256 KiB holds ~190 exec records: at 2,000 execs/s and a 10 ms drain, ~20 are in flight.
-#[map]
-static EVENTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
-
-#[map]
-static LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(LOST_SLOTS, 0);
-
-/// Tgids of the LLM processes userspace tracks (value unused). Userspace sizes it to
-/// `--max-processes` before load and inserts/removes entries as processes come and go.
-#[map]
-static TRACKED: HashMap<u32, u32> = HashMap::with_max_entries(8192, 0);
 
 /// `task_newtask` record: `pid_t pid` at 8, `u64 clone_flags` at 32 (userspace checks it).
 const NEWTASK_PID_OFFSET: usize = 8;
@@ -68,9 +56,9 @@ pub fn sched_process_exit(_ctx: TracePointContext) -> u32 {
     if pid_tgid as u32 != tgid {
         return 0;
     }
-    match EVENTS.reserve::<ExitEvent>(0) {
+    match EVENTS.reserve::<PidEvent>(0) {
         Some(mut entry) => {
-            entry.write(ExitEvent {
+            entry.write(PidEvent {
                 kind: EVENT_EXIT,
                 tgid,
                 ktime_ns: unsafe { bpf_ktime_get_ns() },
@@ -201,11 +189,4 @@ unsafe fn copy_argv(dst: *mut u8) -> (u32, u32) {
         return (0, total.min(u32::MAX as u64) as u32);
     }
     (len as u32, total.min(u32::MAX as u64) as u32)
-}
-
-fn count_lost(slot: u32) {
-    if let Some(counter) = LOST.get_ptr_mut(slot) {
-        // SAFETY: a per-CPU slot is only touched by programs on this CPU, one at a time.
-        unsafe { *counter += 1 };
-    }
 }

@@ -42,6 +42,12 @@ pub struct Config {
     #[arg(long, env = "LLMSCOPE_MAX_PROCESSES", default_value_t = 8192, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub max_processes: u32,
 
+    /// CPU the kernel-launch probes may cost each CUDA process, in percent of one core. The
+    /// launch probes are attached for a window of every second, sized to this budget, and
+    /// counts are extrapolated; 100 keeps them attached (exact counts), 0 turns them off.
+    #[arg(long, env = "LLMSCOPE_CUDA_OVERHEAD_BUDGET", default_value_t = 0.5)]
+    pub cuda_overhead_budget: f64,
+
     /// Size of the kernel → agent event ring buffer: a power of two, at least one page. A
     /// larger ring loses fewer events under exec storms; losses are counted and repaired by
     /// the periodic scan either way.
@@ -62,6 +68,12 @@ impl Config {
         }
         if self.rescan_interval < Duration::from_secs(1) {
             problems.push("--rescan-interval must be at least 1s".to_owned());
+        }
+        if !(0.0..=100.0).contains(&self.cuda_overhead_budget) {
+            problems.push(format!(
+                "--cuda-overhead-budget {} must be between 0 and 100 (percent of one core)",
+                self.cuda_overhead_budget
+            ));
         }
         let page = 4096;
         if !self.ring_buffer_bytes.is_power_of_two() || self.ring_buffer_bytes < page {
@@ -144,11 +156,15 @@ mod tests {
             "/nonexistent",
             "--log-level",
             "lo[ud",
+            "--ring-buffer-bytes",
+            "5000",
+            "--cuda-overhead-budget",
+            "150",
         ])
         .unwrap();
         assert_eq!(
             bad.validate().unwrap_err().len(),
-            4,
+            6,
             "every problem is reported at once"
         );
     }

@@ -19,4 +19,6 @@ pub mod agent;
 #[cfg(all(target_os = "linux", feature = "ebpf"))]
 pub mod collectors;
 #[cfg(all(target_os = "linux", feature = "ebpf"))]
+pub mod cuda;
+#[cfg(all(target_os = "linux", feature = "ebpf"))]
 pub mod ebpf;

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use crate::identity::{derive, sanitize_label, Identity, ProcessFacts};
+use crate::identity::{derive, sanitize_label, Framework, Identity, ProcessFacts, Role};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Tracked {
@@ -75,6 +75,29 @@ impl Tracker {
         facts: &ProcessFacts,
         start_ticks: impl FnOnce() -> Option<u64>,
     ) -> Observed {
+        self.observe_as(facts, start_ticks, None)
+    }
+
+    /// A process seen using the GPU: tracked with its own identity when it has one, else as
+    /// `framework="unknown"` — a GPU user is always worth a series.
+    pub fn observe_gpu_user(
+        &mut self,
+        facts: &ProcessFacts,
+        start_ticks: impl FnOnce() -> Option<u64>,
+    ) -> Observed {
+        self.observe_as(
+            facts,
+            start_ticks,
+            Some(Identity::new(Framework::Unknown, Role::Script, None)),
+        )
+    }
+
+    fn observe_as(
+        &mut self,
+        facts: &ProcessFacts,
+        start_ticks: impl FnOnce() -> Option<u64>,
+        fallback: Option<Identity>,
+    ) -> Observed {
         let parent = self
             .procs
             .get(&facts.ppid)
@@ -88,7 +111,7 @@ impl Tracker {
                     p.identity.clone(),
                 )
             });
-        let identity = derive(facts, parent.as_ref().map(|(f, i)| (f, i)));
+        let identity = derive(facts, parent.as_ref().map(|(f, i)| (f, i))).or(fallback);
         let Some(identity) = identity else {
             return match self.procs.remove(&facts.pid) {
                 Some(_) => Observed::Removed,
@@ -190,7 +213,6 @@ impl Tracker {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::identity::Role;
 
     fn facts(pid: u32, ppid: u32, cmdline: &str) -> ProcessFacts {
         let argv: Vec<String> = cmdline.split(' ').map(str::to_owned).collect();
@@ -278,6 +300,29 @@ mod tests {
             t.observe(&llama, || Some(200)),
             Observed::Added(_)
         ));
+    }
+
+    #[test]
+    fn gpu_users_are_tracked_even_when_unclassified() {
+        let mut t = Tracker::new(4);
+        let plain = facts(20, 1, "/opt/app/bin/render-frames --fast");
+        assert_eq!(t.observe(&plain, || Some(1)), Observed::Ignored);
+        let Observed::Added(id) = t.observe_gpu_user(&plain, || Some(1)) else {
+            panic!("not added")
+        };
+        assert_eq!(
+            (id.framework, id.model_name.as_str()),
+            (Framework::Unknown, "unknown")
+        );
+        assert_eq!(t.observe_gpu_user(&plain, || Some(1)), Observed::Unchanged);
+        let Observed::Added(id) = t.observe_gpu_user(&facts(21, 1, VLLM), || Some(2)) else {
+            panic!()
+        };
+        assert_eq!(
+            id.framework,
+            Framework::Vllm,
+            "a classified GPU user keeps its identity"
+        );
     }
 
     #[test]

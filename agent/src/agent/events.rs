@@ -17,6 +17,8 @@ use crate::tracker::Observed;
 const RECHECK_MAX_DELAY: Duration = Duration::from_secs(32);
 /// Most interpreters waiting at once; past it, new ones are left to the periodic scan.
 const RECHECK_CAPACITY: usize = 1024;
+/// When a newly tracked process's maps are read for CUDA libraries.
+const LIBRARY_CHECK_DELAY: Duration = Duration::from_millis(100);
 /// How often expiry and rechecks run.
 const HOUSEKEEPING_INTERVAL: Duration = Duration::from_millis(100);
 
@@ -45,11 +47,22 @@ fn run(shared: &Shared, mut ring: RingBuf<MapData>) {
                 KernelEvent::Exit { pid, .. } => {
                     Counters::add(&shared.counters.exit, 1);
                     rechecks.waiting.remove(&pid);
+                    rechecks.libraries.remove(&pid);
                     shared.exited(pid);
                 }
                 KernelEvent::Fork { pid, ppid, .. } => {
                     Counters::add(&shared.counters.fork, 1);
                     on_fork(shared, pid, ppid);
+                }
+                KernelEvent::CudaFirstUse { pid } => super::cuda::on_first_use(shared, pid),
+                KernelEvent::CudaOom {
+                    pid,
+                    function,
+                    code,
+                    size,
+                } => super::cuda::on_oom(shared, pid, function, code, size),
+                KernelEvent::LibraryOpen { pid, path } => {
+                    super::cuda::on_library_open(shared, pid, &path)
                 }
                 KernelEvent::Malformed => Counters::add(&shared.counters.malformed, 1),
             }
@@ -88,7 +101,10 @@ fn on_exec(shared: &Shared, rechecks: &mut Rechecks, rec: ExecRecord) {
     }
     rechecks.waiting.remove(&pid);
     match observe_with_env(shared, &mut facts) {
-        Observed::Added(id) => log_detected(pid, &id, "exec"),
+        Observed::Added(id) => {
+            log_detected(pid, &id, "exec");
+            rechecks.check_libraries_soon(pid);
+        }
         Observed::Ignored if worth_rechecking(&facts) => rechecks.add(pid),
         Observed::Dropped => {
             tracing::warn!(pid, "process table full (--max-processes): not tracked")
@@ -160,9 +176,19 @@ pub(super) fn observe_with_env(shared: &Shared, facts: &mut ProcessFacts) -> Obs
 struct Rechecks {
     /// pid → (when to look again, current delay)
     waiting: HashMap<u32, (Instant, Duration)>,
+    /// pid → when to look for CUDA libraries it loaded before the kernel knew to report its
+    /// opens (the ≤10 ms between its exec and the agent adding it to the tracked set).
+    libraries: HashMap<u32, Instant>,
 }
 
 impl Rechecks {
+    fn check_libraries_soon(&mut self, pid: u32) {
+        if self.libraries.len() < RECHECK_CAPACITY {
+            self.libraries
+                .insert(pid, Instant::now() + LIBRARY_CHECK_DELAY);
+        }
+    }
+
     fn add(&mut self, pid: u32) {
         if self.waiting.len() < RECHECK_CAPACITY {
             let delay = Duration::from_millis(500);
@@ -178,6 +204,16 @@ impl Rechecks {
             .filter(|(_, (at, _))| *at <= now)
             .map(|(pid, _)| *pid)
             .collect();
+        let libraries_due: Vec<u32> = self
+            .libraries
+            .iter()
+            .filter(|(_, at)| **at <= now)
+            .map(|(pid, _)| *pid)
+            .collect();
+        for pid in libraries_due {
+            self.libraries.remove(&pid);
+            super::cuda::discover_libraries(shared, pid);
+        }
         for pid in due {
             let Some((_, delay)) = self.waiting.remove(&pid) else {
                 continue;
@@ -187,6 +223,9 @@ impl Rechecks {
             };
             facts.libraries = shared.proc.libraries(pid).unwrap_or_default();
             let observed = observe_with_env(shared, &mut facts);
+            if let Observed::Added(_) = observed {
+                self.check_libraries_soon(pid);
+            }
             let next = delay * 2;
             if matches!(observed, Observed::Ignored)
                 && next <= RECHECK_MAX_DELAY

@@ -10,6 +10,7 @@
 //!  GET /metrics ──▶ collectors (process: /proc samples; kernel: loss counters) ◀─┘
 //! ```
 
+mod cuda;
 mod events;
 mod reconcile;
 
@@ -17,10 +18,13 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use crate::collectors::{kernel::KernelCollector, process::ProcessCollector};
+use crate::collectors::{cuda::CudaCollector, kernel::KernelCollector, process::ProcessCollector};
 use crate::config::Config;
-use crate::ebpf::{Sensor, TrackedPids};
+use crate::cuda::attach::Attacher;
+use crate::cuda::launches::LaunchEstimates;
+use crate::ebpf::{CudaMaps, Sensor, TrackedPids};
 use crate::http::MetricsSource;
+use crate::metrics::cuda::LaunchMode;
 use crate::metrics::{gather, BuildInfo, Collector, Snapshot};
 use crate::proc::ProcRoot;
 use crate::tracker::{Observed, Tracker};
@@ -59,6 +63,29 @@ pub struct Shared {
     pub grace: Duration,
     pub stop: AtomicBool,
     pub reader_alive: AtomicBool,
+    pub cuda: CudaState,
+}
+
+/// The CUDA probes' attachments, maps and launch estimates. Never lock two at once.
+pub struct CudaState {
+    /// Owns the loaded eBPF object: every program and attachment lives as long as it does.
+    attacher: Mutex<Attacher>,
+    maps: Mutex<CudaMaps>,
+    launches: Mutex<LaunchEstimates>,
+}
+
+impl CudaState {
+    pub fn attacher(&self) -> MutexGuard<'_, Attacher> {
+        self.attacher.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn maps(&self) -> MutexGuard<'_, CudaMaps> {
+        self.maps.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn launches(&self) -> MutexGuard<'_, LaunchEstimates> {
+        self.launches.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 impl Shared {
@@ -67,6 +94,7 @@ impl Shared {
         grace: Duration,
         max_processes: usize,
         kernel_tracked: TrackedPids,
+        cuda: CudaState,
     ) -> Self {
         Shared {
             tracker: Mutex::new(Tracker::new(max_processes)),
@@ -76,6 +104,7 @@ impl Shared {
             grace,
             stop: AtomicBool::new(false),
             reader_alive: AtomicBool::new(false),
+            cuda,
         }
     }
 
@@ -161,13 +190,21 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         events,
         lost,
         tracked,
+        cuda: cuda_maps,
         ..
     } = sensor;
+    let launch_mode = crate::cuda::launches::mode(config.cuda_overhead_budget);
+    let cuda = CudaState {
+        attacher: Mutex::new(Attacher::new(programs, launch_mode == LaunchMode::Exact)),
+        maps: Mutex::new(cuda_maps),
+        launches: Mutex::new(LaunchEstimates::new(launch_mode)),
+    };
     let shared = Arc::new(Shared::new(
         proc.clone(),
         config.grace_period,
         config.max_processes as usize,
         tracked,
+        cuda,
     ));
     let listener = tokio::net::TcpListener::bind(config.listen_address)
         .await
@@ -176,10 +213,18 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 
     let events_thread = events::spawn(shared.clone(), events)?;
     let reconcile_thread = reconcile::spawn(shared.clone(), config.rescan_interval)?;
+    let mut threads = vec![("events", events_thread), ("reconcile", reconcile_thread)];
+    if launch_mode == LaunchMode::Sampled {
+        threads.push((
+            "launches",
+            cuda::spawn_launch_sampler(shared.clone(), config.cuda_overhead_budget)?,
+        ));
+    }
 
     let collectors: Vec<Box<dyn Collector>> = vec![
         Box::new(ProcessCollector::new(shared.clone())),
         Box::new(KernelCollector::new(shared.clone(), lost)),
+        Box::new(CudaCollector::new(shared.clone())),
     ];
     let source = Arc::new(AgentSource {
         collectors: Mutex::new(collectors),
@@ -199,7 +244,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         Err(_) => tracing::warn!("HTTP connections still open after {SHUTDOWN_GRACE:?}: cut short"),
     }
     shared.stop.store(true, Ordering::Relaxed);
-    for (name, handle) in [("events", events_thread), ("reconcile", reconcile_thread)] {
+    for (name, handle) in threads {
         if join_within(handle, SHUTDOWN_GRACE).is_err() {
             tracing::warn!(
                 thread = name,
@@ -207,8 +252,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             );
         }
     }
-    drop(programs);
-    tracing::info!("eBPF programs detached");
+    drop(shared);
+    tracing::info!("stopped");
     Ok(())
 }
 

@@ -1,6 +1,7 @@
 //! The /proc scan: at start-up it finds the LLM processes that already run; then, every
 //! `--rescan-interval`, it repairs what lost kernel events missed — processes that exec'd
-//! unseen (`missed_exec`) and processes that exited unseen (`missed_exit`).
+//! unseen (`missed_exec`) and processes that exited unseen (`missed_exit`) — and probes every
+//! CUDA library a process maps that is not probed yet.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -59,6 +60,7 @@ pub(super) fn scan(shared: &Shared, repair: bool) -> usize {
     // while the exit and the exec were both lost). Parents first, so children inherit.
     let mut candidates = Vec::new();
     for pid in pids {
+        super::cuda::discover_libraries(shared, pid);
         let tracked_start = {
             let tracker = shared.tracker();
             tracker

@@ -37,11 +37,18 @@ impl Collector for KernelCollector {
             ("missed_exec", load(&c.missed_exec)),
             ("missed_exit", load(&c.missed_exit)),
         ]);
-        let [exec, exit, fork] = self
+        let [exec, exit, fork, cuda_event, cuda_counter, cuda_allocation] = self
             .lost
             .read()
             .map_err(|e| CollectError(format!("reading the LOST map: {e}")))?;
-        agent.events_lost = KindCount::list(&[("exec", exec), ("exit", exit), ("fork", fork)]);
+        agent.events_lost = KindCount::list(&[
+            ("exec", exec),
+            ("exit", exit),
+            ("fork", fork),
+            ("cuda_event", cuda_event),
+            ("cuda_counter", cuda_counter),
+            ("cuda_allocation", cuda_allocation),
+        ]);
         Ok(())
     }
 }

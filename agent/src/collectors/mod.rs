@@ -1,4 +1,5 @@
 //! One collector per file, each behind [`crate::metrics::Collector`].
 
+pub mod cuda;
 pub mod kernel;
 pub mod process;

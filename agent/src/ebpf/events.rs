@@ -1,7 +1,10 @@
 //! Decoding ring buffer records into events. A record that is too short or of an unknown
 //! kind is counted and skipped, never trusted.
 
-use agent_common::{ExecEvent, ExitEvent, ForkEvent, EVENT_EXEC, EVENT_EXIT, EVENT_FORK};
+use agent_common::{
+    CudaOomEvent, ExecEvent, ForkEvent, LibraryOpenEvent, PidEvent, EVENT_CUDA_FIRST_USE,
+    EVENT_CUDA_OOM, EVENT_EXEC, EVENT_EXIT, EVENT_FORK, EVENT_LIBRARY_OPEN,
+};
 
 use crate::proc::parse_cmdline;
 
@@ -31,6 +34,22 @@ pub enum KernelEvent {
         ppid: u32,
         ktime_ns: u64,
     },
+    /// A process called a probed CUDA function for the first time.
+    CudaFirstUse {
+        pid: u32,
+    },
+    /// A CUDA allocation of `size` bytes failed with out-of-memory.
+    CudaOom {
+        pid: u32,
+        function: u32,
+        code: u32,
+        size: u64,
+    },
+    /// A tracked process opened a file whose name contains `libcud`.
+    LibraryOpen {
+        pid: u32,
+        path: String,
+    },
     Malformed,
 }
 
@@ -57,9 +76,9 @@ pub fn decode(bytes: &[u8]) -> KernelEvent {
                 ktime_ns: ev.ktime_ns,
             })
         }
-        EVENT_EXIT if bytes.len() >= size_of::<ExitEvent>() => {
+        EVENT_EXIT if bytes.len() >= size_of::<PidEvent>() => {
             // SAFETY: as above.
-            let ev: ExitEvent = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+            let ev: PidEvent = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
             KernelEvent::Exit {
                 pid: ev.tgid,
                 ktime_ns: ev.ktime_ns,
@@ -72,6 +91,29 @@ pub fn decode(bytes: &[u8]) -> KernelEvent {
                 pid: ev.tgid,
                 ppid: ev.ppid,
                 ktime_ns: ev.ktime_ns,
+            }
+        }
+        EVENT_CUDA_FIRST_USE if bytes.len() >= size_of::<PidEvent>() => {
+            // SAFETY: as above.
+            let ev: PidEvent = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+            KernelEvent::CudaFirstUse { pid: ev.tgid }
+        }
+        EVENT_CUDA_OOM if bytes.len() >= size_of::<CudaOomEvent>() => {
+            // SAFETY: as above.
+            let ev: CudaOomEvent = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+            KernelEvent::CudaOom {
+                pid: ev.tgid,
+                function: ev.function,
+                code: ev.code,
+                size: ev.size,
+            }
+        }
+        EVENT_LIBRARY_OPEN if bytes.len() >= size_of::<LibraryOpenEvent>() => {
+            // SAFETY: as above.
+            let ev: LibraryOpenEvent = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+            KernelEvent::LibraryOpen {
+                pid: ev.tgid,
+                path: c_string(&ev.path),
             }
         }
         _ => KernelEvent::Malformed,
@@ -134,7 +176,7 @@ mod tests {
         assert_eq!(decode(&[]), KernelEvent::Malformed);
         assert_eq!(decode(&EVENT_EXEC.to_ne_bytes()), KernelEvent::Malformed);
         assert_eq!(decode(&[9, 0, 0, 0, 0, 0, 0, 0]), KernelEvent::Malformed);
-        let exit = ExitEvent {
+        let exit = PidEvent {
             kind: EVENT_EXIT,
             tgid: 5,
             ktime_ns: 1,

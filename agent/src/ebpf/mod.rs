@@ -6,9 +6,12 @@ pub mod events;
 
 use std::path::Path;
 
-use agent_common::{LOST_EXEC, LOST_EXIT, LOST_FORK};
+use agent_common::cuda::{AllocKey, CudaKey, CudaStat};
+use agent_common::{
+    LOST_CUDA_ALLOC, LOST_CUDA_EVENT, LOST_CUDA_STATS, LOST_EXEC, LOST_EXIT, LOST_FORK,
+};
 use aya::maps::{HashMap, MapData, PerCpuArray, RingBuf};
-use aya::programs::TracePoint;
+use aya::programs::{ProgramError, TracePoint, UProbe};
 use aya::{Ebpf, EbpfLoader};
 
 pub use events::{decode, ExecRecord, KernelEvent};
@@ -37,6 +40,9 @@ pub struct Sensor {
     pub events: RingBuf<MapData>,
     pub lost: LostCounters,
     pub tracked: TrackedPids,
+    pub cuda: CudaMaps,
+    /// Whether tracked processes opening CUDA libraries are reported (syscall tracepoints).
+    pub library_trigger: bool,
     /// Whether ppid comes from the kernel (BTF offsets found) or must be read from /proc.
     pub kernel_ppid: bool,
 }
@@ -45,8 +51,9 @@ pub struct Sensor {
 pub struct LostCounters(PerCpuArray<MapData, u64>);
 
 impl LostCounters {
-    /// (exec, exit, fork) records lost since load, summed over CPUs.
-    pub fn read(&self) -> Result<[u64; 3], String> {
+    /// Records lost since load, summed over CPUs: exec, exit, fork, CUDA events, CUDA
+    /// counters (map full), CUDA allocations (map full).
+    pub fn read(&self) -> Result<[u64; 6], String> {
         let sum = |slot: u32| -> Result<u64, String> {
             Ok(self
                 .0
@@ -55,8 +62,23 @@ impl LostCounters {
                 .iter()
                 .sum())
         };
-        Ok([sum(LOST_EXEC)?, sum(LOST_EXIT)?, sum(LOST_FORK)?])
+        Ok([
+            sum(LOST_EXEC)?,
+            sum(LOST_EXIT)?,
+            sum(LOST_FORK)?,
+            sum(LOST_CUDA_EVENT)?,
+            sum(LOST_CUDA_STATS)?,
+            sum(LOST_CUDA_ALLOC)?,
+        ])
     }
+}
+
+/// The maps the CUDA probes aggregate into (see agent-ebpf/src/cuda.rs).
+pub struct CudaMaps {
+    pub stats: HashMap<MapData, CudaKey, CudaStat>,
+    pub live: HashMap<MapData, u32, u64>,
+    pub allocs: HashMap<MapData, AllocKey, u64>,
+    pub seen: HashMap<MapData, u32, u32>,
 }
 
 /// The kernel's copy of the tracked tgids: the fork program reports children of these only.
@@ -119,28 +141,78 @@ impl Sensor {
                 .attach(category, name)
                 .map_err(|e| SensorError::Program(name, e))?;
         }
-        let events = RingBuf::try_from(
-            ebpf.take_map("EVENTS")
-                .ok_or(SensorError::Map("EVENTS", "missing".into()))?,
-        )
-        .map_err(|e| SensorError::Map("EVENTS", e.to_string()))?;
-        let lost = PerCpuArray::try_from(
-            ebpf.take_map("LOST")
-                .ok_or(SensorError::Map("LOST", "missing".into()))?,
-        )
-        .map_err(|e| SensorError::Map("LOST", e.to_string()))?;
-        let tracked = HashMap::try_from(
-            ebpf.take_map("TRACKED")
-                .ok_or(SensorError::Map("TRACKED", "missing".into()))?,
-        )
-        .map_err(|e| SensorError::Map("TRACKED", e.to_string()))?;
+        for name in ["cuda_entry", "cuda_return"] {
+            let program: &mut UProbe = ebpf
+                .program_mut(name)
+                .ok_or(SensorError::Map(
+                    name,
+                    "program missing from the object".into(),
+                ))?
+                .try_into()
+                .map_err(|e| SensorError::Program(name, e))?;
+            program.load().map_err(|e| SensorError::Program(name, e))?;
+        }
+        let library_trigger = attach_library_trigger(&mut ebpf, &tracefs);
+        let events = RingBuf::try_from(take(&mut ebpf, "EVENTS")?)
+            .map_err(|e| SensorError::Map("EVENTS", e.to_string()))?;
+        let lost = PerCpuArray::try_from(take(&mut ebpf, "LOST")?)
+            .map_err(|e| SensorError::Map("LOST", e.to_string()))?;
+        let tracked = HashMap::try_from(take(&mut ebpf, "TRACKED")?)
+            .map_err(|e| SensorError::Map("TRACKED", e.to_string()))?;
+        let cuda = CudaMaps {
+            stats: HashMap::try_from(take(&mut ebpf, "CUDA_STATS")?)
+                .map_err(|e| SensorError::Map("CUDA_STATS", e.to_string()))?,
+            live: HashMap::try_from(take(&mut ebpf, "CUDA_LIVE")?)
+                .map_err(|e| SensorError::Map("CUDA_LIVE", e.to_string()))?,
+            allocs: HashMap::try_from(take(&mut ebpf, "CUDA_ALLOCS")?)
+                .map_err(|e| SensorError::Map("CUDA_ALLOCS", e.to_string()))?,
+            seen: HashMap::try_from(take(&mut ebpf, "CUDA_SEEN")?)
+                .map_err(|e| SensorError::Map("CUDA_SEEN", e.to_string()))?,
+        };
         Ok(Sensor {
             programs: ebpf,
             events,
             lost: LostCounters(lost),
             tracked: TrackedPids(tracked),
+            cuda,
             kernel_ppid: parent_off != 0,
+            library_trigger,
         })
+    }
+}
+
+fn take(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, SensorError> {
+    ebpf.take_map(name)
+        .ok_or(SensorError::Map(name, "missing from the object".into()))
+}
+
+/// The event-driven trigger for CUDA libraries: tracked processes opening `libcud*` files.
+/// Optional: without syscall tracepoints the /proc scans still find the libraries.
+fn attach_library_trigger(ebpf: &mut Ebpf, tracefs: &Path) -> bool {
+    let result = check_layout(
+        tracefs,
+        "syscalls/sys_enter_openat",
+        &[("const char * filename;", 24)],
+    )
+    .map_err(|e| e.to_string())
+    .and_then(|()| {
+        let program: &mut TracePoint = ebpf
+            .program_mut("sys_enter_openat")
+            .ok_or("program missing from the object")?
+            .try_into()
+            .map_err(|e: ProgramError| e.to_string())?;
+        program.load().map_err(|e| e.to_string())?;
+        program
+            .attach("syscalls", "sys_enter_openat")
+            .map_err(|e| e.to_string())?;
+        Ok(())
+    });
+    match result {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::warn!(error = %e, "no openat trigger for CUDA libraries: they are found by the /proc scans only (--rescan-interval)");
+            false
+        }
     }
 }
 

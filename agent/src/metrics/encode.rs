@@ -10,6 +10,7 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Unit;
 
+use super::cuda::{Api, CudaSnapshot, LaunchMode};
 use super::{BuildInfo, KindCount, ProcessLabels, ProcessSample, Snapshot};
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, EncodeLabelSet)]
@@ -236,6 +237,156 @@ impl Collector for SnapshotCollector {
             None,
             by_ref(&kinds(&s.agent.repairs)),
         )?;
+        encode_cuda(&mut e, &s.cuda)?;
         Ok(())
     }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ModeLabel {
+    mode: String,
+}
+
+fn encode_cuda(e: &mut DescriptorEncoder, c: &CudaSnapshot) -> Result<(), std::fmt::Error> {
+    use MetricType::{Counter, Gauge};
+    family(e, Counter, "llm_process_cuda_calls", "CUDA API calls by API layer and function. Runtime calls may also reach probed driver functions: never add the two layers.", None, by_ref(&c.calls))?;
+    family(e, Counter, "llm_process_cuda_errors", "CUDA API calls that returned an error, by function and error code (functions with return probes: not kernel launches).", None, by_ref(&c.errors))?;
+    family(e, Counter, "llm_process_cuda_oom", "CUDA allocations that failed with out-of-memory (cudaErrorMemoryAllocation / CUDA_ERROR_OUT_OF_MEMORY).", None, by_ref(&c.oom))?;
+    family(
+        e,
+        Counter,
+        "llm_process_cuda_alloc_bytes",
+        "Bytes of device memory allocated successfully.",
+        None,
+        by_ref(&c.alloc_bytes),
+    )?;
+    family(
+        e,
+        Counter,
+        "llm_process_cuda_free",
+        "Device memory frees.",
+        None,
+        by_ref(&c.frees),
+    )?;
+    family(
+        e,
+        Gauge,
+        "llm_process_cuda_device_memory_bytes",
+        "Live device memory from allocation/free pairs seen by the probes.",
+        None,
+        by_ref(&c.device_memory),
+    )?;
+    let launch_help = match c.launch_mode {
+        LaunchMode::Sampled => "Kernel launches. EXTRAPOLATED: launch probes are attached for a window of each period (--cuda-overhead-budget); see llmscope_cuda_launch_probe_duty_ratio.",
+        _ => "Kernel launches (cudaLaunchKernel*, cuLaunchKernel*), counted exactly.",
+    };
+    family(
+        e,
+        Counter,
+        "llm_process_cuda_kernel_launches",
+        launch_help,
+        None,
+        by_ref(&c.launches),
+    )?;
+    family(
+        e,
+        Counter,
+        "llm_process_cuda_graph_launches",
+        "CUDA graph launches.",
+        None,
+        by_ref(&c.graph_launches),
+    )?;
+    family(
+        e,
+        Counter,
+        "llm_process_cuda_memcpy_bytes",
+        "Bytes copied by cudaMemcpy* / cuMemcpy*, by direction (h2d, d2h, d2d, h2h, default).",
+        None,
+        by_ref(&c.memcpy_bytes),
+    )?;
+    family(
+        e,
+        Counter,
+        "llm_process_cuda_sync_seconds",
+        "Time the CPU waited in stream / device / event / context synchronize calls.",
+        None,
+        by_ref(&c.sync_seconds),
+    )?;
+    scalar(
+        e,
+        "llmscope_uprobe_attachments",
+        "Uprobe links attached to CUDA libraries now.",
+        Gauge,
+        c.attachments as f64,
+    )?;
+    family(
+        e,
+        Gauge,
+        "llmscope_cuda_libraries",
+        "CUDA library files probed, by API.",
+        None,
+        by_ref(&api_counts(&c.libraries)),
+    )?;
+    family(
+        e,
+        Counter,
+        "llmscope_uprobe_attach_failures",
+        "CUDA libraries that could not be probed, by reason.",
+        None,
+        by_ref(&reasons(&c.attach_failures)),
+    )?;
+    let mode = [(
+        ModeLabel {
+            mode: c.launch_mode.as_str().to_owned(),
+        },
+        1.0,
+    )];
+    family(
+        e,
+        Gauge,
+        "llmscope_cuda_launch_counting",
+        "How kernel launches are counted now (exact, sampled or off); always 1.",
+        None,
+        by_ref(&mode),
+    )?;
+    scalar(
+        e,
+        "llmscope_cuda_launch_probe_duty_ratio",
+        "Fraction of the last period the kernel-launch probes were attached.",
+        Gauge,
+        c.launch_duty,
+    )
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: String,
+}
+
+fn api_counts(counts: &[KindCount]) -> Vec<(Api, f64)> {
+    counts
+        .iter()
+        .map(|c| {
+            (
+                Api {
+                    api: c.kind.to_owned(),
+                },
+                c.value as f64,
+            )
+        })
+        .collect()
+}
+
+fn reasons(counts: &[KindCount]) -> Vec<(ReasonLabel, f64)> {
+    counts
+        .iter()
+        .map(|c| {
+            (
+                ReasonLabel {
+                    reason: c.kind.to_owned(),
+                },
+                c.value as f64,
+            )
+        })
+        .collect()
 }

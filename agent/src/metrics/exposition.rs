@@ -80,6 +80,7 @@ pub fn openmetrics_to_text(openmetrics: &str) -> String {
 mod tests {
     use super::*;
     use crate::identity::{Framework, Identity, Role};
+    use crate::metrics::cuda::{Api, ApiFunction, CudaSnapshot, LaunchMode};
     use crate::metrics::{AgentStats, CollectorStatus, KindCount, ProcessLabels, ProcessSample};
 
     fn snapshot() -> Snapshot {
@@ -97,7 +98,34 @@ mod tests {
             threads: 8,
             start_time_seconds: 1_700_000_000.0,
         };
+        let cuda_labels = ProcessLabels::new(10, "python3", &id);
         Snapshot {
+            cuda: CudaSnapshot {
+                calls: vec![(
+                    (
+                        cuda_labels.clone(),
+                        ApiFunction {
+                            api: "runtime".into(),
+                            function: "cudaMalloc".into(),
+                        },
+                    ),
+                    3.0,
+                )],
+                device_memory: vec![(cuda_labels.clone(), 4096.0)],
+                launches: vec![(
+                    (
+                        cuda_labels,
+                        Api {
+                            api: "runtime".into(),
+                        },
+                    ),
+                    1200.0,
+                )],
+                attachments: 20,
+                launch_mode: LaunchMode::Sampled,
+                launch_duty: 0.25,
+                ..Default::default()
+            },
             processes: vec![sample(10, true), sample(11, true), sample(12, false)],
             collectors: vec![CollectorStatus {
                 collector: "process",
@@ -148,6 +176,11 @@ mod tests {
             "llmscope_tracked_processes_dropped_total 0.0".to_owned(),
             r#"llmscope_events_total{kind="exec"} 7.0"#.to_owned(),
             r#"llmscope_events_lost_total{kind="exec"} 0.0"#.to_owned(),
+            format!(r#"llm_process_cuda_calls_total{{{labels},api="runtime",function="cudaMalloc"}} 3.0"#),
+            format!("llm_process_cuda_device_memory_bytes{{{labels}}} 4096.0"),
+            "llmscope_uprobe_attachments 20.0".to_owned(),
+            r#"llmscope_cuda_launch_counting{mode="sampled"} 1.0"#.to_owned(),
+            "llmscope_cuda_launch_probe_duty_ratio 0.25".to_owned(),
         ] {
             assert!(text.lines().any(|l| l == expected), "missing {expected:?} in\n{text}");
         }
@@ -155,6 +188,10 @@ mod tests {
         assert!(
             !text.contains("llmscope_reconcile_repairs"),
             "an empty family is left out"
+        );
+        assert!(
+            text.contains("EXTRAPOLATED"),
+            "sampled launch counts say so in HELP"
         );
     }
 

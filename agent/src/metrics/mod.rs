@@ -4,6 +4,7 @@
 //! Gather and encode are separate: collectors do the slow work (/proc, kernel maps) and fill
 //! a snapshot; encoding the snapshot is cheap and cannot fail halfway through a collector.
 
+pub mod cuda;
 mod encode;
 pub mod exposition;
 
@@ -94,6 +95,7 @@ pub struct AgentStats {
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct Snapshot {
     pub processes: Vec<ProcessSample>,
+    pub cuda: cuda::CudaSnapshot,
     pub collectors: Vec<CollectorStatus>,
     pub agent: AgentStats,
 }

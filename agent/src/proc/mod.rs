@@ -147,6 +147,11 @@ impl ProcRoot {
         Ok(parse_environ_selected(&environ, MODEL_ENV_VARS))
     }
 
+    /// The raw maps file, up to [`MAPS_LIMIT`] bytes.
+    pub fn maps(&self, pid: u32) -> Result<Vec<u8>, ProcError> {
+        Ok(self.read_bounded(pid, "maps", MAPS_LIMIT)?.0)
+    }
+
     /// Paths of the shared objects the process maps.
     pub fn libraries(&self, pid: u32) -> Result<Vec<String>, ProcError> {
         let (maps, _) = self.read_bounded(pid, "maps", MAPS_LIMIT)?;
