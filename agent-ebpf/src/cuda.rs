@@ -42,9 +42,10 @@ static CUDA_LIVE: HashMap<u32, u64> = HashMap::with_max_entries(8192, 0);
 #[map]
 static CUDA_PENDING: LruHashMap<PendingKey, Pending> = LruHashMap::with_max_entries(16384, 0);
 
-/// Processes already reported as CUDA users.
+/// Processes already reported as CUDA users. The exec program forgets a process that execs:
+/// its new image reports its own first use.
 #[map]
-static CUDA_SEEN: LruHashMap<u32, u32> = LruHashMap::with_max_entries(16384, 0);
+pub(crate) static CUDA_SEEN: LruHashMap<u32, u32> = LruHashMap::with_max_entries(16384, 0);
 
 #[uprobe]
 pub fn cuda_entry(ctx: ProbeContext) -> u32 {

@@ -4,6 +4,7 @@
 //! instead of being woken per event, which costs a fraction of the CPU under an exec storm
 //! (issue #2 measured +5.6 % system CPU for a woken reader against +1 % for a timed drain).
 
+use crate::cuda::CUDA_SEEN;
 use crate::maps::{count_lost, EVENTS, TRACKED};
 use agent_common::{
     ExecEvent, ForkEvent, PidEvent, ARGV_LEN, CLONE_THREAD, CLONE_VFORK, EVENT_EXEC, EVENT_EXIT,
@@ -105,12 +106,14 @@ pub fn task_newtask(ctx: TracePointContext) -> u32 {
 }
 
 fn try_exec(ctx: &TracePointContext) -> Result<(), ()> {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    // A new image reports its own first CUDA use (absent for almost every exec: a no-op).
+    let _ = CUDA_SEEN.remove(&((pid_tgid >> 32) as u32));
     let Some(mut entry) = EVENTS.reserve::<ExecEvent>(0) else {
         count_lost(LOST_EXEC);
         return Ok(());
     };
     let ev = entry.as_mut_ptr();
-    let pid_tgid = bpf_get_current_pid_tgid();
     // SAFETY: `ev` points at a reserved, exclusively owned ring buffer record of the right size.
     unsafe {
         (*ev).kind = EVENT_EXEC;

@@ -35,6 +35,14 @@ impl Tracked {
     }
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Replace {
+    /// An exec: the process image changed, whatever was known about the pid goes.
+    Always,
+    /// A scan: only a new identity replaces a live entry.
+    OnlyWithIdentity,
+}
+
 /// What [`Tracker::observe`] did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Observed {
@@ -75,7 +83,18 @@ impl Tracker {
         facts: &ProcessFacts,
         start_ticks: impl FnOnce() -> Option<u64>,
     ) -> Observed {
-        self.observe_as(facts, start_ticks, None)
+        self.observe_as(facts, start_ticks, None, Replace::Always)
+    }
+
+    /// Like [`Tracker::observe`], for what a /proc scan or a re-examination finds: it adds
+    /// or re-identifies, but never removes a live process it has no new identity for (the
+    /// process did not exec; it may be a GPU user the probes reported meanwhile).
+    pub fn refresh(
+        &mut self,
+        facts: &ProcessFacts,
+        start_ticks: impl FnOnce() -> Option<u64>,
+    ) -> Observed {
+        self.observe_as(facts, start_ticks, None, Replace::OnlyWithIdentity)
     }
 
     /// A process seen using the GPU: tracked with its own identity when it has one, else as
@@ -89,6 +108,7 @@ impl Tracker {
             facts,
             start_ticks,
             Some(Identity::new(Framework::Unknown, Role::Script, None)),
+            Replace::Always,
         )
     }
 
@@ -97,6 +117,7 @@ impl Tracker {
         facts: &ProcessFacts,
         start_ticks: impl FnOnce() -> Option<u64>,
         fallback: Option<Identity>,
+        replace: Replace,
     ) -> Observed {
         let parent = self
             .procs
@@ -113,6 +134,11 @@ impl Tracker {
             });
         let identity = derive(facts, parent.as_ref().map(|(f, i)| (f, i))).or(fallback);
         let Some(identity) = identity else {
+            if replace == Replace::OnlyWithIdentity
+                && self.procs.get(&facts.pid).is_some_and(Tracked::is_alive)
+            {
+                return Observed::Unchanged;
+            }
             return match self.procs.remove(&facts.pid) {
                 Some(_) => Observed::Removed,
                 None => Observed::Ignored,
@@ -315,6 +341,16 @@ mod tests {
             (Framework::Unknown, "unknown")
         );
         assert_eq!(t.observe_gpu_user(&plain, || Some(1)), Observed::Unchanged);
+        assert_eq!(
+            t.refresh(&plain, || Some(1)),
+            Observed::Unchanged,
+            "a scan keeps a GPU user"
+        );
+        assert_eq!(
+            t.observe(&plain, || Some(1)),
+            Observed::Removed,
+            "an exec replaces it"
+        );
         let Observed::Added(id) = t.observe_gpu_user(&facts(21, 1, VLLM), || Some(2)) else {
             panic!()
         };

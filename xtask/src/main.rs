@@ -77,7 +77,13 @@ fn test(args: Vec<String>) -> Result<()> {
     if !setup::is_root() {
         bail!("cargo xtask test runs privileged tests that load eBPF programs: run it as root (e.g. sudo -E cargo xtask test)");
     }
-    setup::ensure_debian_packages(&[("cc", "gcc"), ("python3", "python3")])?;
+    setup::ensure_debian_packages(&[
+        ("cc", "gcc"),
+        ("python3", "python3"),
+        ("pip3", "python3-pip"),
+        ("unshare", "util-linux"),
+    ])?;
+    let cudart = setup::real_libcudart()?;
     ebpf::build()?;
     setup::cargo(&[
         "clippy",
@@ -97,7 +103,7 @@ fn test(args: Vec<String>) -> Result<()> {
         cargo_args.push("--");
     }
     cargo_args.push("--test-threads=1");
-    setup::cargo(&cargo_args)
+    setup::cargo_with_env(&cargo_args, &[("LLMSCOPE_REAL_CUDART", cudart.as_os_str())])
 }
 
 fn bench() -> Result<()> {

@@ -41,8 +41,56 @@ pub fn run(cmd: &mut Command) -> Result<()> {
 
 /// `cargo <args>` in the workspace, with the toolchain cargo xtask itself runs on.
 pub fn cargo(args: &[&str]) -> Result<()> {
+    cargo_with_env(args, &[])
+}
+
+pub fn cargo_with_env(args: &[&str], env: &[(&str, &std::ffi::OsStr)]) -> Result<()> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    run(Command::new(cargo).args(args).current_dir(workspace_root()))
+    let mut cmd = Command::new(cargo);
+    cmd.args(args).current_dir(workspace_root());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    run(&mut cmd)
+}
+
+/// The wheel that carries NVIDIA's real libcudart; the tests probe it (without a GPU every
+/// call returns 35, cudaErrorInsufficientDriver). Downloaded once into target/fixtures.
+const CUDART_WHEEL: &str = "nvidia-cuda-runtime-cu12==12.9.79";
+
+/// Path of the real libcudart.so.12, downloading and unpacking the wheel when missing.
+pub fn real_libcudart() -> Result<PathBuf> {
+    let dir = workspace_root().join("target/fixtures/cuda-runtime");
+    let lib = dir.join("libcudart.so.12");
+    if lib.is_file() {
+        return Ok(lib);
+    }
+    println!("xtask: downloading NVIDIA's libcudart from PyPI ({CUDART_WHEEL}) for the CUDA tests");
+    let wheels = workspace_root().join("target/fixtures/wheels");
+    run(Command::new("python3")
+        .args([
+            "-m",
+            "pip",
+            "download",
+            "--quiet",
+            "--no-deps",
+            "--only-binary=:all:",
+            CUDART_WHEEL,
+            "-d",
+        ])
+        .arg(&wheels))?;
+    std::fs::create_dir_all(&dir)?;
+    let unpack = "import glob, sys, zipfile; \
+        wheel = glob.glob(sys.argv[1] + '/nvidia_cuda_runtime_cu12-*.whl')[0]; \
+        open(sys.argv[2], 'wb').write(zipfile.ZipFile(wheel).read('nvidia/cuda_runtime/lib/libcudart.so.12'))";
+    let partial = dir.join("libcudart.so.12.partial");
+    run(Command::new("python3")
+        .arg("-c")
+        .arg(unpack)
+        .arg(&wheels)
+        .arg(&partial))?;
+    std::fs::rename(&partial, &lib)?;
+    Ok(lib)
 }
 
 /// Installs the Debian packages whose command is missing: (command, package).

@@ -100,7 +100,7 @@ fn on_exec(shared: &Shared, rechecks: &mut Rechecks, rec: ExecRecord) {
         facts.ppid = shared.proc.sample(pid).map(|s| s.ppid).unwrap_or(0);
     }
     rechecks.waiting.remove(&pid);
-    match observe_with_env(shared, &mut facts) {
+    match observe_with_env(shared, &mut facts, How::New) {
         Observed::Added(id) => {
             log_detected(pid, &id, "exec");
             rechecks.check_libraries_soon(pid);
@@ -129,7 +129,7 @@ fn on_fork(shared: &Shared, pid: u32, ppid: u32) {
         env: Vec::new(),
         libraries: Vec::new(),
     };
-    if let Observed::Added(id) = observe_with_env(shared, &mut facts) {
+    if let Observed::Added(id) = observe_with_env(shared, &mut facts, How::New) {
         tracing::debug!(
             pid,
             ppid,
@@ -150,18 +150,44 @@ pub(super) fn log_detected(pid: u32, id: &Identity, via: &str) {
     );
 }
 
+/// What an observation stands for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum How {
+    /// An exec or fork: the process image is new; what was known about the pid is replaced.
+    New,
+    /// A scan or re-examination of a process that did not exec: it adds or re-identifies,
+    /// never removes (see [`crate::tracker::Tracker::refresh`]).
+    Refresh,
+}
+
+impl How {
+    fn observe(
+        self,
+        tracker: &mut crate::tracker::Tracker,
+        facts: &ProcessFacts,
+        start: impl FnOnce() -> Option<u64>,
+    ) -> Observed {
+        match self {
+            How::New => tracker.observe(facts, start),
+            How::Refresh => tracker.refresh(facts, start),
+        }
+    }
+}
+
 /// Classifies `facts`; when the result names no model, reads the model variables from the
 /// environment and classifies again. Keeps the kernel's tracked set in step.
-pub(super) fn observe_with_env(shared: &Shared, facts: &mut ProcessFacts) -> Observed {
+pub(super) fn observe_with_env(shared: &Shared, facts: &mut ProcessFacts, how: How) -> Observed {
     let pid = facts.pid;
     let start = || shared.proc.start_ticks(pid).ok();
-    let mut observed = shared.tracker().observe(facts, start);
+    let mut observed = how.observe(&mut shared.tracker(), facts, start);
     if let Observed::Added(id) = &observed {
         if id.model_name == UNKNOWN {
             if let Ok(env) = shared.proc.model_env(pid) {
                 if !env.is_empty() {
                     facts.env = env;
-                    if let Observed::Added(with_model) = shared.tracker().observe(facts, start) {
+                    if let Observed::Added(with_model) =
+                        how.observe(&mut shared.tracker(), facts, start)
+                    {
                         observed = Observed::Added(with_model);
                     }
                 }
@@ -222,7 +248,7 @@ impl Rechecks {
                 continue;
             };
             facts.libraries = shared.proc.libraries(pid).unwrap_or_default();
-            let observed = observe_with_env(shared, &mut facts);
+            let observed = observe_with_env(shared, &mut facts, How::Refresh);
             if let Observed::Added(_) = observed {
                 self.check_libraries_soon(pid);
             }

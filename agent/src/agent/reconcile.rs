@@ -7,7 +7,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::events::{log_detected, observe_with_env};
+use super::events::{log_detected, observe_with_env, How};
 use super::{Counters, Shared};
 use crate::identity::worth_rechecking;
 use crate::tracker::Observed;
@@ -85,7 +85,7 @@ pub(super) fn scan(shared: &Shared, repair: bool) -> usize {
 
     let mut added = 0;
     for (_, mut facts) in candidates {
-        if let Observed::Added(id) = observe_with_env(shared, &mut facts) {
+        if let Observed::Added(id) = observe_with_env(shared, &mut facts, How::Refresh) {
             log_detected(
                 facts.pid,
                 &id,

@@ -149,27 +149,172 @@ pub fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
 }
 
-/// The C workload, compiled once per test binary into a private directory, and reachable
-/// under any program name (a hard link per name, so /proc/<pid>/exe names it too).
-pub fn workload(name: &str) -> PathBuf {
+/// A private directory for this test binary's compiled fixtures.
+fn fixture_dir() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
-    let dir = DIR.get_or_init(|| {
+    DIR.get_or_init(|| {
         let dir = std::env::temp_dir().join(format!("llmscope-fixtures-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
+        dir
+    })
+}
+
+/// Compiles `source` (relative to tests/fixtures) once, with extra `cc` arguments.
+fn compiled(output: &str, source: &str, extra: &[&str]) -> PathBuf {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _guard = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let path = fixture_dir().join(output);
+    if !path.exists() {
         let status = Command::new("cc")
-            .args(["-O2", "-o"])
-            .arg(dir.join("workload"))
-            .arg(fixtures().join("workload.c"))
+            .arg("-o")
+            .arg(&path)
+            .arg(fixtures().join(source))
+            .args(extra)
             .status()
             .expect("running cc (cargo xtask test installs gcc)");
-        assert!(status.success(), "compiling workload.c");
-        dir
-    });
-    let path = dir.join(name);
-    if !path.exists() {
-        std::fs::hard_link(dir.join("workload"), &path).unwrap();
+        assert!(status.success(), "compiling {source}");
     }
     path
+}
+
+/// `program` reachable under `name` (a hard link, so /proc/<pid>/exe names it too).
+fn named(program: &Path, name: &str) -> PathBuf {
+    let path = fixture_dir().join("bin").join(name);
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    match std::fs::hard_link(program, &path) {
+        Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => {
+            panic!("linking {}: {e}", path.display())
+        }
+        _ => path,
+    }
+}
+
+/// The sleeping C workload under any program name.
+pub fn workload(name: &str) -> PathBuf {
+    named(&compiled("workload", "workload.c", &["-O2"]), name)
+}
+
+/// The CUDA workload (tests/fixtures/cuda/workload.c) under any program name.
+pub fn cuda_workload(name: &str) -> PathBuf {
+    named(
+        &compiled("cuda-workload", "cuda/workload.c", &["-O2", "-ldl"]),
+        &format!("cuda/{name}"),
+    )
+}
+
+/// The stand-in libcudart.so.12 (`runtime`) or libcuda.so.1 (`driver`), with NVIDIA's
+/// versioned symbol names. -O0: no two functions may share an address.
+pub fn fake_cuda_library(api: &str) -> PathBuf {
+    let (source, soname) = match api {
+        "runtime" => ("fake_cudart", "libcudart.so.12"),
+        _ => ("fake_cuda", "libcuda.so.1"),
+    };
+    let map = fixtures().join(format!("cuda/{source}.map"));
+    compiled(
+        soname,
+        &format!("cuda/{source}.c"),
+        &[
+            "-O0",
+            "-shared",
+            "-fPIC",
+            &format!("-Wl,--version-script={}", map.display()),
+            &format!("-Wl,-soname,{soname}"),
+        ],
+    )
+}
+
+/// NVIDIA's real libcudart.so.12 from the PyPI wheel, fetched by `cargo xtask test`.
+pub fn real_libcudart() -> PathBuf {
+    let path = std::env::var_os("LLMSCOPE_REAL_CUDART")
+        .map(PathBuf::from)
+        .expect("LLMSCOPE_REAL_CUDART is not set: run the tests with `cargo xtask test`, which downloads the nvidia-cuda-runtime-cu12 wheel");
+    assert!(
+        path.is_file(),
+        "{} is missing: run `cargo xtask test`",
+        path.display()
+    );
+    path
+}
+
+/// A running CUDA workload: says "ready" once its library is loaded, runs its plan when
+/// told, and exits when dropped (stdin closed).
+pub struct CudaWorkload {
+    child: Child,
+    stdout: std::io::BufReader<std::process::ChildStdout>,
+    /// What it printed before "ready" (the vLLM stand-in prints its engine core's pid).
+    pub preamble: Vec<String>,
+}
+
+impl CudaWorkload {
+    /// Starts `program args…` with the plan in `env` and waits for "ready".
+    pub fn start(program: &Path, args: &[&str], env: &[(&str, &str)]) -> CudaWorkload {
+        let mut cmd = Command::new(program);
+        cmd.args(args).envs(env.iter().copied());
+        Self::spawn(cmd)
+    }
+
+    pub fn spawn(mut cmd: Command) -> CudaWorkload {
+        let mut child = cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("starting the CUDA workload");
+        let stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+        let mut w = CudaWorkload {
+            child,
+            stdout,
+            preamble: Vec::new(),
+        };
+        loop {
+            let line = w.line();
+            if line.ends_with("ready") {
+                return w;
+            }
+            assert!(
+                !line.is_empty() && w.preamble.len() < 10,
+                "the CUDA workload did not start: {:?}",
+                w.preamble
+            );
+            w.preamble.push(line);
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn line(&mut self) -> String {
+        use std::io::BufRead;
+        let mut line = String::new();
+        self.stdout
+            .read_line(&mut line)
+            .expect("reading the workload's output");
+        line.trim().to_owned()
+    }
+
+    /// Runs the plan; returns the workload's "done …" / "cuda_done …" line.
+    pub fn run(&mut self) -> String {
+        let stdin = self.child.stdin.as_mut().unwrap();
+        stdin.write_all(b"go\n").unwrap();
+        stdin.flush().unwrap();
+        let line = self.line();
+        assert!(line.contains("done"), "the CUDA workload failed: {line:?}");
+        line
+    }
+}
+
+impl Drop for CudaWorkload {
+    fn drop(&mut self) {
+        drop(self.child.stdin.take());
+        if wait_for(Duration::from_secs(5), || {
+            self.child.try_wait().ok().flatten()
+        })
+        .is_none()
+        {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
 }
 
 pub fn spawn(program: &Path, args: &[&str]) -> Proc {

@@ -1,0 +1,477 @@
+//! Privileged end-to-end tests of CUDA attribution: the real agent and eBPF object, uprobes on
+//! real library files (NVIDIA's libcudart from PyPI, and stand-ins that succeed without a
+//! GPU), real processes with exact, known plans. Run as root (`cargo xtask test`).
+
+mod support;
+
+use std::process::Command;
+use std::time::Duration;
+
+use support::*;
+
+const WAIT: Duration = Duration::from_secs(20);
+const MIB: f64 = 1024.0 * 1024.0;
+
+/// Waits until the agent has probed at least `libraries` CUDA library files.
+fn wait_probed(agent: &Agent, libraries: f64) {
+    let probed = wait_for(WAIT, || {
+        let m = agent.metrics();
+        let n: f64 = m
+            .samples("llmscope_cuda_libraries")
+            .iter()
+            .map(|(_, v)| v)
+            .sum();
+        (n >= libraries).then_some(())
+    });
+    assert!(
+        probed.is_some(),
+        "no CUDA library probed:\n{}\n{}",
+        agent.metrics().0,
+        agent.log()
+    );
+}
+
+/// The value of `family` for `pid` with the extra labels, waiting for it to settle at
+/// `expected` (scrapes race the workload's last calls by a few microseconds).
+fn expect_value(agent: &Agent, family: &str, pid: u32, extra: &[(&str, &str)], expected: f64) {
+    let pid = pid.to_string();
+    let mut want = vec![("pid", pid.as_str())];
+    want.extend_from_slice(extra);
+    let got = wait_for(Duration::from_secs(5), || {
+        let v = agent.metrics().value(family, &want);
+        (v == Some(expected)).then_some(())
+    });
+    if got.is_none() {
+        let v = agent.metrics().value(family, &want);
+        panic!(
+            "{family}{extra:?} for pid {pid}: got {v:?}, want {expected}\n{}\nagent log:\n{}",
+            agent.metrics().0,
+            agent.log()
+        );
+    }
+}
+
+const PLAN: &[(&str, &str)] = &[
+    ("ALLOCS", "4"),
+    ("ALLOC_SIZE", "1048576"),
+    ("LAUNCHES", "1000"),
+    ("COPY_BYTES", "4096"),
+    ("SYNCS", "3"),
+    ("FAKE_CUDA_SYNC_US", "2000"),
+];
+
+/// `--cuda-overhead-budget 100`: every count equals what the workload did, for the runtime
+/// and the driver API, and live device memory returns to 0 once everything is freed.
+#[test]
+fn exact_counts_for_runtime_and_driver() {
+    let agent = Agent::start(&["--cuda-overhead-budget", "100", "--rescan-interval", "1h"]);
+    for api in ["runtime", "driver"] {
+        let lib = fake_cuda_library(api);
+        let mut env = vec![("CUDA_LIB", lib.to_str().unwrap()), ("CUDA_API", api)];
+        env.extend_from_slice(PLAN);
+        let mut w = CudaWorkload::start(
+            &cuda_workload("llama-server"),
+            &["-m", "/models/exact.gguf"],
+            &env,
+        );
+        wait_probed(&agent, if api == "runtime" { 1.0 } else { 2.0 });
+        assert_eq!(w.run(), "done launches=1000 errors=0");
+        let pid = w.pid();
+        let fns = |r: &'static str, d: &'static str| if api == "runtime" { r } else { d };
+        for (function, calls) in [
+            (fns("cudaMalloc", "cuMemAlloc_v2"), 4.0),
+            (fns("cudaFree", "cuMemFree_v2"), 4.0),
+            (fns("cudaLaunchKernel", "cuLaunchKernel"), 1000.0),
+            (fns("cudaDeviceSynchronize", "cuCtxSynchronize"), 3.0),
+        ] {
+            expect_value(
+                &agent,
+                "llm_process_cuda_calls_total",
+                pid,
+                &[("api", api), ("function", function)],
+                calls,
+            );
+        }
+        let a = [("api", api)];
+        expect_value(
+            &agent,
+            "llm_process_cuda_alloc_bytes_total",
+            pid,
+            &a,
+            10.0 * MIB,
+        );
+        expect_value(&agent, "llm_process_cuda_free_total", pid, &a, 4.0);
+        expect_value(
+            &agent,
+            "llm_process_cuda_kernel_launches_total",
+            pid,
+            &a,
+            1000.0,
+        );
+        expect_value(
+            &agent,
+            "llm_process_cuda_device_memory_bytes",
+            pid,
+            &[],
+            0.0,
+        );
+        for direction in ["h2d", "d2h", "d2d", "default"] {
+            expect_value(
+                &agent,
+                "llm_process_cuda_memcpy_bytes_total",
+                pid,
+                &[("api", api), ("direction", direction)],
+                4096.0,
+            );
+        }
+        let m = agent.metrics();
+        let sync = m
+            .value(
+                "llm_process_cuda_sync_seconds_total",
+                &[("pid", &pid.to_string()), ("api", api)],
+            )
+            .unwrap();
+        assert!(
+            (0.006..1.0).contains(&sync),
+            "3 syncs of 2 ms each: {sync} s"
+        );
+        let labels = &m.find("llm_process_cuda_calls_total", &[("pid", &pid.to_string())])[0].0;
+        assert_eq!(
+            (labels["framework"].as_str(), labels["model_name"].as_str()),
+            ("llama.cpp", "exact")
+        );
+        assert!(m
+            .find(
+                "llm_process_cuda_errors_total",
+                &[("pid", &pid.to_string())]
+            )
+            .is_empty());
+    }
+    let m = agent.metrics();
+    assert_eq!(
+        m.value("llmscope_cuda_launch_counting", &[("mode", "exact")]),
+        Some(1.0)
+    );
+    assert!(m.value("llmscope_uprobe_attachments", &[]).unwrap() >= 20.0);
+}
+
+/// Live memory while allocations are held, and OOM counted once per failed call.
+#[test]
+fn live_memory_and_forced_oom() {
+    let agent = Agent::start(&["--cuda-overhead-budget", "100", "--rescan-interval", "1h"]);
+    let lib = fake_cuda_library("runtime");
+    let lib = lib.to_str().unwrap();
+    let mut held = CudaWorkload::start(
+        &cuda_workload("llama-server"),
+        &["-m", "/models/held.gguf"],
+        &[
+            ("CUDA_LIB", lib),
+            ("ALLOCS", "3"),
+            ("ALLOC_SIZE", "1048576"),
+            ("NO_FREE", "1"),
+        ],
+    );
+    wait_probed(&agent, 1.0);
+    held.run();
+    expect_value(
+        &agent,
+        "llm_process_cuda_device_memory_bytes",
+        held.pid(),
+        &[],
+        6.0 * MIB,
+    );
+
+    let mut oom = CudaWorkload::start(
+        &cuda_workload("llama-server"),
+        &["-m", "/models/oom.gguf"],
+        &[
+            ("CUDA_LIB", lib),
+            ("ALLOCS", "3"),
+            ("FAKE_CUDA_MALLOC_RC", "2"),
+        ],
+    );
+    assert_eq!(oom.run(), "done launches=0 errors=3");
+    let pid = oom.pid();
+    expect_value(&agent, "llm_process_cuda_oom_total", pid, &[], 3.0);
+    expect_value(
+        &agent,
+        "llm_process_cuda_errors_total",
+        pid,
+        &[("function", "cudaMalloc"), ("code", "2")],
+        3.0,
+    );
+    expect_value(&agent, "llm_process_cuda_alloc_bytes_total", pid, &[], 0.0);
+    let logged = wait_for(WAIT, || {
+        agent
+            .log()
+            .contains(&format!("pid={pid}"))
+            .then(|| agent.log())
+            .filter(|l| l.contains("CUDA out of memory") && l.contains("model=oom"))
+    });
+    assert!(
+        logged.is_some(),
+        "no OOM log line naming pid and model:\n{}",
+        agent.log()
+    );
+}
+
+/// NVIDIA's real libcudart, called through ctypes by the vLLM-shaped Python process: every
+/// call returns 35 without a GPU, and the probes see each one with vLLM's identity.
+#[test]
+fn real_libcudart_from_the_vllm_shaped_process() {
+    let agent = Agent::start(&["--cuda-overhead-budget", "100", "--rescan-interval", "1h"]);
+    let cudart = real_libcudart();
+    let mut cmd = Command::new("python3");
+    cmd.args([
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        "Qwen/Qwen2.5-7B-Instruct",
+    ])
+    .env("PYTHONPATH", fixtures())
+    .env("LLMSCOPE_TEST_CUDART", &cudart)
+    .env("CUDA_CALLS", "5");
+    let mut vllm = CudaWorkload::spawn(cmd);
+    wait_probed(&agent, 1.0);
+    assert_eq!(vllm.run(), "cuda_done codes=[35]");
+    let pid = vllm.pid();
+    for function in ["cudaMalloc", "cudaMemcpy", "cudaDeviceSynchronize"] {
+        expect_value(
+            &agent,
+            "llm_process_cuda_calls_total",
+            pid,
+            &[("function", function)],
+            5.0,
+        );
+        expect_value(
+            &agent,
+            "llm_process_cuda_errors_total",
+            pid,
+            &[("function", function), ("code", "35")],
+            5.0,
+        );
+    }
+    expect_value(
+        &agent,
+        "llm_process_cuda_kernel_launches_total",
+        pid,
+        &[("api", "runtime")],
+        5.0,
+    );
+    let m = agent.metrics();
+    let labels = &m.find("llm_process_cuda_calls_total", &[("pid", &pid.to_string())])[0].0;
+    assert_eq!(labels["framework"], "vllm");
+    assert_eq!(labels["model_name"], "Qwen/Qwen2.5-7B-Instruct");
+    assert_eq!(
+        m.value("llm_process_cuda_oom_total", &[("pid", &pid.to_string())]),
+        None,
+        "35 is not an OOM"
+    );
+}
+
+/// A process that maps the library before the agent starts is probed by the start-up scan;
+/// an unclassified process that calls CUDA appears as framework="unknown".
+#[test]
+fn library_mapped_before_start_and_unknown_process() {
+    let lib = fake_cuda_library("runtime");
+    let mut w = CudaWorkload::start(
+        &cuda_workload("render-frames"),
+        &["--fast"],
+        &[
+            ("CUDA_LIB", lib.to_str().unwrap()),
+            ("ALLOCS", "2"),
+            ("ALLOC_SIZE", "4096"),
+            ("LAUNCHES", "7"),
+        ],
+    );
+    let agent = Agent::start(&["--cuda-overhead-budget", "100", "--rescan-interval", "1h"]);
+    wait_probed(&agent, 1.0);
+    w.run();
+    let pid = w.pid();
+    expect_value(
+        &agent,
+        "llm_process_cuda_kernel_launches_total",
+        pid,
+        &[("framework", "unknown")],
+        7.0,
+    );
+    expect_value(
+        &agent,
+        "llm_process_cuda_calls_total",
+        pid,
+        &[("function", "cudaMalloc")],
+        2.0,
+    );
+    let m = agent.metrics();
+    assert_eq!(
+        m.value("llm_process_count", &[("framework", "unknown")]),
+        Some(1.0)
+    );
+    assert!(m
+        .value(
+            "llm_process_memory_bytes",
+            &[("pid", &pid.to_string()), ("name", "render-frames")]
+        )
+        .is_some());
+}
+
+/// A copy of the library on a tmpfs inside a new mount namespace (a container's view): only
+/// `/proc/<pid>/root/…` reaches it, and it is a different file from the original.
+#[test]
+fn library_copy_on_tmpfs_in_a_mount_namespace() {
+    let agent = Agent::start(&["--cuda-overhead-budget", "100", "--rescan-interval", "1h"]);
+    let lib = fake_cuda_library("runtime");
+    let program = cuda_workload("llama-server");
+    let script = format!(
+        "mkdir -p /mnt/llmscope-ns && mount -t tmpfs llmscope /mnt/llmscope-ns && cp {} /mnt/llmscope-ns/libcudart.so.12 && exec {} -m /models/ns.gguf",
+        lib.display(),
+        program.display()
+    );
+    let mut cmd = Command::new("unshare");
+    cmd.args(["--mount", "--propagation", "private", "sh", "-c", &script])
+        .env("CUDA_LIB", "/mnt/llmscope-ns/libcudart.so.12")
+        .env("ALLOCS", "5")
+        .env("ALLOC_SIZE", "1024")
+        .env("LAUNCHES", "11");
+    let mut w = CudaWorkload::spawn(cmd);
+    assert!(
+        !std::path::Path::new("/mnt/llmscope-ns/libcudart.so.12").exists(),
+        "the copy is private to the namespace"
+    );
+    wait_probed(&agent, 1.0);
+    w.run();
+    expect_value(
+        &agent,
+        "llm_process_cuda_kernel_launches_total",
+        w.pid(),
+        &[],
+        11.0,
+    );
+    expect_value(
+        &agent,
+        "llm_process_cuda_calls_total",
+        w.pid(),
+        &[("function", "cudaMalloc")],
+        5.0,
+    );
+}
+
+/// Eight processes calling CUDA at once through one probed file: exact totals per process,
+/// nothing lost.
+#[test]
+fn parallel_processes_are_counted_exactly() {
+    let agent = Agent::start(&["--cuda-overhead-budget", "100", "--rescan-interval", "1h"]);
+    let lib = fake_cuda_library("runtime");
+    let lib = lib.to_str().unwrap();
+    let mut workloads: Vec<CudaWorkload> = (0..8)
+        .map(|i| {
+            let launches = (1000 * (i + 1)).to_string();
+            CudaWorkload::start(
+                &cuda_workload("llama-server"),
+                &["-m", &format!("/models/par{i}.gguf")],
+                &[
+                    ("CUDA_LIB", lib),
+                    ("ALLOCS", "5"),
+                    ("ALLOC_SIZE", "4096"),
+                    ("LAUNCHES", &launches),
+                    ("COPY_BYTES", "100"),
+                ],
+            )
+        })
+        .collect();
+    wait_probed(&agent, 1.0);
+    std::thread::scope(|s| {
+        for w in workloads.iter_mut() {
+            s.spawn(move || w.run());
+        }
+    });
+    for (i, w) in workloads.iter().enumerate() {
+        expect_value(
+            &agent,
+            "llm_process_cuda_kernel_launches_total",
+            w.pid(),
+            &[],
+            1000.0 * (i + 1) as f64,
+        );
+        expect_value(
+            &agent,
+            "llm_process_cuda_alloc_bytes_total",
+            w.pid(),
+            &[],
+            4096.0 * 15.0,
+        );
+        expect_value(
+            &agent,
+            "llm_process_cuda_memcpy_bytes_total",
+            w.pid(),
+            &[("direction", "h2d")],
+            100.0,
+        );
+    }
+    let m = agent.metrics();
+    for kind in ["cuda_event", "cuda_counter", "cuda_allocation"] {
+        assert_eq!(
+            m.value("llmscope_events_lost_total", &[("kind", kind)]),
+            Some(0.0),
+            "{kind}"
+        );
+    }
+}
+
+/// At the default budget, a process launching ~100,000 kernels a second is probed only part
+/// of the time, and the extrapolated count is within ±15 % of the true count.
+#[test]
+fn sampled_launch_counts_are_within_15_percent() {
+    let agent = Agent::start(&["--rescan-interval", "1h"]);
+    let lib = fake_cuda_library("runtime");
+    let mut w = CudaWorkload::start(
+        &cuda_workload("llama-server"),
+        &["-m", "/models/rate.gguf"],
+        &[
+            ("CUDA_LIB", lib.to_str().unwrap()),
+            ("LAUNCH_RATE", "100000"),
+            ("SECONDS", "10"),
+        ],
+    );
+    wait_probed(&agent, 1.0);
+    let running = std::thread::spawn(move || {
+        let done = w.run();
+        (w, done)
+    });
+    // While it launches: the probes are attached only part of each period.
+    let duty = wait_for(WAIT, || {
+        let m = agent.metrics();
+        m.value("llmscope_cuda_launch_probe_duty_ratio", &[])
+            .filter(|d| *d < 0.5)
+    });
+    let (w, done) = running.join().unwrap();
+    let truth: f64 = done
+        .split_whitespace()
+        .find_map(|f| f.strip_prefix("launches="))
+        .and_then(|n| n.parse().ok())
+        .expect("the workload reports its launches");
+    let duty = duty.expect("at 100,000 launches/s the probes must be detached most of the time");
+    // The last window closes within a period after the workload stops launching.
+    std::thread::sleep(Duration::from_millis(1500));
+    let m = agent.metrics();
+    let counted = m
+        .value(
+            "llm_process_cuda_kernel_launches_total",
+            &[("pid", &w.pid().to_string())],
+        )
+        .unwrap();
+    assert_eq!(
+        m.value("llmscope_cuda_launch_counting", &[("mode", "sampled")]),
+        Some(1.0)
+    );
+    let error = (counted - truth) / truth;
+    println!(
+        "true {truth}, counted {counted:.0}, error {:.1} %, duty {duty:.3}",
+        error * 100.0
+    );
+    assert!(
+        error.abs() <= 0.15,
+        "counted {counted:.0} vs true {truth}: {:.1} %",
+        error * 100.0
+    );
+}
