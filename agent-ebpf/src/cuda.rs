@@ -84,7 +84,6 @@ fn on_entry(ctx: &ProbeContext) {
     let c = Cookie::decode(unsafe { bpf_get_attach_cookie(ctx.as_ptr()) });
     let pid_tgid = bpf_get_current_pid_tgid();
     let tgid = (pid_tgid >> 32) as u32;
-    first_use(tgid);
     let mut key = CudaKey {
         tgid,
         function: c.function,
@@ -194,11 +193,14 @@ fn remember(pid_tgid: u64, function: u8, out_ptr: u64, size: u64) {
 }
 
 /// Adds to a counter, creating it when absent. Atomic adds: the same process's threads run
-/// on several CPUs at once.
+/// on several CPUs at once. Creating a counter is the only time a process can be calling
+/// CUDA for the first time, so the first-use check lives here, off the hot path (one hash
+/// lookup and one atomic add per probe hit).
 fn add(key: &CudaKey, calls: u64, bytes: u64, nanos: u64) {
     let ptr = match CUDA_STATS.get_ptr_mut(key) {
         Some(p) => p,
         None => {
+            first_use(key.tgid);
             let zero = CudaStat::default();
             // Another CPU may insert the same key first: then the lookup below finds it.
             let _ = CUDA_STATS.insert(key, &zero, BPF_NOEXIST as u64);

@@ -48,6 +48,12 @@ pub struct Config {
     #[arg(long, env = "LLMSCOPE_CUDA_OVERHEAD_BUDGET", default_value_t = 0.5)]
     pub cuda_overhead_budget: f64,
 
+    /// Period of the launch-probe duty cycle: one attach and one detach per period. Longer
+    /// periods cost fewer (un)registrations — each stalls probed processes briefly — but
+    /// extrapolate over longer stretches.
+    #[arg(long, env = "LLMSCOPE_CUDA_LAUNCH_PERIOD", default_value = "1s", value_parser = parse_duration)]
+    pub cuda_launch_period: Duration,
+
     /// Size of the kernel → agent event ring buffer: a power of two, at least one page. A
     /// larger ring loses fewer events under exec storms; losses are counted and repaired by
     /// the periodic scan either way.
@@ -68,6 +74,11 @@ impl Config {
         }
         if self.rescan_interval < Duration::from_secs(1) {
             problems.push("--rescan-interval must be at least 1s".to_owned());
+        }
+        if !(Duration::from_millis(100)..=Duration::from_secs(60))
+            .contains(&self.cuda_launch_period)
+        {
+            problems.push("--cuda-launch-period must be between 100ms and 60s".to_owned());
         }
         if !(0.0..=100.0).contains(&self.cuda_overhead_budget) {
             problems.push(format!(

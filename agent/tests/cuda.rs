@@ -9,27 +9,7 @@ use std::time::Duration;
 
 use support::*;
 
-const WAIT: Duration = Duration::from_secs(20);
 const MIB: f64 = 1024.0 * 1024.0;
-
-/// Waits until the agent has probed at least `libraries` CUDA library files.
-fn wait_probed(agent: &Agent, libraries: f64) {
-    let probed = wait_for(WAIT, || {
-        let m = agent.metrics();
-        let n: f64 = m
-            .samples("llmscope_cuda_libraries")
-            .iter()
-            .map(|(_, v)| v)
-            .sum();
-        (n >= libraries).then_some(())
-    });
-    assert!(
-        probed.is_some(),
-        "no CUDA library probed:\n{}\n{}",
-        agent.metrics().0,
-        agent.log()
-    );
-}
 
 /// The value of `family` for `pid` with the extra labels, waiting for it to settle at
 /// `expected` (scrapes race the workload's last calls by a few microseconds).
@@ -74,7 +54,7 @@ fn exact_counts_for_runtime_and_driver() {
             &["-m", "/models/exact.gguf"],
             &env,
         );
-        wait_probed(&agent, if api == "runtime" { 1.0 } else { 2.0 });
+        agent.wait_cuda_libraries(if api == "runtime" { 1.0 } else { 2.0 });
         assert_eq!(w.run(), "done launches=1000 errors=0");
         let pid = w.pid();
         let fns = |r: &'static str, d: &'static str| if api == "runtime" { r } else { d };
@@ -171,7 +151,7 @@ fn live_memory_and_forced_oom() {
             ("NO_FREE", "1"),
         ],
     );
-    wait_probed(&agent, 1.0);
+    agent.wait_cuda_libraries(1.0);
     held.run();
     expect_value(
         &agent,
@@ -201,7 +181,7 @@ fn live_memory_and_forced_oom() {
         3.0,
     );
     expect_value(&agent, "llm_process_cuda_alloc_bytes_total", pid, &[], 0.0);
-    let logged = wait_for(WAIT, || {
+    let logged = wait_for(Duration::from_secs(20), || {
         agent
             .log()
             .contains(&format!("pid={pid}"))
@@ -232,7 +212,7 @@ fn real_libcudart_from_the_vllm_shaped_process() {
     .env("LLMSCOPE_TEST_CUDART", &cudart)
     .env("CUDA_CALLS", "5");
     let mut vllm = CudaWorkload::spawn(cmd);
-    wait_probed(&agent, 1.0);
+    agent.wait_cuda_libraries(1.0);
     assert_eq!(vllm.run(), "cuda_done codes=[35]");
     let pid = vllm.pid();
     for function in ["cudaMalloc", "cudaMemcpy", "cudaDeviceSynchronize"] {
@@ -285,7 +265,7 @@ fn library_mapped_before_start_and_unknown_process() {
         ],
     );
     let agent = Agent::start(&["--cuda-overhead-budget", "100", "--rescan-interval", "1h"]);
-    wait_probed(&agent, 1.0);
+    agent.wait_cuda_libraries(1.0);
     w.run();
     let pid = w.pid();
     expect_value(
@@ -338,7 +318,7 @@ fn library_copy_on_tmpfs_in_a_mount_namespace() {
         !std::path::Path::new("/mnt/llmscope-ns/libcudart.so.12").exists(),
         "the copy is private to the namespace"
     );
-    wait_probed(&agent, 1.0);
+    agent.wait_cuda_libraries(1.0);
     w.run();
     expect_value(
         &agent,
@@ -379,7 +359,7 @@ fn parallel_processes_are_counted_exactly() {
             )
         })
         .collect();
-    wait_probed(&agent, 1.0);
+    agent.wait_cuda_libraries(1.0);
     std::thread::scope(|s| {
         for w in workloads.iter_mut() {
             s.spawn(move || w.run());
@@ -433,13 +413,13 @@ fn sampled_launch_counts_are_within_15_percent() {
             ("SECONDS", "10"),
         ],
     );
-    wait_probed(&agent, 1.0);
+    agent.wait_cuda_libraries(1.0);
     let running = std::thread::spawn(move || {
         let done = w.run();
         (w, done)
     });
     // While it launches: the probes are attached only part of each period.
-    let duty = wait_for(WAIT, || {
+    let duty = wait_for(Duration::from_secs(20), || {
         let m = agent.metrics();
         m.value("llmscope_cuda_launch_probe_duty_ratio", &[])
             .filter(|d| *d < 0.5)

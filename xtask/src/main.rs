@@ -25,8 +25,12 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Measure the exec path: exec → visible latency and exec-storm overhead (needs root).
-    Bench,
+    /// Benchmarks (needs root): `exec` (exec → visible latency, exec-storm overhead),
+    /// `uprobe` (CUDA probe cost per call, launch-bound throughput); all when none is named.
+    Bench {
+        #[arg(value_parser = ["exec", "uprobe"])]
+        name: Option<String>,
+    },
     /// Run every test: unit tests and the privileged integration tests (needs root).
     Test {
         /// Extra arguments for `cargo test` (e.g. a test name filter).
@@ -40,7 +44,7 @@ fn main() -> Result<()> {
         Task::BuildEbpf => ebpf::build(),
         Task::Run { args } => run(args),
         Task::Test { args } => test(args),
-        Task::Bench => bench(),
+        Task::Bench { name } => bench(name),
     }
 }
 
@@ -106,11 +110,15 @@ fn test(args: Vec<String>) -> Result<()> {
     setup::cargo_with_env(&cargo_args, &[("LLMSCOPE_REAL_CUDART", cudart.as_os_str())])
 }
 
-fn bench() -> Result<()> {
+fn bench(name: Option<String>) -> Result<()> {
     if !setup::is_root() {
         bail!("cargo xtask bench loads eBPF programs: run it as root");
     }
-    setup::ensure_debian_packages(&[("cc", "gcc")])?;
+    setup::ensure_debian_packages(&[("cc", "gcc"), ("bpftrace", "bpftrace")])?;
     ebpf::build()?;
-    setup::cargo(&["bench", "--package", "llmscope-agent", "--bench", "exec"])
+    let names = name.map_or(vec!["exec".to_owned(), "uprobe".to_owned()], |n| vec![n]);
+    for name in &names {
+        setup::cargo(&["bench", "--package", "llmscope-agent", "--bench", name])?;
+    }
+    Ok(())
 }

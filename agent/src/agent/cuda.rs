@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use agent_common::cuda::{FUNCTIONS, KIND_LAUNCH};
 
 use super::Shared;
-use crate::cuda::launches::{next_duty, PERIOD};
+use crate::cuda::launches::next_duty;
 use crate::cuda::library::{cuda_libraries, library_api, MappedLibrary};
 use crate::tracker::Observed;
 
@@ -77,13 +77,19 @@ pub(super) fn on_oom(shared: &Shared, pid: u32, function: u32, code: u32, size: 
 pub(super) fn spawn_launch_sampler(
     shared: Arc<Shared>,
     budget_percent: f64,
+    period: Duration,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     std::thread::Builder::new()
         .name("llmscope-launches".into())
         .spawn(move || {
-            let mut duty = 1.0;
+            let mut duty = crate::cuda::launches::MIN_DUTY;
             while !shared.stopping() {
-                let window = PERIOD.mul_f64(duty);
+                // The window sits in the middle of its period: a process that starts or stops
+                // launching mid-period is then mis-counted by at most half a period per edge.
+                let started = Instant::now();
+                let window = period.mul_f64(duty);
+                let gap = period.saturating_sub(window) / 2;
+                sleep_unless_stopping(&shared, gap);
                 shared.cuda.attacher().set_launches(true);
                 let before = launch_counts(&shared);
                 let opened = Instant::now();
@@ -100,13 +106,13 @@ pub(super) fn spawn_launch_sampler(
                     .collect();
                 let max_rate = {
                     let mut estimates = shared.cuda.launches();
-                    let max_rate = estimates.add_window(&seen, observed, observed.max(PERIOD));
-                    duty = next_duty(budget_percent, max_rate);
+                    let max_rate = estimates.add_window(&seen, observed, observed.max(period));
+                    duty = next_duty(duty, budget_percent, max_rate);
                     estimates.duty = duty;
                     max_rate
                 };
                 tracing::trace!(max_rate, duty, "launch probe window");
-                sleep_unless_stopping(&shared, PERIOD.saturating_sub(observed));
+                sleep_unless_stopping(&shared, period.saturating_sub(started.elapsed()));
             }
             shared.cuda.attacher().set_launches(false);
         })

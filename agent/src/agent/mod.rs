@@ -217,7 +217,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     if launch_mode == LaunchMode::Sampled {
         threads.push((
             "launches",
-            cuda::spawn_launch_sampler(shared.clone(), config.cuda_overhead_budget)?,
+            cuda::spawn_launch_sampler(
+                shared.clone(),
+                config.cuda_overhead_budget,
+                config.cuda_launch_period,
+            )?,
         ));
     }
 

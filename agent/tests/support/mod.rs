@@ -108,6 +108,25 @@ impl Agent {
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
+
+    /// Waits until the agent has probed at least `libraries` CUDA library files.
+    pub fn wait_cuda_libraries(&self, libraries: f64) {
+        let probed = wait_for(Duration::from_secs(20), || {
+            let n: f64 = self
+                .metrics()
+                .samples("llmscope_cuda_libraries")
+                .iter()
+                .map(|(_, v)| v)
+                .sum();
+            (n >= libraries).then_some(())
+        });
+        assert!(
+            probed.is_some(),
+            "no CUDA library probed:\n{}\n{}",
+            self.metrics().0,
+            self.log()
+        );
+    }
 }
 
 impl Drop for Agent {

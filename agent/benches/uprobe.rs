@@ -1,0 +1,148 @@
+//! `cargo xtask bench uprobe`: what llmscope's CUDA probes cost the probed process, measured
+//! in one run on this machine.
+//!
+//! 1. Per call: a loop of 2,000,000 calls into a library function with no probe, with a bare
+//!    empty uprobe (bpftrace, `{ }`), and with llmscope's probes attached (launch-counting
+//!    entry probe; entry+return pair on a synchronize call). The figure of merit is the ratio
+//!    of llmscope's added cost to the bare trap's (goal ≤ 1.1× counting, ≤ 2.2× pairs).
+//! 2. Throughput: a launch-bound loop (launch, then ~20 µs of work: ~50,000 launches/s) for
+//!    LLMSCOPE_BENCH_SECONDS (default 60) without the agent and with it at the default
+//!    budget (duty-cycled launch probes). Goal: ratio ≥ 0.995.
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::io::BufRead;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use support::*;
+
+const LOOP: &str = "2000000";
+
+/// Runs the CUDA workload's `mode` and returns the value of `field` from its "done" line.
+fn measure(lib: &Path, env: &[(&str, &str)], field: &str) -> f64 {
+    let mut all = vec![("CUDA_LIB", lib.to_str().unwrap())];
+    all.extend_from_slice(env);
+    let mut w = CudaWorkload::start(
+        &cuda_workload("llama-bench"),
+        &["-m", "/models/bench.gguf"],
+        &all,
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let done = w.run();
+    done.split_whitespace()
+        .find_map(|f| f.strip_prefix(field))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {field} in {done:?}"))
+}
+
+fn per_call(lib: &Path, call: &str) -> f64 {
+    measure(lib, &[("CALL_LOOP", LOOP), ("CALL", call)], "ns_per_call=")
+}
+
+/// Runs `f` while bpftrace holds an empty probe (the bare trap cost).
+fn with_bpftrace<T>(script: &str, f: impl FnOnce() -> T) -> T {
+    let mut bpftrace = Command::new("bpftrace")
+        .args(["-e", script])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("starting bpftrace (cargo xtask bench installs it)");
+    let mut out = std::io::BufReader::new(bpftrace.stdout.take().unwrap());
+    let mut line = String::new();
+    while out.read_line(&mut line).unwrap_or(0) > 0 && !line.contains("Attaching") {
+        line.clear();
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let result = f();
+    let _ = bpftrace.kill();
+    let _ = bpftrace.wait();
+    result
+}
+
+fn main() {
+    require_root();
+    if std::env::args().any(|a| a == "--list") {
+        return;
+    }
+    let lib = fake_cuda_library("runtime");
+    let l = lib.display();
+    println!("llmscope uprobe benchmark: {LOOP} calls per measurement, stand-in libcudart\n");
+
+    let none_launch = per_call(&lib, "launch");
+    let none_sync = per_call(&lib, "sync");
+    let bare_entry = with_bpftrace(&format!("uprobe:{l}:cudaLaunchKernel {{ }}"), || {
+        per_call(&lib, "launch")
+    });
+    let bare_pair = with_bpftrace(
+        &format!(
+            "uprobe:{l}:cudaDeviceSynchronize {{ }} uretprobe:{l}:cudaDeviceSynchronize {{ }}"
+        ),
+        || per_call(&lib, "sync"),
+    );
+    let (ours_entry, ours_pair) = {
+        let agent = Agent::start(&["--cuda-overhead-budget", "100", "--rescan-interval", "1h"]);
+        let mut w = CudaWorkload::start(
+            &cuda_workload("llama-bench"),
+            &["-m", "/models/warm.gguf"],
+            &[("CUDA_LIB", lib.to_str().unwrap())],
+        );
+        agent.wait_cuda_libraries(1.0);
+        w.run();
+        (per_call(&lib, "launch"), per_call(&lib, "sync"))
+    };
+    let ratio = |ours: f64, bare: f64, none: f64| (ours - none) / (bare - none);
+    println!("| probe | ns per call | added ns | added vs bare trap |");
+    println!("| --- | --- | --- | --- |");
+    println!("| none (cudaLaunchKernel) | {none_launch:.1} | | |");
+    println!(
+        "| bare empty uprobe | {bare_entry:.1} | {:.1} | 1.00× |",
+        bare_entry - none_launch
+    );
+    println!(
+        "| llmscope launch counter | {ours_entry:.1} | {:.1} | {:.2}× (goal ≤ 1.1×) |",
+        ours_entry - none_launch,
+        ratio(ours_entry, bare_entry, none_launch)
+    );
+    println!("| none (cudaDeviceSynchronize) | {none_sync:.1} | | |");
+    println!(
+        "| bare empty uprobe + uretprobe | {bare_pair:.1} | {:.1} | 1.00× |",
+        bare_pair - none_sync
+    );
+    println!(
+        "| llmscope entry + return | {ours_pair:.1} | {:.1} | {:.2}× (goal ≤ 2.2×) |",
+        ours_pair - none_sync,
+        ratio(ours_pair, bare_pair, none_sync)
+    );
+
+    let seconds = std::env::var("LLMSCOPE_BENCH_SECONDS").unwrap_or_else(|_| "60".into());
+    let busy = [("BUSY_US", "20"), ("SECONDS", seconds.as_str())];
+    println!("\nlaunch-bound loop (launch + 20 µs of work) for {seconds} s:");
+    let without = measure(&lib, &busy, "iterations=");
+    let s: f64 = seconds.parse().unwrap();
+    println!("| | iterations | launches/s | ratio | launch-probe duty |");
+    println!("| --- | --- | --- | --- | --- |");
+    println!(
+        "| without agent | {without:.0} | {:.0} | 1.0000 | |",
+        without / s
+    );
+    for period in ["1s", "5s"] {
+        let agent = Agent::start(&["--rescan-interval", "1h", "--cuda-launch-period", period]);
+        let mut w = CudaWorkload::start(
+            &cuda_workload("llama-bench"),
+            &["-m", "/models/warm.gguf"],
+            &[("CUDA_LIB", lib.to_str().unwrap())],
+        );
+        agent.wait_cuda_libraries(1.0);
+        w.run();
+        let with = measure(&lib, &busy, "iterations=");
+        let duty = agent
+            .metrics()
+            .value("llmscope_cuda_launch_probe_duty_ratio", &[])
+            .unwrap_or(f64::NAN);
+        println!("| agent, default budget, --cuda-launch-period {period} | {with:.0} | {:.0} | {:.4} | {duty:.3} |", with / s, with / without);
+    }
+    println!("(goal: ratio ≥ 0.995)");
+}
