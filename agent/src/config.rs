@@ -54,6 +54,18 @@ pub struct Config {
     #[arg(long, env = "LLMSCOPE_CUDA_LAUNCH_PERIOD", default_value = "1s", value_parser = parse_duration)]
     pub cuda_launch_period: Duration,
 
+    /// libnvidia-ml to load (default: the system's libnvidia-ml.so.1).
+    #[arg(long, env = "LLMSCOPE_NVML_LIB")]
+    pub nvml_lib: Option<PathBuf>,
+
+    /// Do not load NVML: no GPU device metrics, no per-process GPU memory or utilisation.
+    #[arg(long, env = "LLMSCOPE_NO_NVML")]
+    pub no_nvml: bool,
+
+    /// How often NVML is sampled (off the scrape path).
+    #[arg(long, env = "LLMSCOPE_NVML_INTERVAL", default_value = "2s", value_parser = parse_duration)]
+    pub nvml_interval: Duration,
+
     /// Size of the kernel → agent event ring buffer: a power of two, at least one page. A
     /// larger ring loses fewer events under exec storms; losses are counted and repaired by
     /// the periodic scan either way.

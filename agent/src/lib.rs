@@ -22,3 +22,5 @@ pub mod collectors;
 pub mod cuda;
 #[cfg(all(target_os = "linux", feature = "ebpf"))]
 pub mod ebpf;
+#[cfg(target_os = "linux")]
+pub mod nvml;

@@ -118,7 +118,7 @@ pub(super) fn spawn_launch_sampler(
         })
 }
 
-fn sleep_unless_stopping(shared: &Shared, total: Duration) {
+pub(super) fn sleep_unless_stopping(shared: &Shared, total: Duration) {
     let deadline = Instant::now() + total;
     while !shared.stopping() {
         let left = deadline.saturating_duration_since(Instant::now());

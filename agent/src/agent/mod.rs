@@ -12,13 +12,16 @@
 
 mod cuda;
 mod events;
+mod nvml;
 mod reconcile;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use crate::collectors::{cuda::CudaCollector, kernel::KernelCollector, process::ProcessCollector};
+use crate::collectors::{
+    cuda::CudaCollector, kernel::KernelCollector, nvml::NvmlCollector, process::ProcessCollector,
+};
 use crate::config::Config;
 use crate::cuda::attach::Attacher;
 use crate::cuda::launches::LaunchEstimates;
@@ -64,6 +67,7 @@ pub struct Shared {
     pub stop: AtomicBool,
     pub reader_alive: AtomicBool,
     pub cuda: CudaState,
+    nvml: Mutex<nvml::NvmlState>,
 }
 
 /// The CUDA probes' attachments, maps and launch estimates. Never lock two at once.
@@ -105,7 +109,17 @@ impl Shared {
             stop: AtomicBool::new(false),
             reader_alive: AtomicBool::new(false),
             cuda,
+            nvml: Mutex::new(nvml::NvmlState::default()),
         }
+    }
+
+    /// A copy of the NVML sampler's state (the collector never holds the lock while encoding).
+    pub fn nvml_state(&self) -> nvml::NvmlState {
+        self.nvml.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn nvml_state_mut(&self) -> MutexGuard<'_, nvml::NvmlState> {
+        self.nvml.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The table; a panic in another thread while holding it does not make it unusable.
@@ -214,6 +228,16 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let events_thread = events::spawn(shared.clone(), events)?;
     let reconcile_thread = reconcile::spawn(shared.clone(), config.rescan_interval)?;
     let mut threads = vec![("events", events_thread), ("reconcile", reconcile_thread)];
+    if !config.no_nvml {
+        threads.push((
+            "nvml",
+            nvml::spawn(
+                shared.clone(),
+                config.nvml_lib.clone(),
+                config.nvml_interval,
+            )?,
+        ));
+    }
     if launch_mode == LaunchMode::Sampled {
         threads.push((
             "launches",
@@ -225,11 +249,17 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         ));
     }
 
-    let collectors: Vec<Box<dyn Collector>> = vec![
+    let mut collectors: Vec<Box<dyn Collector>> = vec![
         Box::new(ProcessCollector::new(shared.clone())),
         Box::new(KernelCollector::new(shared.clone(), lost)),
         Box::new(CudaCollector::new(shared.clone())),
     ];
+    if !config.no_nvml {
+        collectors.push(Box::new(NvmlCollector::new(
+            shared.clone(),
+            config.nvml_interval,
+        )));
+    }
     let source = Arc::new(AgentSource {
         collectors: Mutex::new(collectors),
         shared: shared.clone(),

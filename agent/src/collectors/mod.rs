@@ -2,4 +2,5 @@
 
 pub mod cuda;
 pub mod kernel;
+pub mod nvml;
 pub mod process;

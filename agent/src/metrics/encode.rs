@@ -11,6 +11,7 @@ use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Unit;
 
 use super::cuda::{Api, CudaSnapshot, LaunchMode};
+use super::gpu::GpuSnapshot;
 use super::{BuildInfo, KindCount, ProcessLabels, ProcessSample, Snapshot};
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, EncodeLabelSet)]
@@ -238,6 +239,7 @@ impl Collector for SnapshotCollector {
             by_ref(&kinds(&s.agent.repairs)),
         )?;
         encode_cuda(&mut e, &s.cuda)?;
+        encode_gpu(&mut e, &s.gpu)?;
         Ok(())
     }
 }
@@ -389,4 +391,64 @@ fn reasons(counts: &[KindCount]) -> Vec<(ReasonLabel, f64)> {
             )
         })
         .collect()
+}
+
+fn encode_gpu(e: &mut DescriptorEncoder, g: &GpuSnapshot) -> Result<(), std::fmt::Error> {
+    use MetricType::{Counter, Gauge};
+    for (name, help, samples) in &g.devices {
+        family(e, Gauge, name, help, None, by_ref(samples))?;
+    }
+    family(
+        e,
+        Counter,
+        "nvidia_gpu_energy_joules",
+        "Energy the GPU consumed since the driver loaded.",
+        None,
+        by_ref(&g.energy_joules),
+    )?;
+    family(
+        e,
+        Counter,
+        "nvidia_gpu_ecc_errors",
+        "Volatile ECC errors since the driver loaded, by type (corrected, uncorrected) in `kind`.",
+        None,
+        by_ref(&g.ecc_errors),
+    )?;
+    family(
+        e,
+        Gauge,
+        "nvidia_gpu_throttle_reason",
+        "1 when the clock throttle reason in `kind` is active.",
+        None,
+        by_ref(&g.throttle_reasons),
+    )?;
+    family(
+        e,
+        Gauge,
+        "nvidia_gpu_info",
+        "GPU identity with driver and CUDA versions; always 1.",
+        None,
+        by_ref(&g.info),
+    )?;
+    family(e, Gauge, "llm_process_gpu_memory_bytes", "GPU memory the process holds on `gpu`, from NVML's running compute and graphics processes.", None, by_ref(&g.process_memory))?;
+    family(
+        e,
+        Gauge,
+        "llm_process_gpu_utilization",
+        "SM utilisation of the process on `gpu`, percent, from NVML's process utilisation samples.",
+        None,
+        by_ref(&g.process_utilization),
+    )?;
+    family(
+        e,
+        Gauge,
+        "llm_process_gpu_memory_utilization",
+        "Memory-controller utilisation of the process on `gpu`, percent.",
+        None,
+        by_ref(&g.process_memory_utilization),
+    )?;
+    if let Some(t) = g.last_success_seconds {
+        scalar(e, "llmscope_nvml_last_success_timestamp_seconds", "Unix time of the last successful NVML sample. GPU values come from that sample: NVML is read off the scrape path, so a hung NVML call leaves them stale rather than hanging the scrape.", Gauge, t)?;
+    }
+    Ok(())
 }

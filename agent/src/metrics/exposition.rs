@@ -126,6 +126,7 @@ mod tests {
                 launch_duty: 0.25,
                 ..Default::default()
             },
+            gpu: Default::default(),
             processes: vec![sample(10, true), sample(11, true), sample(12, false)],
             collectors: vec![CollectorStatus {
                 collector: "process",

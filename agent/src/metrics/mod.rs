@@ -7,6 +7,7 @@
 pub mod cuda;
 mod encode;
 pub mod exposition;
+pub mod gpu;
 
 use std::time::{Duration, Instant};
 
@@ -96,6 +97,7 @@ pub struct AgentStats {
 pub struct Snapshot {
     pub processes: Vec<ProcessSample>,
     pub cuda: cuda::CudaSnapshot,
+    pub gpu: gpu::GpuSnapshot,
     pub collectors: Vec<CollectorStatus>,
     pub agent: AgentStats,
 }

@@ -1,0 +1,190 @@
+//! GPU devices and per-process GPU memory and utilisation, from the NVML sampler's last
+//! good sample (never from NVML itself: the scrape path must not wait on the driver).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use crate::agent::Shared;
+use crate::metrics::gpu::{DeviceSeries, GpuIndex, GpuInfoLabels, GpuKindLabels, GpuLabels};
+use crate::metrics::{CollectError, Collector, ProcessLabels, Snapshot};
+use crate::nvml::DeviceSample;
+
+pub struct NvmlCollector {
+    shared: Arc<Shared>,
+    /// A sample older than this fails the collector (the sampler is stuck or failing).
+    stale_after: Duration,
+}
+
+impl NvmlCollector {
+    pub fn new(shared: Arc<Shared>, interval: Duration) -> Self {
+        NvmlCollector {
+            shared,
+            stale_after: interval * 3 + Duration::from_secs(2),
+        }
+    }
+}
+
+type Field = fn(&DeviceSample) -> Option<f64>;
+
+/// The device gauges: (name, help, value).
+const DEVICE_GAUGES: &[(&str, &str, Field)] = &[
+    (
+        "nvidia_gpu_utilization",
+        "GPU utilisation, percent of the last sample period.",
+        |d| d.utilization_percent,
+    ),
+    (
+        "nvidia_gpu_memory_utilization",
+        "GPU memory-controller utilisation, percent.",
+        |d| d.memory_utilization_percent,
+    ),
+    ("nvidia_gpu_memory_used_bytes", "GPU memory in use.", |d| {
+        d.memory_used_bytes
+    }),
+    (
+        "nvidia_gpu_memory_total_bytes",
+        "GPU memory in total.",
+        |d| d.memory_total_bytes,
+    ),
+    ("nvidia_gpu_memory_free_bytes", "GPU memory free.", |d| {
+        d.memory_free_bytes
+    }),
+    (
+        "nvidia_gpu_temperature",
+        "GPU core temperature, degrees Celsius.",
+        |d| d.temperature_celsius,
+    ),
+    ("nvidia_gpu_power_usage", "GPU power draw, watts.", |d| {
+        d.power_watts
+    }),
+    (
+        "nvidia_gpu_power_limit",
+        "Enforced GPU power limit, watts.",
+        |d| d.power_limit_watts,
+    ),
+    ("nvidia_gpu_sm_clock_hertz", "SM clock.", |d| {
+        d.sm_clock_hertz
+    }),
+    ("nvidia_gpu_memory_clock_hertz", "Memory clock.", |d| {
+        d.memory_clock_hertz
+    }),
+    (
+        "nvidia_gpu_fan_speed",
+        "Fan speed, percent of maximum.",
+        |d| d.fan_speed_percent,
+    ),
+    (
+        "nvidia_gpu_pcie_tx_bytes_per_second",
+        "PCIe transmit throughput.",
+        |d| d.pcie_tx_bytes_per_second,
+    ),
+    (
+        "nvidia_gpu_pcie_rx_bytes_per_second",
+        "PCIe receive throughput.",
+        |d| d.pcie_rx_bytes_per_second,
+    ),
+];
+
+impl Collector for NvmlCollector {
+    fn name(&self) -> &'static str {
+        "nvml"
+    }
+
+    fn collect(&mut self, snapshot: &mut Snapshot) -> Result<(), CollectError> {
+        let state = self.shared.nvml_state();
+        let g = &mut snapshot.gpu;
+        g.last_success_seconds = state
+            .last_success
+            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+            .map(|d| d.as_secs_f64());
+        if let Some(sample) = &state.sample {
+            let labels = |d: &DeviceSample| GpuLabels {
+                gpu: d.index.to_string(),
+                uuid: d.uuid.clone(),
+                name: d.name.clone(),
+            };
+            for (name, help, field) in DEVICE_GAUGES {
+                let series: DeviceSeries = sample
+                    .devices
+                    .iter()
+                    .filter_map(|d| field(d).map(|v| (labels(d), v)))
+                    .collect();
+                g.devices.push((name, help, series));
+            }
+            g.energy_joules = sample
+                .devices
+                .iter()
+                .filter_map(|d| d.energy_joules.map(|v| (labels(d), v)))
+                .collect();
+            for d in &sample.devices {
+                let kind = |k: &str| GpuKindLabels {
+                    gpu: d.index.to_string(),
+                    uuid: d.uuid.clone(),
+                    name: d.name.clone(),
+                    kind: k.to_owned(),
+                };
+                for (k, v) in [
+                    ("corrected", d.ecc_corrected_errors),
+                    ("uncorrected", d.ecc_uncorrected_errors),
+                ] {
+                    if let Some(v) = v {
+                        g.ecc_errors.push((kind(k), v));
+                    }
+                }
+                for (reason, active) in &d.throttle_reasons {
+                    g.throttle_reasons
+                        .push((kind(reason), if *active { 1.0 } else { 0.0 }));
+                }
+                let info = GpuInfoLabels {
+                    gpu: d.index.to_string(),
+                    uuid: d.uuid.clone(),
+                    name: d.name.clone(),
+                    driver_version: sample.driver_version.clone().unwrap_or_default(),
+                    cuda_version: sample.cuda_version.clone().unwrap_or_default(),
+                };
+                g.info.push((info, 1.0));
+            }
+            let tracked: HashMap<u32, ProcessLabels> = self
+                .shared
+                .tracker()
+                .all()
+                .into_iter()
+                .filter(|t| t.is_alive())
+                .map(|t| (t.pid, ProcessLabels::new(t.pid, &t.name, &t.identity)))
+                .collect();
+            for p in &sample.processes {
+                // The sampler tracks every GPU process (as framework="unknown" when nothing
+                // classifies it); one that is gone already has no series.
+                let Some(l) = tracked.get(&p.pid) else {
+                    continue;
+                };
+                let key = (
+                    l.clone(),
+                    GpuIndex {
+                        gpu: p.gpu.to_string(),
+                    },
+                );
+                if let Some(v) = p.memory_bytes {
+                    g.process_memory.push((key.clone(), v));
+                }
+                if let Some(v) = p.sm_utilization_percent {
+                    g.process_utilization.push((key.clone(), v));
+                }
+                if let Some(v) = p.memory_utilization_percent {
+                    g.process_memory_utilization.push((key, v));
+                }
+            }
+        }
+        let fresh = state.last_success.is_some_and(|t| {
+            SystemTime::now().duration_since(t).unwrap_or_default() <= self.stale_after
+        });
+        match (&state.error, fresh) {
+            (None, true) => Ok(()),
+            (Some(e), _) => Err(CollectError(e.clone())),
+            (None, false) => Err(CollectError(
+                "no NVML sample within the last intervals: the sampler is stuck".into(),
+            )),
+        }
+    }
+}

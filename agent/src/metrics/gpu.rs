@@ -1,0 +1,56 @@
+//! The GPU-device and per-process GPU families of a snapshot (NVML).
+
+use prometheus_client::encoding::EncodeLabelSet;
+use serde::Serialize;
+
+use super::ProcessLabels;
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, EncodeLabelSet)]
+pub struct GpuLabels {
+    pub gpu: String,
+    pub uuid: String,
+    pub name: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, EncodeLabelSet)]
+pub struct GpuInfoLabels {
+    pub gpu: String,
+    pub uuid: String,
+    pub name: String,
+    pub driver_version: String,
+    pub cuda_version: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, EncodeLabelSet)]
+pub struct GpuKindLabels {
+    pub gpu: String,
+    pub uuid: String,
+    pub name: String,
+    /// ECC error type (`corrected`, `uncorrected`) or throttle reason.
+    pub kind: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, EncodeLabelSet)]
+pub struct GpuIndex {
+    pub gpu: String,
+}
+
+pub type DeviceSeries = Vec<(GpuLabels, f64)>;
+pub type ProcessGpuSeries = Vec<((ProcessLabels, GpuIndex), f64)>;
+
+/// Device metrics by family name (the name is the metric's), so that a device that does not
+/// support a metric simply has no sample in it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct GpuSnapshot {
+    /// (family name, help, samples), in export order.
+    pub devices: Vec<(&'static str, &'static str, DeviceSeries)>,
+    pub energy_joules: DeviceSeries,
+    pub ecc_errors: Vec<(GpuKindLabels, f64)>,
+    pub throttle_reasons: Vec<(GpuKindLabels, f64)>,
+    pub info: Vec<(GpuInfoLabels, f64)>,
+    pub process_memory: ProcessGpuSeries,
+    pub process_utilization: ProcessGpuSeries,
+    pub process_memory_utilization: ProcessGpuSeries,
+    /// Unix time of the last successful NVML sample, when there was one.
+    pub last_success_seconds: Option<f64>,
+}
