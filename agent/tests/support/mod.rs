@@ -61,6 +61,10 @@ pub struct Agent {
 
 impl Agent {
     pub fn start(args: &[&str]) -> Agent {
+        Agent::start_with_env(args, &[])
+    }
+
+    pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Agent {
         require_root();
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let log = std::env::temp_dir().join(format!("llmscope-test-agent-{}.log", addr.port()));
@@ -68,6 +72,10 @@ impl Agent {
             .arg("--web.listen-address")
             .arg(addr.to_string())
             .args(args)
+            // Never the host's real NVML in tests (as root it can create /dev/nvidiactl):
+            // only the test double, where a test names it.
+            .args((!args.contains(&"--nvml-lib")).then_some("--no-nvml"))
+            .envs(env.iter().copied())
             .env("NO_COLOR", "1")
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
@@ -239,6 +247,16 @@ pub fn fake_cuda_library(api: &str) -> PathBuf {
             &format!("-Wl,--version-script={}", map.display()),
             &format!("-Wl,-soname,{soname}"),
         ],
+    )
+}
+
+/// The NVML test double (tests/fixtures/nvml/fake_nvml.c); it reads its values from the file
+/// named by LLMSCOPE_FAKE_NVML on every call.
+pub fn fake_nvml_library() -> PathBuf {
+    compiled(
+        "libnvidia-ml.so.1",
+        "nvml/fake_nvml.c",
+        &["-O0", "-shared", "-fPIC"],
     )
 }
 
