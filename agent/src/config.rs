@@ -66,6 +66,14 @@ pub struct Config {
     #[arg(long, env = "LLMSCOPE_NVML_INTERVAL", default_value = "2s", value_parser = parse_duration)]
     pub nvml_interval: Duration,
 
+    /// Directory of `gpu-info-<pid>.json` reports written by processes (see README).
+    #[arg(long, env = "LLMSCOPE_GPU_INFO_DIR")]
+    pub gpu_info_dir: Option<PathBuf>,
+
+    /// A gpu-info report older than this (by its timestamp) is stale and ignored.
+    #[arg(long, env = "LLMSCOPE_GPU_INFO_TTL", default_value = "60s", value_parser = parse_duration)]
+    pub gpu_info_ttl: Duration,
+
     /// Size of the kernel → agent event ring buffer: a power of two, at least one page. A
     /// larger ring loses fewer events under exec storms; losses are counted and repaired by
     /// the periodic scan either way.
@@ -97,6 +105,11 @@ impl Config {
                 "--cuda-overhead-budget {} must be between 0 and 100 (percent of one core)",
                 self.cuda_overhead_budget
             ));
+        }
+        if let Some(dir) = &self.gpu_info_dir {
+            if !dir.is_dir() {
+                problems.push(format!("--gpu-info-dir {}: not a directory", dir.display()));
+            }
         }
         let page = 4096;
         if !self.ring_buffer_bytes.is_power_of_two() || self.ring_buffer_bytes < page {

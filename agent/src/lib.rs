@@ -6,6 +6,8 @@
 //! are Linux-only.
 
 pub mod config;
+#[cfg(unix)]
+pub mod gpuinfo;
 pub mod http;
 pub mod identity;
 pub mod metrics;

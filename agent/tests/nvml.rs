@@ -263,3 +263,64 @@ fn a_gpu_that_vanishes_loses_its_series() {
     wait_value(&agent, "nvidia_gpu_utilization", &[("gpu", "0")], 40.0);
     assert!(agent.log().contains("GPU lost"), "{}", agent.log());
 }
+
+/// gpu-info reports through the real agent: a valid report joins the vLLM process's
+/// identity; a symlink named like a report is refused and counted.
+#[test]
+fn gpu_info_reports_join_the_process_identity() {
+    let dir = std::env::temp_dir().join(format!("llmscope-gpu-info-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let (vllm, engine) = start_vllm("Qwen/Qwen2.5-7B-Instruct", "spawn");
+    let agent = Agent::start(&[
+        "--gpu-info-dir",
+        dir.to_str().unwrap(),
+        "--rescan-interval",
+        "1h",
+    ]);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    let report = format!(
+        r#"{{"version": 1, "pid": {}, "gpu_memory_allocated_bytes": 3221225472, "gpu_memory_reserved_bytes": 4294967296, "gpu_utilization": 55, "gpu_index": 0, "timestamp": {now}}}"#,
+        vllm.pid()
+    );
+    let path = dir.join(format!("gpu-info-{}.json", vllm.pid()));
+    std::fs::write(path.with_extension("tmp"), report).unwrap();
+    std::fs::rename(path.with_extension("tmp"), &path).unwrap();
+    std::os::unix::fs::symlink("/etc/shadow", dir.join(format!("gpu-info-{engine}.json"))).unwrap();
+
+    let pid = vllm.pid().to_string();
+    let want = [
+        ("pid", pid.as_str()),
+        ("gpu", "0"),
+        ("framework", "vllm"),
+        ("model_name", "Qwen/Qwen2.5-7B-Instruct"),
+    ];
+    wait_value(
+        &agent,
+        "llm_process_gpu_memory_allocated_bytes",
+        &want,
+        3221225472.0,
+    );
+    wait_value(
+        &agent,
+        "llm_process_gpu_memory_reserved_bytes",
+        &want,
+        4294967296.0,
+    );
+    wait_value(&agent, "llm_process_gpu_utilization", &want, 55.0);
+    let m = agent.metrics();
+    assert!(
+        m.value("llmscope_gpu_info_rejected_total", &[("reason", "symlink")])
+            .unwrap()
+            >= 1.0
+    );
+    assert_eq!(m.value("llmscope_gpu_info_reports", &[]), Some(1.0));
+    assert_eq!(
+        m.value("llmscope_collector_success", &[("collector", "gpu_info")]),
+        Some(1.0)
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -20,7 +20,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use crate::collectors::{
-    cuda::CudaCollector, kernel::KernelCollector, nvml::NvmlCollector, process::ProcessCollector,
+    cuda::CudaCollector, gpuinfo::GpuInfoCollector, kernel::KernelCollector, nvml::NvmlCollector,
+    process::ProcessCollector,
 };
 use crate::config::Config;
 use crate::cuda::attach::Attacher;
@@ -258,6 +259,17 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         collectors.push(Box::new(NvmlCollector::new(
             shared.clone(),
             config.nvml_interval,
+        )));
+    }
+    if let Some(dir) = &config.gpu_info_dir {
+        let limits = crate::gpuinfo::Limits {
+            ttl: config.gpu_info_ttl,
+            ..Default::default()
+        };
+        collectors.push(Box::new(GpuInfoCollector::new(
+            shared.clone(),
+            dir.clone(),
+            limits,
         )));
     }
     let source = Arc::new(AgentSource {

@@ -447,6 +447,25 @@ fn encode_gpu(e: &mut DescriptorEncoder, g: &GpuSnapshot) -> Result<(), std::fmt
         None,
         by_ref(&g.process_memory_utilization),
     )?;
+    family(e, Gauge, "llm_process_gpu_memory_allocated_bytes", "GPU memory the process reports its framework has allocated (gpu-info file; PyTorch: memory_allocated).", None, by_ref(&g.process_allocated))?;
+    family(e, Gauge, "llm_process_gpu_memory_reserved_bytes", "GPU memory the process reports its framework has reserved from the driver (gpu-info file; PyTorch: memory_reserved). Reserved minus allocated is fragmentation and cache.", None, by_ref(&g.process_reserved))?;
+    if let Some(n) = g.info_reports {
+        scalar(
+            e,
+            "llmscope_gpu_info_reports",
+            "gpu-info files accepted on this scrape.",
+            Gauge,
+            n,
+        )?;
+        family(
+            e,
+            Counter,
+            "llmscope_gpu_info_rejected",
+            "gpu-info files refused, by reason.",
+            None,
+            by_ref(&reasons(&g.info_rejected)),
+        )?;
+    }
     if let Some(t) = g.last_success_seconds {
         scalar(e, "llmscope_nvml_last_success_timestamp_seconds", "Unix time of the last successful NVML sample. GPU values come from that sample: NVML is read off the scrape path, so a hung NVML call leaves them stale rather than hanging the scrape.", Gauge, t)?;
     }

@@ -51,6 +51,12 @@ pub struct GpuSnapshot {
     pub process_memory: ProcessGpuSeries,
     pub process_utilization: ProcessGpuSeries,
     pub process_memory_utilization: ProcessGpuSeries,
+    /// From gpu-info reports: what the framework allocated / reserved.
+    pub process_allocated: ProcessGpuSeries,
+    pub process_reserved: ProcessGpuSeries,
+    /// gpu-info reports accepted on this scrape (None without --gpu-info-dir).
+    pub info_reports: Option<f64>,
+    pub info_rejected: Vec<super::KindCount>,
     /// Unix time of the last successful NVML sample, when there was one.
     pub last_success_seconds: Option<f64>,
 }

@@ -1,0 +1,162 @@
+//! `gpu-info-<pid>.json` files: the cooperative protocol of the original monitor, where a
+//! process reports its own GPU use (what PyTorch has allocated and reserved). The files come
+//! from untrusted processes, so every read is defended:
+//!
+//! - opened without following symlinks (`O_NOFOLLOW`) and without blocking (`O_NONBLOCK`: a
+//!   FIFO cannot stall the agent), and only a regular file is read;
+//! - at most [`Limits::max_bytes`] bytes (a 1 GiB sparse file is refused by its size);
+//! - owned by the uid of the process it names, modified after that process started (a file
+//!   left by an earlier process with the same pid is not believed), for a live process;
+//! - parsed into a fixed schema (types, finite and in-range values, the pid inside matching the
+//!   pid in the name), and not older than the TTL;
+//! - at most [`Limits::max_files`] files per scan.
+//!
+//! Every refusal is counted by reason; nothing is trusted halfway.
+
+mod schema;
+#[cfg(test)]
+mod tests;
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::path::Path;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+pub use schema::{GpuInfo, SCHEMA_VERSION};
+
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_bytes: u64,
+    pub max_files: usize,
+    /// A report older than this (by its `timestamp`) is stale.
+    pub ttl: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_bytes: 64 * 1024,
+            max_files: 256,
+            ttl: Duration::from_secs(60),
+        }
+    }
+}
+
+/// What the reader needs to know about the process a file names.
+pub trait Processes {
+    /// (uid, start time as Unix seconds) of a live process; None when it is gone.
+    fn owner_and_start(&self, pid: u32) -> Option<(u32, f64)>;
+}
+
+#[derive(Debug, Default, PartialEq)]
+pub struct Scan {
+    pub accepted: Vec<GpuInfo>,
+    /// Refusals by reason.
+    pub rejected: BTreeMap<&'static str, u64>,
+}
+
+/// Reads every `gpu-info-<pid>.json` in `dir`.
+pub fn scan(
+    dir: &Path,
+    limits: &Limits,
+    processes: &dyn Processes,
+    now: SystemTime,
+) -> Result<Scan, std::io::Error> {
+    let mut out = Scan::default();
+    let mut considered = 0;
+    for entry in std::fs::read_dir(dir)? {
+        let Ok(entry) = entry else { continue };
+        let name = entry.file_name();
+        let Some(pid) = name.to_str().and_then(pid_from_name) else {
+            continue;
+        };
+        if considered == limits.max_files {
+            *out.rejected.entry("too_many_files").or_default() += 1;
+            continue;
+        }
+        considered += 1;
+        match read_one(&entry.path(), pid, limits, processes, now) {
+            Ok(info) => out.accepted.push(info),
+            Err(reason) => *out.rejected.entry(reason).or_default() += 1,
+        }
+    }
+    out.accepted.sort_by_key(|i| (i.pid, i.gpu_index));
+    Ok(out)
+}
+
+/// `gpu-info-<pid>.json` → pid.
+pub fn pid_from_name(name: &str) -> Option<u32> {
+    let pid = name.strip_prefix("gpu-info-")?.strip_suffix(".json")?;
+    (!pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit())).then(|| pid.parse().ok())?
+}
+
+fn read_one(
+    path: &Path,
+    pid: u32,
+    limits: &Limits,
+    processes: &dyn Processes,
+    now: SystemTime,
+) -> Result<GpuInfo, &'static str> {
+    let (uid, started) = processes.owner_and_start(pid).ok_or("process_gone")?;
+    let file = open_untrusted(path)?;
+    let meta = file.metadata().map_err(|_| "unreadable")?;
+    if !meta.is_file() {
+        return Err("not_a_regular_file");
+    }
+    if meta.len() > limits.max_bytes {
+        return Err("too_large");
+    }
+    check_owner(&meta, uid)?;
+    let modified = meta
+        .modified()
+        .ok()
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map_or(0.0, |d| d.as_secs_f64());
+    if modified + 1.0 < started {
+        return Err("older_than_process");
+    }
+    let mut text = Vec::with_capacity(meta.len() as usize);
+    file.take(limits.max_bytes + 1)
+        .read_to_end(&mut text)
+        .map_err(|_| "unreadable")?;
+    if text.len() as u64 > limits.max_bytes {
+        return Err("too_large");
+    }
+    let info = schema::parse(&text)?;
+    if info.pid != pid {
+        return Err("pid_mismatch");
+    }
+    let now = now
+        .duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64());
+    if info.timestamp + limits.ttl.as_secs_f64() < now
+        || info.timestamp > now + limits.ttl.as_secs_f64()
+    {
+        return Err("stale");
+    }
+    Ok(info)
+}
+
+#[cfg(unix)]
+fn open_untrusted(path: &Path) -> Result<std::fs::File, &'static str> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC | libc::O_NOCTTY)
+        .open(path)
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::ELOOP) => "symlink",
+            Some(libc::ENOENT) => "process_gone",
+            _ => "unreadable",
+        })
+}
+
+#[cfg(unix)]
+fn check_owner(meta: &std::fs::Metadata, uid: u32) -> Result<(), &'static str> {
+    use std::os::unix::fs::MetadataExt;
+    if meta.uid() == uid {
+        Ok(())
+    } else {
+        Err("wrong_owner")
+    }
+}
