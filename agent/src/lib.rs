@@ -6,7 +6,6 @@
 //! are Linux-only.
 
 pub mod config;
-#[cfg(unix)]
 pub mod gpuinfo;
 pub mod http;
 pub mod identity;

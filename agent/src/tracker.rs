@@ -134,10 +134,17 @@ impl Tracker {
             });
         let identity = derive(facts, parent.as_ref().map(|(f, i)| (f, i))).or(fallback);
         let Some(identity) = identity else {
-            if replace == Replace::OnlyWithIdentity
-                && self.procs.get(&facts.pid).is_some_and(Tracked::is_alive)
-            {
-                return Observed::Unchanged;
+            if replace == Replace::OnlyWithIdentity {
+                // The same process (same start) keeps what is known about it; a reused pid
+                // (another start) does not.
+                let start = start_ticks();
+                let same = |t: &Tracked| {
+                    t.is_alive()
+                        && (start.is_none() || t.start_ticks.is_none() || t.start_ticks == start)
+                };
+                if self.procs.get(&facts.pid).is_some_and(same) {
+                    return Observed::Unchanged;
+                }
             }
             return match self.procs.remove(&facts.pid) {
                 Some(_) => Observed::Removed,
@@ -346,6 +353,12 @@ mod tests {
             Observed::Unchanged,
             "a scan keeps a GPU user"
         );
+        assert_eq!(
+            t.refresh(&plain, || Some(9)),
+            Observed::Removed,
+            "but not across pid reuse"
+        );
+        t.observe_gpu_user(&plain, || Some(1));
         assert_eq!(
             t.observe(&plain, || Some(1)),
             Observed::Removed,

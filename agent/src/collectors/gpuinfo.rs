@@ -37,14 +37,14 @@ impl GpuInfoCollector {
 struct Proc<'a>(&'a Shared);
 
 impl Processes for Proc<'_> {
-    fn owner_and_start(&self, pid: u32) -> Option<(u32, f64)> {
+    fn owner_and_start(&self, pid: u32) -> Option<(Option<u32>, f64)> {
         let proc = &self.0.proc;
         let uid = std::fs::metadata(proc.path().join(pid.to_string()))
             .ok()?
             .uid();
         let sample = proc.sample(pid).ok()?;
         Some((
-            uid,
+            Some(uid),
             proc.boot_time_seconds as f64
                 + sample.start_ticks as f64 / proc.ticks_per_second as f64,
         ))

@@ -6,7 +6,9 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::agent::Shared;
-use crate::metrics::gpu::{DeviceSeries, GpuIndex, GpuInfoLabels, GpuKindLabels, GpuLabels};
+use crate::metrics::gpu::{
+    device_help, DeviceSeries, GpuIndex, GpuInfoLabels, GpuKindLabels, GpuLabels,
+};
 use crate::metrics::{CollectError, Collector, ProcessLabels, Snapshot};
 use crate::nvml::DeviceSample;
 
@@ -27,63 +29,27 @@ impl NvmlCollector {
 
 type Field = fn(&DeviceSample) -> Option<f64>;
 
-/// The device gauges: (name, help, value).
-const DEVICE_GAUGES: &[(&str, &str, Field)] = &[
-    (
-        "nvidia_gpu_utilization",
-        "GPU utilisation, percent of the last sample period.",
-        |d| d.utilization_percent,
-    ),
-    (
-        "nvidia_gpu_memory_utilization",
-        "GPU memory-controller utilisation, percent.",
-        |d| d.memory_utilization_percent,
-    ),
-    ("nvidia_gpu_memory_used_bytes", "GPU memory in use.", |d| {
-        d.memory_used_bytes
+/// How each device gauge of `metrics::gpu::DEVICE_GAUGES` is read from a sample.
+const DEVICE_FIELDS: &[(&str, Field)] = &[
+    ("nvidia_gpu_utilization", |d| d.utilization_percent),
+    ("nvidia_gpu_memory_utilization", |d| {
+        d.memory_utilization_percent
     }),
-    (
-        "nvidia_gpu_memory_total_bytes",
-        "GPU memory in total.",
-        |d| d.memory_total_bytes,
-    ),
-    ("nvidia_gpu_memory_free_bytes", "GPU memory free.", |d| {
-        d.memory_free_bytes
+    ("nvidia_gpu_memory_used_bytes", |d| d.memory_used_bytes),
+    ("nvidia_gpu_memory_total_bytes", |d| d.memory_total_bytes),
+    ("nvidia_gpu_memory_free_bytes", |d| d.memory_free_bytes),
+    ("nvidia_gpu_temperature", |d| d.temperature_celsius),
+    ("nvidia_gpu_power_usage", |d| d.power_watts),
+    ("nvidia_gpu_power_limit", |d| d.power_limit_watts),
+    ("nvidia_gpu_sm_clock_hertz", |d| d.sm_clock_hertz),
+    ("nvidia_gpu_memory_clock_hertz", |d| d.memory_clock_hertz),
+    ("nvidia_gpu_fan_speed", |d| d.fan_speed_percent),
+    ("nvidia_gpu_pcie_tx_bytes_per_second", |d| {
+        d.pcie_tx_bytes_per_second
     }),
-    (
-        "nvidia_gpu_temperature",
-        "GPU core temperature, degrees Celsius.",
-        |d| d.temperature_celsius,
-    ),
-    ("nvidia_gpu_power_usage", "GPU power draw, watts.", |d| {
-        d.power_watts
+    ("nvidia_gpu_pcie_rx_bytes_per_second", |d| {
+        d.pcie_rx_bytes_per_second
     }),
-    (
-        "nvidia_gpu_power_limit",
-        "Enforced GPU power limit, watts.",
-        |d| d.power_limit_watts,
-    ),
-    ("nvidia_gpu_sm_clock_hertz", "SM clock.", |d| {
-        d.sm_clock_hertz
-    }),
-    ("nvidia_gpu_memory_clock_hertz", "Memory clock.", |d| {
-        d.memory_clock_hertz
-    }),
-    (
-        "nvidia_gpu_fan_speed",
-        "Fan speed, percent of maximum.",
-        |d| d.fan_speed_percent,
-    ),
-    (
-        "nvidia_gpu_pcie_tx_bytes_per_second",
-        "PCIe transmit throughput.",
-        |d| d.pcie_tx_bytes_per_second,
-    ),
-    (
-        "nvidia_gpu_pcie_rx_bytes_per_second",
-        "PCIe receive throughput.",
-        |d| d.pcie_rx_bytes_per_second,
-    ),
 ];
 
 impl Collector for NvmlCollector {
@@ -104,13 +70,13 @@ impl Collector for NvmlCollector {
                 uuid: d.uuid.clone(),
                 name: d.name.clone(),
             };
-            for (name, help, field) in DEVICE_GAUGES {
+            for (name, field) in DEVICE_FIELDS {
                 let series: DeviceSeries = sample
                     .devices
                     .iter()
                     .filter_map(|d| field(d).map(|v| (labels(d), v)))
                     .collect();
-                g.devices.push((name, help, series));
+                g.devices.push((name, device_help(name), series));
             }
             g.energy_joules = sample
                 .devices

@@ -44,8 +44,10 @@ impl Default for Limits {
 
 /// What the reader needs to know about the process a file names.
 pub trait Processes {
-    /// (uid, start time as Unix seconds) of a live process; None when it is gone.
-    fn owner_and_start(&self, pid: u32) -> Option<(u32, f64)>;
+    /// (uid, start time as Unix seconds) of a live process; None when it is gone. The uid is
+    /// None where owners are not uids (Windows: there the directory's ACL must keep other
+    /// users from writing reports).
+    fn owner_and_start(&self, pid: u32) -> Option<(Option<u32>, f64)>;
 }
 
 #[derive(Debug, Default, PartialEq)]
@@ -106,7 +108,9 @@ fn read_one(
     if meta.len() > limits.max_bytes {
         return Err("too_large");
     }
-    check_owner(&meta, uid)?;
+    if let Some(uid) = uid {
+        check_owner(&meta, uid)?;
+    }
     let modified = meta
         .modified()
         .ok()

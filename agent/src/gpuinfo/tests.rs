@@ -6,8 +6,8 @@ use super::*;
 struct Fake(HashMap<u32, (u32, f64)>);
 
 impl Processes for Fake {
-    fn owner_and_start(&self, pid: u32) -> Option<(u32, f64)> {
-        self.0.get(&pid).copied()
+    fn owner_and_start(&self, pid: u32) -> Option<(Option<u32>, f64)> {
+        self.0.get(&pid).map(|&(uid, start)| (Some(uid), start))
     }
 }
 

@@ -313,9 +313,10 @@ fn parse_python(rest: &[String]) -> Entry<'_> {
     }
 }
 
+/// The last component of a Unix or Windows path.
 pub(super) fn basename(path: &str) -> &str {
-    path.trim_end_matches('/')
-        .rsplit('/')
+    path.trim_end_matches(['/', '\\'])
+        .rsplit(['/', '\\'])
         .next()
         .unwrap_or(path)
 }

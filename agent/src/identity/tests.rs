@@ -60,6 +60,11 @@ fn command_lines() {
         ("vllm run-batch -i in.jsonl -o out.jsonl --model microsoft/phi-2", Some(("vllm", "microsoft/phi-2", "script"))),
         ("vllm chat --url http://localhost:8000/v1", None),
         ("vllm --version", None),
+        // Windows command lines (windows-fallback classifies with the same code)
+        ("C:\\Python311\\python.exe -m vllm.entrypoints.openai.api_server --model Qwen/Qwen2.5-7B-Instruct", Some(("vllm", "Qwen/Qwen2.5-7B-Instruct", "server"))),
+        ("C:\\llama\\llama-server.exe -m C:\\models\\qwen2.5-7b-instruct-q4_k_m.gguf", Some(("llama.cpp", "qwen2.5-7b-instruct-q4_k_m", "server"))),
+        ("C:\\Users\\me\\AppData\\Local\\Programs\\Ollama\\ollama.exe serve", Some(("ollama", "unknown", "server"))),
+        ("C:\\Windows\\notepad.exe C:\\models\\model.gguf", None),
         // SGLang
         ("python3 -m sglang.launch_server --model-path meta-llama/Meta-Llama-3-8B-Instruct --port 30000", Some(("sglang", "meta-llama/Meta-Llama-3-8B-Instruct", "server"))),
         ("python -m sglang.launch_server --model-path Qwen/QwQ-32B --tp 4 --host 0.0.0.0", Some(("sglang", "Qwen/QwQ-32B", "server"))),

@@ -60,3 +60,43 @@ pub struct GpuSnapshot {
     /// Unix time of the last successful NVML sample, when there was one.
     pub last_success_seconds: Option<f64>,
 }
+
+/// The device gauges every llmscope binary exports, with their help: (name, help).
+pub const DEVICE_GAUGES: &[(&str, &str)] = &[
+    (
+        "nvidia_gpu_utilization",
+        "GPU utilisation, percent of the last sample period.",
+    ),
+    (
+        "nvidia_gpu_memory_utilization",
+        "GPU memory-controller utilisation, percent.",
+    ),
+    ("nvidia_gpu_memory_used_bytes", "GPU memory in use."),
+    ("nvidia_gpu_memory_total_bytes", "GPU memory in total."),
+    ("nvidia_gpu_memory_free_bytes", "GPU memory free."),
+    (
+        "nvidia_gpu_temperature",
+        "GPU core temperature, degrees Celsius.",
+    ),
+    ("nvidia_gpu_power_usage", "GPU power draw, watts."),
+    ("nvidia_gpu_power_limit", "Enforced GPU power limit, watts."),
+    ("nvidia_gpu_sm_clock_hertz", "SM clock."),
+    ("nvidia_gpu_memory_clock_hertz", "Memory clock."),
+    ("nvidia_gpu_fan_speed", "Fan speed, percent of maximum."),
+    (
+        "nvidia_gpu_pcie_tx_bytes_per_second",
+        "PCIe transmit throughput.",
+    ),
+    (
+        "nvidia_gpu_pcie_rx_bytes_per_second",
+        "PCIe receive throughput.",
+    ),
+];
+
+/// The help of a device gauge of [`DEVICE_GAUGES`].
+pub fn device_help(name: &str) -> &'static str {
+    DEVICE_GAUGES
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map_or("GPU device metric.", |(_, h)| h)
+}

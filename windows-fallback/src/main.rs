@@ -1,0 +1,231 @@
+//! llmscope-fallback: the llmscope metrics where eBPF is not there (Windows, or a Linux host
+//! without it). Every `--interval` it lists processes, classifies them with the agent's code,
+//! reads gpu-info reports with the agent's hardened reader, and asks nvidia-smi when there is
+//! one; `/metrics` serves the last poll with the agent's names and labels.
+
+mod poller;
+mod smi;
+mod source;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use clap::Parser;
+use llmscope::config::parse_duration;
+use llmscope::gpuinfo::{scan, Limits, Processes};
+use llmscope::http::MetricsSource;
+use llmscope::metrics::{BuildInfo, Snapshot};
+
+use crate::poller::{Inputs, Poller};
+use crate::source::{ProcInfo, ProcessSource, SysinfoSource};
+
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "llmscope-fallback",
+    version,
+    about = "llmscope's polling agent: the same LLM-process metrics where eBPF is not available (Windows)."
+)]
+struct Config {
+    /// Address to serve /metrics, /healthz and /api/processes on.
+    #[arg(
+        long = "web.listen-address",
+        env = "LLMSCOPE_WEB_LISTEN_ADDRESS",
+        default_value = "127.0.0.1:9101"
+    )]
+    listen_address: SocketAddr,
+    /// How often processes, gpu-info reports and nvidia-smi are read.
+    #[arg(long, env = "LLMSCOPE_INTERVAL", default_value = "10s", value_parser = parse_duration)]
+    interval: Duration,
+    /// How long the series of an exited process stay.
+    #[arg(long, env = "LLMSCOPE_GRACE_PERIOD", default_value = "10s", value_parser = parse_duration)]
+    grace_period: Duration,
+    /// Directory of gpu-info-<pid>.json reports.
+    #[arg(long, env = "LLMSCOPE_GPU_INFO_DIR")]
+    gpu_info_dir: Option<PathBuf>,
+    /// A gpu-info report older than this is stale.
+    #[arg(long, env = "LLMSCOPE_GPU_INFO_TTL", default_value = "60s", value_parser = parse_duration)]
+    gpu_info_ttl: Duration,
+    /// nvidia-smi to run (looked up on PATH); a missing or failing one shows as
+    /// llmscope_collector_success{collector="nvidia_smi"} 0.
+    #[arg(long, env = "LLMSCOPE_NVIDIA_SMI", default_value = "nvidia-smi")]
+    nvidia_smi: String,
+    /// Do not run nvidia-smi.
+    #[arg(long, env = "LLMSCOPE_NO_NVIDIA_SMI")]
+    no_nvidia_smi: bool,
+    /// Most LLM processes tracked at once.
+    #[arg(long, env = "LLMSCOPE_MAX_PROCESSES", default_value_t = 8192)]
+    max_processes: usize,
+    /// Log level or tracing filter.
+    #[arg(long, env = "LLMSCOPE_LOG_LEVEL", default_value = "info")]
+    log_level: String,
+}
+
+struct Source {
+    last: Mutex<(Snapshot, Instant)>,
+    interval: Duration,
+}
+
+impl MetricsSource for Source {
+    fn gather(&self) -> Snapshot {
+        self.last
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .0
+            .clone()
+    }
+
+    fn build_info(&self) -> BuildInfo {
+        BuildInfo::new("polling")
+    }
+
+    fn health(&self) -> Result<(), String> {
+        let age = self
+            .last
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .1
+            .elapsed();
+        if age <= self.interval * 3 + Duration::from_secs(5) {
+            Ok(())
+        } else {
+            Err(format!("the last poll finished {age:?} ago"))
+        }
+    }
+}
+
+/// Owners and start times for the gpu-info reader, from the poll's own process list.
+struct Polled<'a>(&'a [ProcInfo]);
+
+impl Processes for Polled<'_> {
+    fn owner_and_start(&self, pid: u32) -> Option<(Option<u32>, f64)> {
+        let p = self.0.iter().find(|p| p.pid == pid)?;
+        Some((owner(pid), p.start_time as f64))
+    }
+}
+
+#[cfg(unix)]
+fn owner(pid: u32) -> Option<u32> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(format!("/proc/{pid}"))
+        .ok()
+        .map(|m| m.uid())
+}
+
+#[cfg(not(unix))]
+fn owner(_pid: u32) -> Option<u32> {
+    None
+}
+
+fn poll_forever(
+    config: Config,
+    mut processes: SysinfoSource,
+    source: Arc<Source>,
+    stop: Arc<AtomicBool>,
+) {
+    let mut poller = Poller::new(config.grace_period, config.max_processes);
+    let limits = Limits {
+        ttl: config.gpu_info_ttl,
+        ..Default::default()
+    };
+    let mut smi_error: Option<String> = None;
+    while !stop.load(Ordering::Relaxed) {
+        let listed = processes.list();
+        let gpu_info = config.gpu_info_dir.as_ref().map(|dir| {
+            scan(dir, &limits, &Polled(&listed), SystemTime::now())
+                .map_err(|e| format!("--gpu-info-dir {}: {e}", dir.display()))
+        });
+        let smi = (!config.no_nvidia_smi).then(|| smi::sample(&config.nvidia_smi));
+        if let Some(Err(e)) = &smi {
+            if smi_error.as_ref() != Some(e) {
+                tracing::warn!("nvidia-smi: {e}; GPU device metrics are left out");
+                smi_error = Some(e.clone());
+            }
+        }
+        let snapshot = poller.poll(Inputs {
+            processes: listed,
+            gpu_info,
+            smi,
+            now: Instant::now(),
+        });
+        *source.last.lock().unwrap_or_else(|e| e.into_inner()) = (snapshot, Instant::now());
+        let deadline = Instant::now() + config.interval;
+        while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let config = Config::parse();
+    let Ok(filter) = tracing_subscriber::EnvFilter::try_new(&config.log_level) else {
+        eprintln!(
+            "error: --log-level {:?} is not a level or tracing filter",
+            config.log_level
+        );
+        return ExitCode::from(2);
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .init();
+    if config.interval < Duration::from_millis(100) {
+        eprintln!("error: --interval must be at least 100ms");
+        return ExitCode::from(2);
+    }
+    let source = Arc::new(Source {
+        last: Mutex::new((Snapshot::default(), Instant::now())),
+        interval: config.interval,
+    });
+    let stop = Arc::new(AtomicBool::new(false));
+    let processes = match SysinfoSource::new() {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let poller = {
+        let (config, source, stop) = (config.clone(), source.clone(), stop.clone());
+        std::thread::Builder::new()
+            .name("llmscope-poll".into())
+            .spawn(move || poll_forever(config, processes, source, stop))
+    };
+    let Ok(poller) = poller else {
+        eprintln!("error: cannot start the polling thread");
+        return ExitCode::FAILURE;
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: starting the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        let listener = tokio::net::TcpListener::bind(config.listen_address).await?;
+        tracing::info!(address = %config.listen_address, interval = ?config.interval, "serving /metrics");
+        llmscope::http::serve(listener, source, async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+        .await
+    });
+    stop.store(true, Ordering::Relaxed);
+    let _ = poller.join();
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("--web.listen-address {}: {e}", config.listen_address);
+            ExitCode::FAILURE
+        }
+    }
+}
