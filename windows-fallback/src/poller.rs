@@ -11,14 +11,14 @@ use llmscope::metrics::gpu::{GpuIndex, GpuLabels, GpuSnapshot};
 use llmscope::metrics::{CollectorStatus, KindCount, ProcessLabels, ProcessSample, Snapshot};
 use llmscope::tracker::Tracker;
 
-use crate::smi::{SmiApp, SmiGpu};
+use crate::smi::{SmiApp, SmiGpu, SmiResult};
 use crate::source::ProcInfo;
 
 /// What one poll saw. `None` for a source that is not configured.
 pub struct Inputs {
     pub processes: Vec<ProcInfo>,
     pub gpu_info: Option<Result<Scan, String>>,
-    pub smi: Option<Result<(Vec<SmiGpu>, Vec<SmiApp>), String>>,
+    pub smi: Option<SmiResult>,
     pub now: Instant,
 }
 
@@ -95,7 +95,7 @@ impl Poller {
                 cpu_seconds: info.cpu_seconds,
                 cpu_percent,
                 memory_bytes: info.memory_bytes,
-                threads: info.threads.unwrap_or(0),
+                threads: info.threads,
                 start_time_seconds: info.start_time as f64,
             });
             labels.insert(t.pid, l);
@@ -191,10 +191,7 @@ fn facts(p: &ProcInfo) -> ProcessFacts {
     }
 }
 
-fn gpu_report_pids(
-    gpu_info: &Option<Result<Scan, String>>,
-    smi: &Option<Result<(Vec<SmiGpu>, Vec<SmiApp>), String>>,
-) -> Vec<u32> {
+fn gpu_report_pids(gpu_info: &Option<Result<Scan, String>>, smi: &Option<SmiResult>) -> Vec<u32> {
     let from_files = gpu_info
         .iter()
         .flatten()

@@ -22,6 +22,9 @@ pub struct SmiApp {
     pub memory_bytes: Option<f64>,
 }
 
+/// One nvidia-smi reading: the GPUs and the compute apps on them, or why there is none.
+pub type SmiResult = Result<(Vec<SmiGpu>, Vec<SmiApp>), String>;
+
 pub const GPU_QUERY: &str =
     "index,uuid,name,utilization.gpu,memory.used,memory.total,temperature.gpu,power.draw";
 pub const APP_QUERY: &str = "pid,gpu_uuid,used_gpu_memory";
@@ -97,7 +100,7 @@ fn query(program: &str, arg: String) -> Result<String, String> {
 }
 
 /// Runs nvidia-smi twice (GPUs, then compute apps).
-pub fn sample(program: &str) -> Result<(Vec<SmiGpu>, Vec<SmiApp>), String> {
+pub fn sample(program: &str) -> SmiResult {
     let gpus = parse_gpus(&query(program, format!("--query-gpu={GPU_QUERY}"))?)?;
     let apps = parse_apps(&query(
         program,

@@ -82,6 +82,9 @@ fn test(args: Vec<String>) -> Result<()> {
         bail!("cargo xtask test runs privileged tests that load eBPF programs: run it as root (e.g. sudo -E cargo xtask test)");
     }
     setup::ensure_debian_packages(&[
+        ("x86_64-w64-mingw32-gcc", "gcc-mingw-w64-x86-64"),
+        ("wine", "wine"),
+        ("wine64", "wine64"),
         ("cc", "gcc"),
         ("python3", "python3"),
         ("pip3", "python3-pip"),
@@ -99,6 +102,7 @@ fn test(args: Vec<String>) -> Result<()> {
         "-D",
         "warnings",
     ])?;
+    let fallback_exe = windows_fallback()?;
     // Integration tests start agents and process storms: one at a time, so they do not
     // compete for this machine's two cores.
     let mut cargo_args = vec!["test", "--workspace", "--exclude", "agent-ebpf"];
@@ -107,7 +111,40 @@ fn test(args: Vec<String>) -> Result<()> {
         cargo_args.push("--");
     }
     cargo_args.push("--test-threads=1");
-    setup::cargo_with_env(&cargo_args, &[("LLMSCOPE_REAL_CUDART", cudart.as_os_str())])
+    setup::cargo_with_env(
+        &cargo_args,
+        &[
+            ("LLMSCOPE_REAL_CUDART", cudart.as_os_str()),
+            ("LLMSCOPE_FALLBACK_EXE", fallback_exe.as_os_str()),
+        ],
+    )
+}
+
+/// Builds llmscope-fallback.exe for Windows (mingw), installing the Rust target when missing.
+fn windows_fallback() -> Result<std::path::PathBuf> {
+    const TARGET: &str = "x86_64-pc-windows-gnu";
+    let installed = Command::new("rustup")
+        .args(["target", "list", "--installed"])
+        .output()?;
+    if !String::from_utf8_lossy(&installed.stdout)
+        .lines()
+        .any(|l| l.trim() == TARGET)
+    {
+        println!("xtask: installing the Rust standard library for {TARGET} (windows-fallback's Windows build)");
+        setup::run(Command::new("rustup").args(["target", "add", TARGET]))?;
+    }
+    setup::cargo(&[
+        "build",
+        "--release",
+        "--package",
+        "windows-fallback",
+        "--target",
+        TARGET,
+    ])?;
+    Ok(setup::workspace_root()
+        .join("target")
+        .join(TARGET)
+        .join("release/llmscope-fallback.exe"))
 }
 
 fn bench(name: Option<String>) -> Result<()> {

@@ -90,7 +90,7 @@ impl Collector for ProcessCollector {
                 cpu_seconds: sample.cpu_ticks as f64 / tps,
                 cpu_percent,
                 memory_bytes: sample.rss_bytes,
-                threads: sample.threads,
+                threads: Some(sample.threads),
                 start_time_seconds: proc.boot_time_seconds as f64 + sample.start_ticks as f64 / tps,
             });
         }

@@ -164,3 +164,28 @@ fn check_owner(meta: &std::fs::Metadata, uid: u32) -> Result<(), &'static str> {
         Err("wrong_owner")
     }
 }
+
+/// Windows: refuse symlinks and junctions (reparse points) instead of following them.
+#[cfg(windows)]
+fn open_untrusted(path: &Path) -> Result<std::fs::File, &'static str> {
+    use std::os::windows::fs::OpenOptionsExt;
+    const FILE_FLAG_OPEN_REPARSE_POINT: u32 = 0x0020_0000;
+    let meta = std::fs::symlink_metadata(path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => "process_gone",
+        _ => "unreadable",
+    })?;
+    if meta.file_type().is_symlink() {
+        return Err("symlink");
+    }
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(FILE_FLAG_OPEN_REPARSE_POINT)
+        .open(path)
+        .map_err(|_| "unreadable")
+}
+
+/// Windows owners are SIDs, not uids: the caller passes none (see [`Processes`]).
+#[cfg(windows)]
+fn check_owner(_meta: &std::fs::Metadata, _uid: u32) -> Result<(), &'static str> {
+    Ok(())
+}

@@ -172,7 +172,7 @@ impl Collector for SnapshotCollector {
             "llm_process_threads",
             "Threads in the process.",
             None,
-            per_process(p, |s| Some(s.threads as f64)),
+            per_process(p, |s| s.threads.map(|t| t as f64)),
         )?;
         family(
             &mut e,

@@ -95,7 +95,7 @@ mod tests {
             cpu_seconds: 12.5,
             cpu_percent: Some(50.0),
             memory_bytes: 1 << 30,
-            threads: 8,
+            threads: Some(8),
             start_time_seconds: 1_700_000_000.0,
         };
         let cuda_labels = ProcessLabels::new(10, "python3", &id);

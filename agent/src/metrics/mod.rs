@@ -52,7 +52,8 @@ pub struct ProcessSample {
     /// CPU use since the previous reading, in percent of one core; None on the first reading.
     pub cpu_percent: Option<f64>,
     pub memory_bytes: u64,
-    pub threads: u64,
+    /// None where the platform does not say (Windows): the series is left out, not 0.
+    pub threads: Option<u64>,
     pub start_time_seconds: f64,
 }
 

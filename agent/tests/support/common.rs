@@ -1,0 +1,137 @@
+//! Test helpers that know nothing of the agent: waiting, an HTTP client, an exposition
+//! parser. Shared by the agent's tests and windows-fallback's (included by path).
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::time::{Duration, Instant};
+
+/// Polls `f` every 20 ms until it returns Some or `limit` passes. The limit only bounds a
+/// hang; assertions never depend on how fast something happened.
+pub fn wait_for<T>(limit: Duration, f: impl FnMut() -> Option<T>) -> Option<T> {
+    poll_for(limit, Duration::from_millis(20), f)
+}
+
+/// [`wait_for`] with a chosen polling interval.
+pub fn poll_for<T>(
+    limit: Duration,
+    every: Duration,
+    mut f: impl FnMut() -> Option<T>,
+) -> Option<T> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(every);
+    }
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// GET over HTTP/1.0; returns (status, headers, body).
+pub fn http_get(
+    addr: SocketAddr,
+    path: &str,
+    accept: Option<&str>,
+) -> std::io::Result<(u16, String, String)> {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let accept = accept
+        .map(|a| format!("Accept: {a}\r\n"))
+        .unwrap_or_default();
+    write!(
+        stream,
+        "GET {path} HTTP/1.0\r\nHost: {addr}\r\n{accept}\r\n"
+    )?;
+    let mut raw = String::new();
+    stream.read_to_string(&mut raw)?;
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    Ok((code, head.to_owned(), body.to_owned()))
+}
+
+/// A scraped exposition.
+pub struct Exposition(pub String);
+
+pub type Labels = HashMap<String, String>;
+
+impl Exposition {
+    /// Samples of `name` as (labels, value).
+    pub fn samples(&self, name: &str) -> Vec<(Labels, f64)> {
+        self.0
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| {
+                let (series, value) = l.rsplit_once(' ')?;
+                let (metric, labels) = match series.split_once('{') {
+                    Some((m, rest)) => (m, parse_labels(rest.strip_suffix('}')?)),
+                    None => (series, Labels::new()),
+                };
+                if metric != name {
+                    return None;
+                }
+                Some((labels, value.parse().ok()?))
+            })
+            .collect()
+    }
+
+    /// Samples of `name` whose labels include every `(key, value)` of `want`.
+    pub fn find(&self, name: &str, want: &[(&str, &str)]) -> Vec<(Labels, f64)> {
+        self.samples(name)
+            .into_iter()
+            .filter(|(l, _)| {
+                want.iter()
+                    .all(|(k, v)| l.get(*k).map(String::as_str) == Some(*v))
+            })
+            .collect()
+    }
+
+    pub fn value(&self, name: &str, want: &[(&str, &str)]) -> Option<f64> {
+        self.find(name, want).first().map(|(_, v)| *v)
+    }
+}
+
+fn parse_labels(s: &str) -> Labels {
+    let mut labels = Labels::new();
+    let mut rest = s;
+    while let Some((key, after)) = rest.split_once("=\"") {
+        let mut value = String::new();
+        let mut chars = after.char_indices();
+        let mut end = after.len();
+        while let Some((i, c)) = chars.next() {
+            match c {
+                '\\' => {
+                    if let Some((_, n)) = chars.next() {
+                        value.push(match n {
+                            'n' => '\n',
+                            other => other,
+                        });
+                    }
+                }
+                '"' => {
+                    end = i + 1;
+                    break;
+                }
+                c => value.push(c),
+            }
+        }
+        labels.insert(key.trim_start_matches(',').to_owned(), value);
+        rest = &after[end..];
+    }
+    labels
+}
