@@ -144,21 +144,8 @@ impl Poller {
                     *self.rejected.entry(reason).or_default() += n;
                 }
                 for info in &scan.accepted {
-                    let Some(l) = labels.get(&info.pid) else {
-                        continue;
-                    };
-                    let key = (
-                        l.clone(),
-                        GpuIndex {
-                            gpu: info.gpu_index.to_string(),
-                        },
-                    );
-                    g.process_allocated
-                        .push((key.clone(), info.gpu_memory_allocated_bytes));
-                    g.process_reserved
-                        .push((key.clone(), info.gpu_memory_reserved_bytes));
-                    if let Some(u) = info.gpu_utilization {
-                        g.process_utilization.push((key, u));
+                    if let Some(l) = labels.get(&info.pid) {
+                        g.add_report(l.clone(), info);
                     }
                 }
                 g.info_reports = Some(scan.accepted.len() as f64);

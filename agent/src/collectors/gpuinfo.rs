@@ -2,7 +2,7 @@
 //! and reserved on the GPU, read with the hardened reader at scrape time (bounded: at most
 //! `Limits::max_files` files of at most `Limits::max_bytes` each).
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -10,7 +10,6 @@ use std::time::SystemTime;
 
 use crate::agent::Shared;
 use crate::gpuinfo::{scan, Limits, Processes};
-use crate::metrics::gpu::GpuIndex;
 use crate::metrics::{CollectError, Collector, KindCount, ProcessLabels, Snapshot};
 use crate::tracker::Observed;
 
@@ -75,30 +74,9 @@ impl Collector for GpuInfoCollector {
             *self.rejected.entry(reason).or_default() += n;
         }
         let g = &mut snapshot.gpu;
-        let from_nvml: HashSet<(String, String)> = g
-            .process_utilization
-            .iter()
-            .map(|((l, gpu), _)| (l.pid.clone(), gpu.gpu.clone()))
-            .collect();
         for info in &scan.accepted {
-            let Some(labels) = self.labels(info.pid) else {
-                continue;
-            };
-            let key = (
-                labels,
-                GpuIndex {
-                    gpu: info.gpu_index.to_string(),
-                },
-            );
-            g.process_allocated
-                .push((key.clone(), info.gpu_memory_allocated_bytes));
-            g.process_reserved
-                .push((key.clone(), info.gpu_memory_reserved_bytes));
-            // NVML's sample wins where both exist: one series per process and GPU.
-            if let Some(util) = info.gpu_utilization {
-                if !from_nvml.contains(&(key.0.pid.clone(), key.1.gpu.clone())) {
-                    g.process_utilization.push((key, util));
-                }
+            if let Some(labels) = self.labels(info.pid) {
+                g.add_report(labels, info);
             }
         }
         g.info_reports = Some(scan.accepted.len() as f64);

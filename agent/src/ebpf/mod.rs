@@ -128,28 +128,14 @@ impl Sensor {
             ("sched", "sched_process_exit"),
             ("task", "task_newtask"),
         ] {
-            let program: &mut TracePoint = ebpf
-                .program_mut(name)
-                .ok_or(SensorError::Map(
-                    name,
-                    "program missing from the object".into(),
-                ))?
-                .try_into()
-                .map_err(|e| SensorError::Program(name, e))?;
+            let program: &mut TracePoint = program(&mut ebpf, name)?;
             program.load().map_err(|e| SensorError::Program(name, e))?;
             program
                 .attach(category, name)
                 .map_err(|e| SensorError::Program(name, e))?;
         }
         for name in ["cuda_entry", "cuda_return"] {
-            let program: &mut UProbe = ebpf
-                .program_mut(name)
-                .ok_or(SensorError::Map(
-                    name,
-                    "program missing from the object".into(),
-                ))?
-                .try_into()
-                .map_err(|e| SensorError::Program(name, e))?;
+            let program: &mut UProbe = program(&mut ebpf, name)?;
             program.load().map_err(|e| SensorError::Program(name, e))?;
         }
         let library_trigger = attach_library_trigger(&mut ebpf, &tracefs);
@@ -179,6 +165,20 @@ impl Sensor {
             library_trigger,
         })
     }
+}
+
+/// A program of the object, as its type.
+fn program<'e, T>(ebpf: &'e mut Ebpf, name: &'static str) -> Result<&'e mut T, SensorError>
+where
+    &'e mut T: TryFrom<&'e mut aya::programs::Program, Error = ProgramError>,
+{
+    ebpf.program_mut(name)
+        .ok_or(SensorError::Map(
+            name,
+            "program missing from the object".into(),
+        ))?
+        .try_into()
+        .map_err(|e| SensorError::Program(name, e))
 }
 
 fn take(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, SensorError> {

@@ -100,3 +100,29 @@ pub fn device_help(name: &str) -> &'static str {
         .find(|(n, _)| *n == name)
         .map_or("GPU device metric.", |(_, h)| h)
 }
+
+impl GpuSnapshot {
+    /// Adds what a gpu-info report says about a process. Utilisation from the report is
+    /// used only where NVML gave none for that process and GPU: one series per pair.
+    pub fn add_report(&mut self, labels: ProcessLabels, info: &crate::gpuinfo::GpuInfo) {
+        let key = (
+            labels,
+            GpuIndex {
+                gpu: info.gpu_index.to_string(),
+            },
+        );
+        self.process_allocated
+            .push((key.clone(), info.gpu_memory_allocated_bytes));
+        self.process_reserved
+            .push((key.clone(), info.gpu_memory_reserved_bytes));
+        if let Some(util) = info.gpu_utilization {
+            let known = self
+                .process_utilization
+                .iter()
+                .any(|((l, g), _)| l.pid == key.0.pid && g.gpu == key.1.gpu);
+            if !known {
+                self.process_utilization.push((key, util));
+            }
+        }
+    }
+}
