@@ -89,6 +89,7 @@ fn test(args: Vec<String>) -> Result<()> {
         ("python3", "python3"),
         ("pip3", "python3-pip"),
         ("unshare", "util-linux"),
+        ("promtool", "prometheus"),
     ])?;
     let cudart = setup::real_libcudart()?;
     ebpf::build()?;
