@@ -129,3 +129,140 @@ fn the_agents_exposition_passes_promtool_check_metrics() {
     );
     let _ = std::fs::remove_file(&values);
 }
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn run(program: &str, args: &[&str], dir: &Path, env: &[(&str, &str)]) -> (bool, String) {
+    let out = Command::new(program)
+        .args(args)
+        .current_dir(dir)
+        .envs(env.iter().copied())
+        .output()
+        .unwrap_or_else(|e| panic!("running {program}: {e} (cargo xtask test installs it)"));
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+/// The Kubernetes manifests validate against the Kubernetes schemas (the PyPI package
+/// kubernetes-validate, strict); the PrometheusRule carries exactly deploy/prometheus's rules.
+#[test]
+fn kubernetes_manifests_validate() {
+    let dir = root().join("deploy/kubernetes");
+    let core = ["namespace.yaml", "daemonset.yaml", "service.yaml"];
+    let mut args = vec!["--strict"];
+    args.extend(core);
+    let (ok, out) = run("kubernetes-validate", &args, &dir, &[]);
+    assert!(ok, "kubernetes-validate:\n{out}");
+    for file in core {
+        assert!(
+            out.contains(&format!("{file} passed")),
+            "{file} not validated:\n{out}"
+        );
+    }
+    let kustomization = std::fs::read_to_string(dir.join("kustomization.yaml")).unwrap();
+    for file in std::fs::read_dir(&dir)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().into_string().unwrap())
+    {
+        if file.ends_with(".yaml") && file != "kustomization.yaml" {
+            assert!(
+                kustomization.contains(&format!("- {file}")),
+                "{file} is not in kustomization.yaml"
+            );
+        }
+    }
+    // Least privilege, as the DaemonSet promises.
+    let ds = std::fs::read_to_string(dir.join("daemonset.yaml")).unwrap();
+    for needle in [
+        "privileged: false",
+        "readOnlyRootFilesystem: true",
+        "drop: [\"ALL\"]",
+        "mountPath: /host/proc",
+        "--path.procfs=/host/proc",
+        "limits:",
+    ] {
+        assert!(ds.contains(needle), "daemonset.yaml lacks {needle}");
+    }
+    let same = "import sys, yaml; \
+        groups = [g for f in sys.argv[2:] for g in yaml.safe_load(open(f))['groups']]; \
+        sys.exit(0 if yaml.safe_load(open(sys.argv[1]))['spec']['groups'] == groups else 1)";
+    let rules = root().join("deploy/prometheus/rules");
+    let (ok, out) = run(
+        "python3",
+        &[
+            "-c",
+            same,
+            "prometheusrule.yaml",
+            rules.join("llmscope-recording.yml").to_str().unwrap(),
+            rules.join("llmscope-alerts.yml").to_str().unwrap(),
+        ],
+        &dir,
+        &[],
+    );
+    assert!(
+        ok,
+        "prometheusrule.yaml differs from deploy/prometheus/rules:\n{out}"
+    );
+}
+
+/// The compose file passes `docker-compose config`, and refuses to start Grafana without the
+/// admin password the user sets (there is no default admin/admin).
+#[test]
+fn compose_file_is_valid_and_has_no_default_password() {
+    let dir = root().join("deploy/compose");
+    let (ok, out) = run(
+        "docker-compose",
+        &["-f", "docker-compose.yml", "config", "-q"],
+        &dir,
+        &[("GRAFANA_ADMIN_PASSWORD", "a-password")],
+    );
+    assert!(ok, "docker-compose config:\n{out}");
+    let (ok, out) = run(
+        "docker-compose",
+        &["-f", "docker-compose.yml", "config", "-q"],
+        &dir,
+        &[],
+    );
+    assert!(
+        !ok && out.contains("GRAFANA_ADMIN_PASSWORD"),
+        "compose must refuse to run without a Grafana password:\n{out}"
+    );
+}
+
+/// The systemd unit passes `systemd-analyze verify` with the agent binary in place.
+#[test]
+fn systemd_unit_verifies() {
+    let unit = std::fs::read_to_string(root().join("deploy/systemd/llmscope.service")).unwrap();
+    assert!(
+        unit.contains("NoNewPrivileges=yes")
+            && unit.contains("ProtectSystem=strict")
+            && unit.contains("MemoryMax=")
+    );
+    let dir = std::env::temp_dir().join(format!("llmscope-systemd-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("llmscope.service"),
+        unit.replace("/usr/local/bin/llmscope", env!("CARGO_BIN_EXE_llmscope")),
+    )
+    .unwrap();
+    let (ok, out) = run(
+        "systemd-analyze",
+        &["verify", "llmscope.service"],
+        &dir,
+        &[],
+    );
+    assert!(
+        ok && out.trim().is_empty(),
+        "systemd-analyze verify:\n{out}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -90,7 +90,10 @@ fn test(args: Vec<String>) -> Result<()> {
         ("pip3", "python3-pip"),
         ("unshare", "util-linux"),
         ("promtool", "prometheus"),
+        ("docker-compose", "docker-compose"),
+        ("systemd-analyze", "systemd"),
     ])?;
+    setup::ensure_pip_packages(&[("kubernetes-validate", "kubernetes-validate")])?;
     let cudart = setup::real_libcudart()?;
     ebpf::build()?;
     setup::cargo(&[

@@ -93,6 +93,25 @@ pub fn real_libcudart() -> Result<PathBuf> {
     Ok(lib)
 }
 
+/// Installs the PyPI packages whose command is missing: (command, package).
+pub fn ensure_pip_packages(needed: &[(&str, &str)]) -> Result<()> {
+    let missing: Vec<&str> = needed
+        .iter()
+        .filter(|(cmd, _)| !have(cmd))
+        .map(|(_, pkg)| *pkg)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    println!(
+        "xtask: installing PyPI packages the tests need: {}",
+        missing.join(" ")
+    );
+    run(Command::new("python3")
+        .args(["-m", "pip", "install", "--quiet"])
+        .args(&missing))
+}
+
 /// Installs the Debian packages whose command is missing: (command, package).
 pub fn ensure_debian_packages(needed: &[(&str, &str)]) -> Result<()> {
     let missing: Vec<&str> = needed
