@@ -86,6 +86,9 @@ impl Collector for CudaCollector {
                 gone.insert(k.tgid);
                 continue;
             }
+            // Every CUDA process has an OOM counter from its first call, at 0 until an OOM:
+            // increase() cannot see growth in a series' first sample.
+            oom.entry(k.tgid).or_default();
             let Some(f) = FUNCTIONS.get(k.function as usize) else {
                 continue;
             };
