@@ -31,6 +31,9 @@ enum Task {
         #[arg(value_parser = ["exec", "uprobe"])]
         name: Option<String>,
     },
+    /// A whole llmscope environment without a GPU (agent, CUDA and NVML test doubles,
+    /// workloads, a stand-in inference server, Prometheus on :9090) to look at every metric.
+    Demo,
     /// Run every test: unit tests and the privileged integration tests (needs root).
     Test {
         /// Extra arguments for `cargo test` (e.g. a test name filter).
@@ -45,6 +48,7 @@ fn main() -> Result<()> {
         Task::Run { args } => run(args),
         Task::Test { args } => test(args),
         Task::Bench { name } => bench(name),
+        Task::Demo => demo(),
     }
 }
 
@@ -162,4 +166,17 @@ fn bench(name: Option<String>) -> Result<()> {
         setup::cargo(&["bench", "--package", "llmscope-agent", "--bench", name])?;
     }
     Ok(())
+}
+
+fn demo() -> Result<()> {
+    if !setup::is_root() {
+        bail!("cargo xtask demo loads eBPF programs: run it as root");
+    }
+    setup::ensure_debian_packages(&[
+        ("cc", "gcc"),
+        ("python3", "python3"),
+        ("promtool", "prometheus"),
+    ])?;
+    ebpf::build()?;
+    setup::cargo(&["bench", "--package", "llmscope-agent", "--bench", "demo"])
 }

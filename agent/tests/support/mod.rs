@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 mod common;
+pub mod demo;
 pub use common::*;
 
 use std::io::{Read, Write};

@@ -1,0 +1,222 @@
+//! A whole llmscope environment without a GPU, for the dashboards test and `cargo xtask
+//! demo`: the agent with the CUDA and NVML test doubles, a vLLM-shaped process (GPU memory in
+//! NVML, a gpu-info report), CUDA workloads (launching, holding memory, hitting OOM), a
+//! stand-in inference server with vLLM's, SGLang's, TGI's and llama.cpp's metric names, and
+//! Debian's Prometheus scraping the agent and the server every second with llmscope's rules.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use super::*;
+
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+pub struct Demo {
+    pub agent: Agent,
+    pub prometheus: SocketAddr,
+    pub server: SocketAddr,
+    // Dropped in declaration order after the fields above: processes, then the work dir.
+    _children: Vec<Killed>,
+    _workloads: Vec<CudaWorkload>,
+    _vllm: Proc,
+    launching: Option<std::thread::JoinHandle<CudaWorkload>>,
+    launching_pid: u32,
+    work: PathBuf,
+}
+
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn percent_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+impl Demo {
+    /// Starts everything; returns once Prometheus has scraped both targets a dozen times.
+    /// The launching workload runs for `launch_seconds`.
+    pub fn start(prometheus_port: u16, launch_seconds: u32) -> Demo {
+        let work = std::env::temp_dir().join(format!("llmscope-demo-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&work);
+        let reports = work.join("gpu-info");
+        std::fs::create_dir_all(&reports).unwrap();
+
+        let (vllm, _engine) = start_vllm("meta-llama/Llama-3.1-8B-Instruct", "spawn");
+        let values = work.join("nvml-values");
+        std::fs::write(
+            &values,
+            format!(
+                "gpu name=NVIDIA_H100_80GB_HBM3 uuid=GPU-0 total=85899345920 used=21474836480 util=63 mem_util=31 temp=66 power_mw=412000 extended=1\n\
+                 proc gpu=0 pid={} used=17179869184 sm=58 mem=22\n",
+                vllm.pid()
+            ),
+        )
+        .unwrap();
+        let lib = fake_nvml_library();
+        let agent = Agent::start_with_env(
+            &[
+                "--nvml-lib",
+                lib.to_str().unwrap(),
+                "--nvml-interval",
+                "500ms",
+                "--cuda-overhead-budget",
+                "100",
+                "--gpu-info-dir",
+                reports.to_str().unwrap(),
+                "--rescan-interval",
+                "1h",
+            ],
+            &[("LLMSCOPE_FAKE_NVML", values.to_str().unwrap())],
+        );
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs_f64();
+        std::fs::write(
+            reports.join(format!("gpu-info-{}.json", vllm.pid())),
+            format!(r#"{{"pid": {}, "gpu_memory_allocated_bytes": 12884901888, "gpu_memory_reserved_bytes": 15032385536, "gpu_utilization": 58, "gpu_index": 0, "timestamp": {now}}}"#, vllm.pid()),
+        )
+        .unwrap();
+
+        let cudart = fake_cuda_library("runtime");
+        let cudart = cudart.to_str().unwrap();
+        let seconds = launch_seconds.to_string();
+        let mut busy = CudaWorkload::start(
+            &cuda_workload("llama-server"),
+            &["-m", "/models/qwen2.5-7b-instruct-q4_k_m.gguf"],
+            &[
+                ("CUDA_LIB", cudart),
+                ("LAUNCH_RATE", "2000"),
+                ("SECONDS", &seconds),
+            ],
+        );
+        let mut oom = CudaWorkload::start(
+            &cuda_workload("llama-server"),
+            &["-m", "/models/too-big.gguf"],
+            &[
+                ("CUDA_LIB", cudart),
+                ("ALLOCS", "2"),
+                ("FAKE_CUDA_MALLOC_RC", "2"),
+            ],
+        );
+        agent.wait_cuda_libraries(1.0);
+        let mut holding = CudaWorkload::start(
+            &cuda_workload("llama-server"),
+            &["-m", "/models/holding.gguf"],
+            &[
+                ("CUDA_LIB", cudart),
+                ("ALLOCS", "4"),
+                ("ALLOC_SIZE", "4096"),
+                ("COPY_BYTES", "1024"),
+                ("SYNCS", "5"),
+                ("FAKE_CUDA_SYNC_US", "1000"),
+                ("GRAPHS", "3"),
+                ("NO_FREE", "1"),
+            ],
+        );
+        oom.run();
+        holding.run();
+        let launching_pid = busy.pid();
+        let launching = std::thread::spawn(move || {
+            busy.run();
+            busy
+        });
+
+        let server_port = free_port();
+        let server = Killed(
+            Command::new("python3")
+                .arg(root().join("agent/tests/fixtures/inference/stand_in_server.py"))
+                .args([&server_port.to_string(), "meta-llama/Llama-3.1-8B-Instruct"])
+                .spawn()
+                .unwrap(),
+        );
+        let rules = root().join("deploy/prometheus/rules");
+        let config = format!(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n  - {}\n  - {}\nscrape_configs:\n  - job_name: llmscope\n    static_configs:\n      - targets: [\"{}\"]\n  - job_name: inference\n    static_configs:\n      - targets: [\"127.0.0.1:{server_port}\"]\n",
+            rules.join("llmscope-recording.yml").display(),
+            rules.join("llmscope-alerts.yml").display(),
+            agent.addr
+        );
+        std::fs::write(work.join("prometheus.yml"), config).unwrap();
+        let prometheus_process = Killed(
+            Command::new("prometheus")
+                .arg(format!(
+                    "--config.file={}",
+                    work.join("prometheus.yml").display()
+                ))
+                .arg(format!(
+                    "--storage.tsdb.path={}",
+                    work.join("data").display()
+                ))
+                .arg(format!("--web.listen-address=127.0.0.1:{prometheus_port}"))
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("starting prometheus (cargo xtask installs Debian's prometheus package)"),
+        );
+        let demo = Demo {
+            agent,
+            prometheus: format!("127.0.0.1:{prometheus_port}").parse().unwrap(),
+            server: format!("127.0.0.1:{server_port}").parse().unwrap(),
+            _children: vec![prometheus_process, server],
+            _workloads: vec![oom, holding],
+            _vllm: vllm,
+            launching: Some(launching),
+            launching_pid,
+            work,
+        };
+        // A dozen scrapes of both targets: enough for every rate() window.
+        let scraped = wait_for(Duration::from_secs(60), || {
+            let r = demo.query("min(count_over_time(up[1m]))")?;
+            let n: f64 = r["data"]["result"][0]["value"][1].as_str()?.parse().ok()?;
+            let both = demo.query("count(up == 1)")?["data"]["result"][0]["value"][1] == "2";
+            (n >= 12.0 && both).then_some(())
+        });
+        assert!(
+            scraped.is_some(),
+            "Prometheus did not scrape both targets:\n{}",
+            demo.agent.log()
+        );
+        demo
+    }
+
+    /// Evaluates `expr` now; None while Prometheus does not answer.
+    pub fn query(&self, expr: &str) -> Option<serde_json::Value> {
+        let (_, _, body) = http_get(
+            self.prometheus,
+            &format!("/api/v1/query?query={}", percent_encode(expr)),
+            None,
+        )
+        .ok()?;
+        serde_json::from_str(&body).ok()
+    }
+}
+
+impl Drop for Demo {
+    fn drop(&mut self) {
+        if let Some(l) = self.launching.take() {
+            if !l.is_finished() {
+                // SAFETY: signalling a process this environment started.
+                unsafe { libc::kill(self.launching_pid as i32, libc::SIGKILL) };
+            }
+            drop(l.join());
+        }
+        let _ = std::fs::remove_dir_all(&self.work);
+    }
+}
