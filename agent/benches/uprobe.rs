@@ -62,6 +62,19 @@ fn with_bpftrace<T>(script: &str, f: impl FnOnce() -> T) -> T {
     result
 }
 
+/// An agent that has probed `lib` (a short workload maps it first).
+fn agent_with_probed(lib: &Path, args: &[&str]) -> Agent {
+    let agent = Agent::start(args);
+    let mut w = CudaWorkload::start(
+        &cuda_workload("llama-bench"),
+        &["-m", "/models/warm.gguf"],
+        &[("CUDA_LIB", lib.to_str().unwrap())],
+    );
+    agent.wait_cuda_libraries(1.0);
+    w.run();
+    agent
+}
+
 fn main() {
     require_root();
     if std::env::args().any(|a| a == "--list") {
@@ -83,14 +96,11 @@ fn main() {
         || per_call(&lib, "sync"),
     );
     let (ours_entry, ours_pair) = {
-        let agent = Agent::start(&["--cuda-overhead-budget", "100", "--rescan-interval", "1h"]);
-        let mut w = CudaWorkload::start(
-            &cuda_workload("llama-bench"),
-            &["-m", "/models/warm.gguf"],
-            &[("CUDA_LIB", lib.to_str().unwrap())],
+        // Held for the measurements below: the probes live as long as the agent.
+        let _agent = agent_with_probed(
+            &lib,
+            &["--cuda-overhead-budget", "100", "--rescan-interval", "1h"],
         );
-        agent.wait_cuda_libraries(1.0);
-        w.run();
         (per_call(&lib, "launch"), per_call(&lib, "sync"))
     };
     let ratio = |ours: f64, bare: f64, none: f64| (ours - none) / (bare - none);
@@ -129,14 +139,10 @@ fn main() {
         without / s
     );
     for period in ["1s", "5s"] {
-        let agent = Agent::start(&["--rescan-interval", "1h", "--cuda-launch-period", period]);
-        let mut w = CudaWorkload::start(
-            &cuda_workload("llama-bench"),
-            &["-m", "/models/warm.gguf"],
-            &[("CUDA_LIB", lib.to_str().unwrap())],
+        let agent = agent_with_probed(
+            &lib,
+            &["--rescan-interval", "1h", "--cuda-launch-period", period],
         );
-        agent.wait_cuda_libraries(1.0);
-        w.run();
         let with = measure(&lib, &busy, "iterations=");
         let duty = agent
             .metrics()

@@ -93,13 +93,18 @@ pub fn real_libcudart() -> Result<PathBuf> {
     Ok(lib)
 }
 
-/// Installs the PyPI packages whose command is missing: (command, package).
-pub fn ensure_pip_packages(needed: &[(&str, &str)]) -> Result<()> {
-    let missing: Vec<&str> = needed
+/// The packages of (command, package) pairs whose command is not on PATH.
+fn missing<'a>(needed: &[(&str, &'a str)]) -> Vec<&'a str> {
+    needed
         .iter()
         .filter(|(cmd, _)| !have(cmd))
         .map(|(_, pkg)| *pkg)
-        .collect();
+        .collect()
+}
+
+/// Installs the PyPI packages whose command is missing: (command, package).
+pub fn ensure_pip_packages(needed: &[(&str, &str)]) -> Result<()> {
+    let missing = missing(needed);
     if missing.is_empty() {
         return Ok(());
     }
@@ -114,11 +119,7 @@ pub fn ensure_pip_packages(needed: &[(&str, &str)]) -> Result<()> {
 
 /// Installs the Debian packages whose command is missing: (command, package).
 pub fn ensure_debian_packages(needed: &[(&str, &str)]) -> Result<()> {
-    let missing: Vec<&str> = needed
-        .iter()
-        .filter(|(cmd, _)| !have(cmd))
-        .map(|(_, pkg)| *pkg)
-        .collect();
+    let missing = missing(needed);
     if missing.is_empty() {
         return Ok(());
     }
