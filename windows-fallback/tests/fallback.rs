@@ -170,7 +170,8 @@ fn run(build: Build) -> View {
             &gpu_info_dir,
         ])
         .stdin(Stdio::null())
-        .stdout(Stdio::null());
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
     cleanup
         .children
         .push(fallback.spawn().expect("starting llmscope-fallback"));
