@@ -146,7 +146,12 @@ pub const fn cookie(id: u8) -> u64 {
         | (f.size_arg as u64) << 24
         | (f.ptr_arg as u64) << 32
         | (f.dir_arg as u64) << 40
+        | (f.api as u64) << 48
 }
+
+/// Ids of the runtime API's allocation functions: a driver allocation made while one of
+/// these is in flight on the same thread is the runtime's own (see the `nested` test).
+pub const RUNTIME_ALLOCS: [u8; 3] = [0, 1, 2];
 
 /// The fields of a cookie, as the eBPF programs read them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -157,6 +162,7 @@ pub struct Cookie {
     pub size_arg: u8,
     pub ptr_arg: u8,
     pub dir_arg: u8,
+    pub api: u8,
 }
 
 impl Cookie {
@@ -168,16 +174,21 @@ impl Cookie {
             size_arg: (c >> 24) as u8,
             ptr_arg: (c >> 32) as u8,
             dir_arg: (c >> 40) as u8,
+            api: (c >> 48) as u8,
         }
     }
 }
 
 /// Key of the `CUDA_STATS` map. `code == 0`: the function's calls, bytes and nanoseconds
 /// (per copy direction for memcpy); `code != 0`: calls that returned that error.
+///
+/// `generation` is drawn at a process image's first CUDA call (`CUDA_SEEN`): a pid reused by
+/// a new process, or a process that execs, starts new counters instead of inheriting these.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct CudaKey {
     pub tgid: u32,
+    pub generation: u32,
     pub function: u8,
     pub direction: u8,
     pub code: u16,
@@ -193,12 +204,13 @@ pub struct CudaStat {
     pub nanos: u64,
 }
 
-/// Key of the `CUDA_ALLOCS` map (live allocations → size). Device pointers are per process.
+/// Key of the `CUDA_ALLOCS` map (live allocations → size). Device pointers are per process
+/// image, hence the generation (as in [`CudaKey`]).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct AllocKey {
     pub tgid: u32,
-    pub reserved: u32,
+    pub generation: u32,
     pub ptr: u64,
 }
 
@@ -224,6 +236,7 @@ pub struct Pending {
 
 #[cfg(test)]
 mod tests {
+    extern crate std;
     use super::*;
 
     #[test]
@@ -238,13 +251,34 @@ mod tests {
                     c.direction,
                     c.size_arg,
                     c.ptr_arg,
-                    c.dir_arg
+                    c.dir_arg,
+                    c.api
                 ),
-                (id, f.kind, f.direction, f.size_arg, f.ptr_arg, f.dir_arg),
+                (
+                    id,
+                    f.kind,
+                    f.direction,
+                    f.size_arg,
+                    f.ptr_arg,
+                    f.dir_arg,
+                    f.api
+                ),
                 "{}",
                 f.name
             );
         }
+    }
+
+    #[test]
+    fn runtime_allocations_are_listed() {
+        let listed: [u8; 3] = core::array::from_fn(|i| RUNTIME_ALLOCS[i]);
+        let found: std::vec::Vec<u8> = FUNCTIONS
+            .iter()
+            .enumerate()
+            .filter(|(_, f)| f.api == API_RUNTIME && f.kind == KIND_ALLOC)
+            .map(|(id, _)| id as u8)
+            .collect();
+        assert_eq!(found, listed);
     }
 
     #[test]

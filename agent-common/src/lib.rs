@@ -22,27 +22,40 @@ pub const EVENT_EXIT: u32 = 2;
 pub const EVENT_FORK: u32 = 3;
 pub const EVENT_CUDA_FIRST_USE: u32 = 4;
 pub const EVENT_CUDA_OOM: u32 = 5;
-pub const EVENT_LIBRARY_OPEN: u32 = 6;
+pub const EVENT_LIBRARY_MAP: u32 = 6;
+/// A process exec'd a new image after calling CUDA: its counters of the old image are retired.
+pub const EVENT_CUDA_RETIRED: u32 = 7;
+
+/// Bytes kept of a mapped file's name and of its directory's name (longer names are cut).
+pub const LIB_NAME_LEN: usize = 64;
+/// Bytes of a file name the kernel matches against the library prefix table (an LPM trie
+/// keyed by the start of the name). Prefixes longer than this cannot be stored.
+pub const LIB_PREFIX_LEN: usize = 32;
+/// Values of the library prefix table: what the matched file is.
+pub const LIB_CUDA_RUNTIME: u32 = 1;
+pub const LIB_CUDA_DRIVER: u32 = 2;
+/// A library that says which framework an interpreter runs (libtorch_cpu, libllama, …).
+pub const LIB_FRAMEWORK: u32 = 3;
+/// `PROT_EXEC`: only executable mappings of a file are libraries being loaded.
+pub const PROT_EXEC: u64 = 0x4;
 
 /// Indexes of the per-CPU `LOST` counter array: ring buffer reservations that failed.
 pub const LOST_EXEC: u32 = 0;
 pub const LOST_EXIT: u32 = 1;
 pub const LOST_FORK: u32 = 2;
-/// Ring buffer full for a CUDA first-use, OOM or library-open record.
+/// Ring buffer full for a CUDA first-use, OOM or retirement record.
 pub const LOST_CUDA_EVENT: u32 = 3;
 /// The CUDA counter map was full: a (process, function) pair went uncounted.
 pub const LOST_CUDA_STATS: u32 = 4;
 /// The live-allocation map was full: an allocation is not tracked for live memory.
 pub const LOST_CUDA_ALLOC: u32 = 5;
-pub const LOST_SLOTS: u32 = 6;
+/// Ring buffer full for a library-map record.
+pub const LOST_LIBRARY_MAP: u32 = 6;
+pub const LOST_SLOTS: u32 = 7;
 
 /// `clone_flags` bits the fork program filters on (include/uapi/linux/sched.h).
 pub const CLONE_VFORK: u64 = 0x0000_4000;
 pub const CLONE_THREAD: u64 = 0x0001_0000;
-
-/// Byte offset of `sp` in x86-64 `struct pt_regs` (fixed by the ABI of `ptrace`): the 20th
-/// 8-byte slot after r15 … orig_ax, ip, cs, flags.
-pub const PT_REGS_SP_OFFSET: usize = 19 * 8;
 
 /// A process image was replaced (`sched/sched_process_exec`).
 #[repr(C)]
@@ -66,13 +79,27 @@ pub struct ExecEvent {
     pub argv: [u8; ARGV_LEN],
 }
 
-/// An event about a process and nothing more: a thread-group leader exited
-/// (`EVENT_EXIT`), or a process called CUDA for the first time (`EVENT_CUDA_FIRST_USE`).
+/// A process called CUDA for the first time (`EVENT_CUDA_FIRST_USE`).
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct PidEvent {
     pub kind: u32,
     pub tgid: u32,
+    pub ktime_ns: u64,
+}
+
+/// A process ended: its last thread exited (`EVENT_EXIT`), or its image was replaced after
+/// it called CUDA (`EVENT_CUDA_RETIRED`). The kernel has already removed its live CUDA memory
+/// and first-use entry; `cuda_generation` names its counters in the CUDA maps so userspace
+/// can retire exactly those (0: it never called CUDA).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct ExitEvent {
+    pub kind: u32,
+    pub tgid: u32,
+    pub cuda_generation: u32,
+    /// Explicit padding so `ktime_ns` is aligned without a hidden hole.
+    pub reserved: u32,
     pub ktime_ns: u64,
 }
 
@@ -104,14 +131,23 @@ pub struct CudaOomEvent {
     pub ktime_ns: u64,
 }
 
-/// A tracked process opened a file whose name contains `libcud` (a CUDA library candidate).
+/// A process mapped an executable file whose name starts with a prefix of the library table
+/// (`security_mmap_file`, any process). Sent before the mapping exists; by the time userspace
+/// reads it, `/proc/<pid>/maps` shows the file (unless the process is gone).
 #[repr(C)]
 #[derive(Clone, Copy)]
-pub struct LibraryOpenEvent {
+pub struct LibraryMapEvent {
     pub kind: u32,
     pub tgid: u32,
-    /// NUL-terminated path as the process gave it to openat (in its own mount namespace).
-    pub path: [u8; FILENAME_LEN],
+    /// The table's value for the matched prefix (`LIB_*`).
+    pub class: u32,
+    pub reserved: u32,
+    /// The file's device as the kernel encodes it (`MAJOR << 20 | MINOR`) and inode number.
+    pub dev: u64,
+    pub ino: u64,
+    /// NUL-terminated file name and the name of the directory holding it.
+    pub name: [u8; LIB_NAME_LEN],
+    pub parent: [u8; LIB_NAME_LEN],
 }
 
 #[cfg(feature = "user")]
@@ -122,7 +158,8 @@ mod pod {
     unsafe impl aya::Pod for super::PidEvent {}
     unsafe impl aya::Pod for super::ForkEvent {}
     unsafe impl aya::Pod for super::CudaOomEvent {}
-    unsafe impl aya::Pod for super::LibraryOpenEvent {}
+    unsafe impl aya::Pod for super::LibraryMapEvent {}
+    unsafe impl aya::Pod for super::ExitEvent {}
     unsafe impl aya::Pod for super::cuda::CudaKey {}
     unsafe impl aya::Pod for super::cuda::CudaStat {}
     unsafe impl aya::Pod for super::cuda::AllocKey {}
@@ -163,8 +200,12 @@ mod layout {
     fn cuda_records_have_no_padding() {
         assert_eq!(size_of::<CudaOomEvent>(), 32);
         assert_eq!(offset_of!(CudaOomEvent, size), 16);
-        assert_eq!(size_of::<LibraryOpenEvent>(), 8 + FILENAME_LEN);
-        assert_eq!(size_of::<cuda::CudaKey>(), 8);
+        assert_eq!(offset_of!(LibraryMapEvent, dev), 16);
+        assert_eq!(offset_of!(LibraryMapEvent, name), 32);
+        assert_eq!(size_of::<LibraryMapEvent>(), 32 + 2 * LIB_NAME_LEN);
+        assert_eq!(offset_of!(ExitEvent, ktime_ns), 16);
+        assert_eq!(size_of::<ExitEvent>(), 24);
+        assert_eq!(size_of::<cuda::CudaKey>(), 12);
         assert_eq!(size_of::<cuda::CudaStat>(), 24);
         assert_eq!(size_of::<cuda::AllocKey>(), 16);
         assert_eq!(offset_of!(cuda::AllocKey, ptr), 8);

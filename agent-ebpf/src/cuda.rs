@@ -5,25 +5,25 @@
 
 use agent_common::{
     cuda::{
-        AllocKey, Cookie, CudaKey, CudaStat, Pending, PendingKey, CUDA_OOM, DIR_DEFAULT,
-        DIR_FROM_ARG, KIND_ALLOC, KIND_FREE, KIND_MEMCPY, KIND_SYNC,
+        AllocKey, Cookie, CudaKey, CudaStat, Pending, PendingKey, API_DRIVER, CUDA_OOM,
+        DIR_DEFAULT, DIR_FROM_ARG, KIND_ALLOC, KIND_FREE, KIND_MEMCPY, KIND_SYNC, RUNTIME_ALLOCS,
     },
-    CudaOomEvent, LibraryOpenEvent, PidEvent, EVENT_CUDA_FIRST_USE, EVENT_CUDA_OOM,
-    EVENT_LIBRARY_OPEN, FILENAME_LEN, LOST_CUDA_ALLOC, LOST_CUDA_EVENT, LOST_CUDA_STATS,
+    CudaOomEvent, PidEvent, EVENT_CUDA_FIRST_USE, EVENT_CUDA_OOM, LOST_CUDA_ALLOC, LOST_CUDA_EVENT,
+    LOST_CUDA_STATS,
 };
 use aya_ebpf::{
     bindings::{BPF_NOEXIST, BPF_RB_NO_WAKEUP},
     helpers::{
-        bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user,
-        bpf_probe_read_user_str_bytes, generated::bpf_get_attach_cookie,
+        bpf_get_current_pid_tgid, bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_probe_read_user,
+        generated::bpf_get_attach_cookie,
     },
-    macros::{map, tracepoint, uprobe, uretprobe},
+    macros::{map, uprobe, uretprobe},
     maps::{HashMap, LruHashMap},
-    programs::{ProbeContext, RetProbeContext, TracePointContext},
+    programs::{ProbeContext, RetProbeContext},
     EbpfContext as _,
 };
 
-use crate::maps::{count_lost, EVENTS, TRACKED};
+use crate::maps::{count_lost, EVENTS};
 
 /// Calls, bytes and nanoseconds per (process, function, direction, error code).
 #[map]
@@ -42,10 +42,11 @@ static CUDA_LIVE: HashMap<u32, u64> = HashMap::with_max_entries(8192, 0);
 #[map]
 static CUDA_PENDING: LruHashMap<PendingKey, Pending> = LruHashMap::with_max_entries(16384, 0);
 
-/// Processes already reported as CUDA users. The exec program forgets a process that execs:
-/// its new image reports its own first use.
+/// Processes that called CUDA → the generation of their counters. Not an LRU: evicting a live
+/// process would split its counters. The exit and exec programs remove entries ([`retire`]),
+/// so only live CUDA users are here; userspace sizes it to `--max-processes`.
 #[map]
-pub(crate) static CUDA_SEEN: LruHashMap<u32, u32> = LruHashMap::with_max_entries(16384, 0);
+pub(crate) static CUDA_SEEN: HashMap<u32, u32> = HashMap::with_max_entries(16384, 0);
 
 #[uprobe]
 pub fn cuda_entry(ctx: ProbeContext) -> u32 {
@@ -84,8 +85,12 @@ fn on_entry(ctx: &ProbeContext) {
     let c = Cookie::decode(unsafe { bpf_get_attach_cookie(ctx.as_ptr()) });
     let pid_tgid = bpf_get_current_pid_tgid();
     let tgid = (pid_tgid >> 32) as u32;
+    let Some(generation) = generation(tgid) else {
+        return;
+    };
     let mut key = CudaKey {
         tgid,
+        generation,
         function: c.function,
         direction: 0,
         code: 0,
@@ -112,7 +117,7 @@ fn on_entry(ctx: &ProbeContext) {
             arg(&a, c.size_arg),
         ),
         KIND_SYNC => remember(pid_tgid, c.function, 0, 0),
-        KIND_FREE => forget_allocation(tgid, arg(&a, c.ptr_arg)),
+        KIND_FREE => forget_allocation(tgid, generation, arg(&a, c.ptr_arg)),
         _ => {}
     }
     add(&key, 1, bytes, 0);
@@ -123,6 +128,9 @@ fn on_return(ctx: &RetProbeContext) {
     let c = Cookie::decode(unsafe { bpf_get_attach_cookie(ctx.as_ptr()) });
     let pid_tgid = bpf_get_current_pid_tgid();
     let tgid = (pid_tgid >> 32) as u32;
+    let Some(generation) = generation(tgid) else {
+        return;
+    };
     let pkey = PendingKey {
         pid_tgid,
         function: c.function as u32,
@@ -137,6 +145,7 @@ fn on_return(ctx: &RetProbeContext) {
         add(
             &CudaKey {
                 tgid,
+                generation,
                 function: c.function,
                 direction: 0,
                 code: code as u16,
@@ -152,6 +161,7 @@ fn on_return(ctx: &RetProbeContext) {
     let Some(p) = pending else { return };
     let key = CudaKey {
         tgid,
+        generation,
         function: c.function,
         direction: 0,
         code: 0,
@@ -166,7 +176,9 @@ fn on_return(ctx: &RetProbeContext) {
         KIND_ALLOC if code == 0 => {
             // SAFETY: reading the caller's out-pointer, checked by the helper.
             if let Ok(ptr) = unsafe { bpf_probe_read_user(p.out_ptr as *const u64) } {
-                record_allocation(tgid, ptr, p.size);
+                if !inside_runtime_allocation(pid_tgid, c.api) {
+                    record_allocation(tgid, generation, ptr, p.size);
+                }
             }
             add(&key, 0, p.size, 0);
         }
@@ -192,15 +204,67 @@ fn remember(pid_tgid: u64, function: u8, out_ptr: u64, size: u64) {
     );
 }
 
+/// A driver allocation made by a runtime allocation on the same thread (libcudart reaches
+/// libcuda through `cuGetProcAddress` pointers): the runtime's return records the memory, so
+/// the driver's must not, or live memory would count it twice. Runs on driver allocation
+/// returns only (a few lookups, off the launch path).
+fn inside_runtime_allocation(pid_tgid: u64, api: u8) -> bool {
+    if api != API_DRIVER {
+        return false;
+    }
+    RUNTIME_ALLOCS.iter().any(|&id| {
+        let key = PendingKey {
+            pid_tgid,
+            function: id as u32,
+            reserved: 0,
+        };
+        // SAFETY: presence check only.
+        unsafe { CUDA_PENDING.get(&key) }.is_some()
+    })
+}
+
+/// The generation of `tgid`'s counters, drawn at its first call (which is reported to
+/// userspace); None when the table is full (counted, the call goes uncounted).
+fn generation(tgid: u32) -> Option<u32> {
+    // SAFETY: the value is copied out.
+    if let Some(g) = unsafe { CUDA_SEEN.get(&tgid) } {
+        return Some(*g);
+    }
+    // Never 0: userspace reads 0 as "no CUDA counters".
+    let fresh = unsafe { bpf_get_prandom_u32() } | 1;
+    if CUDA_SEEN.insert(&tgid, &fresh, BPF_NOEXIST as u64).is_ok() {
+        report_first_use(tgid);
+        return Some(fresh);
+    }
+    // Another thread of the process inserted it first, or the map is full.
+    match unsafe { CUDA_SEEN.get(&tgid) } {
+        Some(g) => Some(*g),
+        None => {
+            count_lost(LOST_CUDA_STATS);
+            None
+        }
+    }
+}
+
+/// The process image is gone (exit of its last thread, or exec): forgets its generation and
+/// live memory in the kernel and returns the generation (0 when it never called CUDA), so
+/// userspace can retire its counters and allocations — a reused pid inherits nothing.
+pub(crate) fn retire(tgid: u32) -> u32 {
+    // SAFETY: the value is copied out before the entry is removed.
+    let Some(generation) = (unsafe { CUDA_SEEN.get(&tgid) }).copied() else {
+        return 0;
+    };
+    let _ = CUDA_SEEN.remove(&tgid);
+    let _ = CUDA_LIVE.remove(&tgid);
+    generation
+}
+
 /// Adds to a counter, creating it when absent. Atomic adds: the same process's threads run
-/// on several CPUs at once. Creating a counter is the only time a process can be calling
-/// CUDA for the first time, so the first-use check lives here, off the hot path (one hash
-/// lookup and one atomic add per probe hit).
+/// on several CPUs at once.
 fn add(key: &CudaKey, calls: u64, bytes: u64, nanos: u64) {
     let ptr = match CUDA_STATS.get_ptr_mut(key) {
         Some(p) => p,
         None => {
-            first_use(key.tgid);
             let zero = CudaStat::default();
             // Another CPU may insert the same key first: then the lookup below finds it.
             let _ = CUDA_STATS.insert(key, &zero, BPF_NOEXIST as u64);
@@ -227,10 +291,10 @@ fn add(key: &CudaKey, calls: u64, bytes: u64, nanos: u64) {
     }
 }
 
-fn record_allocation(tgid: u32, ptr: u64, size: u64) {
+fn record_allocation(tgid: u32, generation: u32, ptr: u64, size: u64) {
     let key = AllocKey {
         tgid,
-        reserved: 0,
+        generation,
         ptr,
     };
     if CUDA_ALLOCS.insert(&key, &size, 0).is_err() {
@@ -240,10 +304,10 @@ fn record_allocation(tgid: u32, ptr: u64, size: u64) {
     live_add(tgid, size);
 }
 
-fn forget_allocation(tgid: u32, ptr: u64) {
+fn forget_allocation(tgid: u32, generation: u32, ptr: u64) {
     let key = AllocKey {
         tgid,
-        reserved: 0,
+        generation,
         ptr,
     };
     // SAFETY: the size is copied out before the entry is removed.
@@ -285,12 +349,7 @@ unsafe fn atomic_add(ptr: *mut u64, value: u64) {
 }
 
 /// The first probe hit of a process tells userspace it uses CUDA (it may be unclassified).
-fn first_use(tgid: u32) {
-    // SAFETY: presence check only.
-    if unsafe { CUDA_SEEN.get(&tgid) }.is_some() {
-        return;
-    }
-    let _ = CUDA_SEEN.insert(&tgid, &0, 0);
+fn report_first_use(tgid: u32) {
     match EVENTS.reserve::<PidEvent>(0) {
         Some(mut entry) => {
             entry.write(PidEvent {
@@ -319,60 +378,4 @@ fn report_oom(tgid: u32, function: u8, code: u32, size: u64) {
         }
         None => count_lost(LOST_CUDA_EVENT),
     }
-}
-
-/// `syscalls/sys_enter_openat` record: `const char *filename` at offset 24.
-const OPENAT_FILENAME_OFFSET: usize = 24;
-const NEEDLE: &[u8; 6] = b"libcud";
-
-/// A tracked (LLM) process opens a file named like a CUDA library: tell userspace, which
-/// attaches the probes to that file. Every other process costs one hash lookup.
-#[tracepoint]
-pub fn sys_enter_openat(ctx: TracePointContext) -> u32 {
-    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
-    // SAFETY: presence check only.
-    if unsafe { TRACKED.get(&tgid) }.is_none() {
-        return 0;
-    }
-    let Ok(filename) = (unsafe { ctx.read_at::<u64>(OPENAT_FILENAME_OFFSET) }) else {
-        return 0;
-    };
-    let Some(mut entry) = EVENTS.reserve::<LibraryOpenEvent>(0) else {
-        count_lost(LOST_CUDA_EVENT);
-        return 0;
-    };
-    let ev = entry.as_mut_ptr();
-    // SAFETY: `ev` is a reserved record owned by this program until submit/discard.
-    let len = unsafe {
-        (*ev).kind = EVENT_LIBRARY_OPEN;
-        (*ev).tgid = tgid;
-        let path = &mut *(&raw mut (*ev).path as *mut [u8; FILENAME_LEN]);
-        match bpf_probe_read_user_str_bytes(filename as *const u8, path) {
-            Ok(s) => s.len(),
-            Err(_) => 0,
-        }
-    };
-    // SAFETY: as above; indexes are bounded by the loop.
-    let path = unsafe { &*(&raw const (*ev).path as *const [u8; FILENAME_LEN]) };
-    let mut found = false;
-    let mut i = 0;
-    while i + NEEDLE.len() <= FILENAME_LEN && i + NEEDLE.len() <= len {
-        if path[i] == NEEDLE[0]
-            && path[i + 1] == NEEDLE[1]
-            && path[i + 2] == NEEDLE[2]
-            && path[i + 3] == NEEDLE[3]
-            && path[i + 4] == NEEDLE[4]
-            && path[i + 5] == NEEDLE[5]
-        {
-            found = true;
-            break;
-        }
-        i += 1;
-    }
-    if found {
-        entry.submit(BPF_RB_NO_WAKEUP as u64);
-    } else {
-        entry.discard(BPF_RB_NO_WAKEUP as u64);
-    }
-    0
 }

@@ -4,11 +4,12 @@
 //! instead of being woken per event, which costs a fraction of the CPU under an exec storm
 //! (issue #2 measured +5.6 % system CPU for a woken reader against +1 % for a timed drain).
 
-use crate::cuda::CUDA_SEEN;
+use crate::cuda::retire;
 use crate::maps::{count_lost, EVENTS, TRACKED};
 use agent_common::{
-    ExecEvent, ForkEvent, PidEvent, ARGV_LEN, CLONE_THREAD, CLONE_VFORK, EVENT_EXEC, EVENT_EXIT,
-    EVENT_FORK, FILENAME_LEN, LOST_EXEC, LOST_EXIT, LOST_FORK, PT_REGS_SP_OFFSET,
+    ExecEvent, ExitEvent, ForkEvent, ARGV_LEN, CLONE_THREAD, CLONE_VFORK, EVENT_CUDA_RETIRED,
+    EVENT_EXEC, EVENT_EXIT, EVENT_FORK, FILENAME_LEN, LOST_CUDA_EVENT, LOST_EXEC, LOST_EXIT,
+    LOST_FORK,
 };
 use aya_ebpf::{
     bindings::BPF_RB_NO_WAKEUP,
@@ -16,10 +17,7 @@ use aya_ebpf::{
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_task,
         bpf_get_current_uid_gid, bpf_ktime_get_ns, bpf_probe_read_kernel,
-        bpf_probe_read_kernel_str_bytes, bpf_probe_read_user,
-        generated::{
-            bpf_get_current_task_btf, bpf_probe_read_user as raw_probe_read_user, bpf_task_pt_regs,
-        },
+        bpf_probe_read_kernel_str_bytes, generated::bpf_probe_read_user as raw_probe_read_user,
     },
     macros::tracepoint,
     programs::TracePointContext,
@@ -33,6 +31,14 @@ use aya_ebpf::{
 static TASK_REAL_PARENT_OFFSET: u32 = 0;
 #[unsafe(no_mangle)]
 static TASK_TGID_OFFSET: u32 = 0;
+/// `task_struct.mm`, `mm_struct.arg_start` and `arg_end`: where the new image's argv lies.
+/// Zero: unknown, and userspace reads argv from /proc.
+#[unsafe(no_mangle)]
+static TASK_MM_OFFSET: u32 = 0;
+#[unsafe(no_mangle)]
+static MM_ARG_START_OFFSET: u32 = 0;
+#[unsafe(no_mangle)]
+static MM_ARG_END_OFFSET: u32 = 0;
 
 /// `task_newtask` record: `pid_t pid` at 8, `u64 clone_flags` at 32 (userspace checks it).
 const NEWTASK_PID_OFFSET: usize = 8;
@@ -49,26 +55,39 @@ pub fn sched_process_exec(ctx: TracePointContext) -> u32 {
     }
 }
 
+/// `sched_process_exit` record: `bool group_dead` at offset 32 (Linux ≥ 6.16; userspace
+/// checks the layout): true for the last thread of the process to exit.
+const EXIT_GROUP_DEAD_OFFSET: usize = 32;
+
 #[tracepoint]
-pub fn sched_process_exit(_ctx: TracePointContext) -> u32 {
-    let pid_tgid = bpf_get_current_pid_tgid();
-    let tgid = (pid_tgid >> 32) as u32;
-    // Threads other than the leader exit all the time; only the leader ends the process.
-    if pid_tgid as u32 != tgid {
+pub fn sched_process_exit(ctx: TracePointContext) -> u32 {
+    // The process ends with its last thread, which need not be the leader: a leader that
+    // exits while other threads run leaves the process alive.
+    let Ok(group_dead) = (unsafe { ctx.read_at::<u8>(EXIT_GROUP_DEAD_OFFSET) }) else {
+        return 0;
+    };
+    if group_dead == 0 {
         return 0;
     }
-    match EVENTS.reserve::<PidEvent>(0) {
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    send_end(EVENT_EXIT, tgid, retire(tgid), LOST_EXIT);
+    0
+}
+
+fn send_end(kind: u32, tgid: u32, cuda_generation: u32, lost_slot: u32) {
+    match EVENTS.reserve::<ExitEvent>(0) {
         Some(mut entry) => {
-            entry.write(PidEvent {
-                kind: EVENT_EXIT,
+            entry.write(ExitEvent {
+                kind,
                 tgid,
+                cuda_generation,
+                reserved: 0,
                 ktime_ns: unsafe { bpf_ktime_get_ns() },
             });
             entry.submit(BPF_RB_NO_WAKEUP as u64);
         }
-        None => count_lost(LOST_EXIT),
+        None => count_lost(lost_slot),
     }
-    0
 }
 
 /// Runs in the parent, for every new task: threads and vfork children (which exec or exit at
@@ -107,8 +126,17 @@ pub fn task_newtask(ctx: TracePointContext) -> u32 {
 
 fn try_exec(ctx: &TracePointContext) -> Result<(), ()> {
     let pid_tgid = bpf_get_current_pid_tgid();
-    // A new image reports its own first CUDA use (absent for almost every exec: a no-op).
-    let _ = CUDA_SEEN.remove(&((pid_tgid >> 32) as u32));
+    // A new image starts its own CUDA counters (almost every exec never called CUDA: one
+    // failed lookup).
+    let generation = retire((pid_tgid >> 32) as u32);
+    if generation != 0 {
+        send_end(
+            EVENT_CUDA_RETIRED,
+            (pid_tgid >> 32) as u32,
+            generation,
+            LOST_CUDA_EVENT,
+        );
+    }
     let Some(mut entry) = EVENTS.reserve::<ExecEvent>(0) else {
         count_lost(LOST_EXEC);
         return Ok(());
@@ -154,42 +182,40 @@ fn parent_tgid() -> u32 {
 }
 
 /// Copies the start of the new image's argv into `dst` (ARGV_LEN bytes) and returns
-/// (bytes copied, length of the whole argv area).
-///
-/// At `sched_process_exec` the new image's user registers are set up: `sp` points at argc,
-/// followed by argv[0..argc], NULL, envp[0..]. The argument strings are contiguous from argv[0]
-/// up to envp[0], which is where `mm->arg_start`/`arg_end` point too — reached through the
-/// ABI-stable `pt_regs` instead of `mm_struct` offsets that change between kernels.
+/// (bytes copied, length of the whole argv area). The area is `mm->arg_start..arg_end`,
+/// exact whatever follows it (an empty environment included). Offsets unknown: (0, 1), a
+/// cut copy, and userspace reads /proc/<pid>/cmdline.
 unsafe fn copy_argv(dst: *mut u8) -> (u32, u32) {
-    let task = unsafe { bpf_get_current_task_btf() };
-    let regs = unsafe { bpf_task_pt_regs(task) } as *const u8;
-    let Ok(sp) = (unsafe { bpf_probe_read_kernel(regs.add(PT_REGS_SP_OFFSET) as *const u64) })
-    else {
-        return (0, 0);
-    };
-    let (Ok(argc), Ok(arg_start)) = (unsafe { bpf_probe_read_user(sp as *const u64) }, unsafe {
-        bpf_probe_read_user((sp + 8) as *const u64)
+    let mm_off = unsafe { core::ptr::read_volatile(&TASK_MM_OFFSET) } as usize;
+    let start_off = unsafe { core::ptr::read_volatile(&MM_ARG_START_OFFSET) } as usize;
+    let end_off = unsafe { core::ptr::read_volatile(&MM_ARG_END_OFFSET) } as usize;
+    if mm_off == 0 || start_off == 0 || end_off == 0 {
+        return (0, 1);
+    }
+    let task = unsafe { bpf_get_current_task() } as *const u8;
+    // SAFETY: bpf_probe_read_kernel checks every address.
+    let (Ok(arg_start), Ok(arg_end)) = (unsafe {
+        let Ok(mm) = bpf_probe_read_kernel(task.add(mm_off) as *const *const u8) else {
+            return (0, 1);
+        };
+        (
+            bpf_probe_read_kernel(mm.add(start_off) as *const u64),
+            bpf_probe_read_kernel(mm.add(end_off) as *const u64),
+        )
     }) else {
-        return (0, 0);
+        return (0, 1);
     };
-    let env_start =
-        unsafe { bpf_probe_read_user((sp + 16 + 8 * (argc & 0xffff_ffff)) as *const u64) }
-            .unwrap_or(0);
-    let total = if env_start > arg_start {
-        env_start - arg_start
-    } else {
-        // No environment: the argv area is not delimited; take what fits.
-        ARGV_LEN as u64
-    };
+    let total = arg_end.saturating_sub(arg_start);
     let mut len = total;
     if len > ARGV_LEN as u64 {
         len = ARGV_LEN as u64;
     }
+    let total = total.min(u32::MAX as u64) as u32;
     // SAFETY: `dst` holds ARGV_LEN bytes and `len` ≤ ARGV_LEN; the source is checked by the helper.
     let rc =
         unsafe { raw_probe_read_user(dst as *mut c_void, len as u32, arg_start as *const c_void) };
     if rc != 0 {
-        return (0, total.min(u32::MAX as u64) as u32);
+        return (0, total.max(1));
     }
-    (len as u32, total.min(u32::MAX as u64) as u32)
+    (len as u32, total)
 }

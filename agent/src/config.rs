@@ -54,6 +54,11 @@ pub struct Config {
     #[arg(long, env = "LLMSCOPE_CUDA_LAUNCH_PERIOD", default_value = "1s", value_parser = parse_duration)]
     pub cuda_launch_period: Duration,
 
+    /// How long a probed CUDA library file stays probed after the last process mapping it
+    /// exited; then its probes are removed (pod churn brings a new library copy per image).
+    #[arg(long, env = "LLMSCOPE_CUDA_LIBRARY_IDLE_TIMEOUT", default_value = "1m", value_parser = parse_duration)]
+    pub cuda_library_idle_timeout: Duration,
+
     /// libnvidia-ml to load (default: the system's libnvidia-ml.so.1).
     #[arg(long, env = "LLMSCOPE_NVML_LIB")]
     pub nvml_lib: Option<PathBuf>,

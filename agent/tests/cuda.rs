@@ -446,8 +446,10 @@ fn sampled_launch_counts_are_within_15_percent() {
     );
     let error = (counted - truth) / truth;
     println!(
-        "true {truth}, counted {counted:.0}, error {:.1} %, duty {duty:.3}",
-        error * 100.0
+        "true {truth}, counted {counted:.0}, error {:.1} %, duty {duty:.3}, cycle {:?} s CPU, {:?} s wall",
+        error * 100.0,
+        m.value("llmscope_cuda_launch_probe_cycle_cpu_seconds", &[]),
+        m.value("llmscope_cuda_launch_probe_cycle_wall_seconds", &[]),
     );
     assert!(
         error.abs() <= 0.15,

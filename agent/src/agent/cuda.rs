@@ -1,66 +1,120 @@
-//! The CUDA side of the agent runtime: finding libraries to probe, reacting to the probes'
-//! rare events (first CUDA use, OOM), and the kernel-launch duty cycle.
+//! The CUDA side of the agent runtime: reacting to the probes' rare events (first CUDA use,
+//! OOM), retiring the counters of process images that ended, and the kernel-launch duty
+//! cycle. Finding and probing libraries is in `libraries.rs`.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use agent_common::cuda::{FUNCTIONS, KIND_LAUNCH};
+use agent_common::cuda::{AllocKey, CudaKey, FUNCTIONS, KIND_LAUNCH};
 
+use super::libraries::{track_gpu_user, AttachJob};
 use super::Shared;
-use crate::cuda::launches::next_duty;
-use crate::cuda::library::{cuda_libraries, library_api, MappedLibrary};
-use crate::tracker::Observed;
+use crate::cuda::launches::{next_duty, period, ProcessFunction};
 
-/// Probes every CUDA library process `pid` maps (start-up scan, reconciliation, first use).
-pub(super) fn discover_libraries(shared: &Shared, pid: u32) {
-    let Ok(maps) = shared.proc.maps(pid) else {
-        return;
-    };
-    let libraries = cuda_libraries(&maps);
-    if libraries.is_empty() {
-        return;
-    }
-    let mut attacher = shared.cuda.attacher();
-    for lib in &libraries {
-        attacher.attach(shared.proc.path(), pid, lib);
-    }
-}
-
-/// A tracked process opened a file named like a CUDA library (reported by the kernel).
-pub(super) fn on_library_open(shared: &Shared, pid: u32, path: &str) {
-    let Some(api) = library_api(path) else { return };
-    if !path.starts_with('/') {
-        // A relative path resolves against the process's cwd at open time; the next scan
-        // reads the mapped path from /proc instead.
-        return;
-    }
-    let lib = MappedLibrary {
-        api,
-        path: path.to_owned(),
-        deleted: false,
-        range: String::new(),
-    };
-    shared.cuda.attacher().attach(shared.proc.path(), pid, &lib);
-}
+/// Most retired generations waiting for their grace period; past it the oldest are removed
+/// from the maps early (their series end sooner; nothing grows without bound).
+const MAX_RETIRED: usize = 65_536;
 
 /// The first probe hit of a process: track it (as `framework="unknown"` when nothing
 /// classifies it) and probe any other CUDA library it maps.
 pub(super) fn on_first_use(shared: &Shared, pid: u32) {
-    let already = shared.tracker().get(pid).is_some_and(|t| t.is_alive());
-    if !already {
-        let Ok((facts, sample)) = shared.proc.facts(pid) else {
-            return;
-        };
-        let observed = shared
-            .tracker()
-            .observe_gpu_user(&facts, || Some(sample.start_ticks));
-        shared.note(pid, &observed);
-        if let Observed::Added(id) = &observed {
-            super::events::log_detected(pid, id, "first CUDA call");
+    track_gpu_user(shared, pid, "first CUDA call");
+    shared.cuda.queue.send(AttachJob::Discover { pid });
+}
+
+/// Counter generations of process images that ended (exit, or exec after calling CUDA): the
+/// kernel already forgot their live memory; their counters stay in the maps for the grace
+/// period, so their series do too, and are then removed.
+#[derive(Default)]
+pub struct Retired {
+    /// (tgid, generation, when), oldest first.
+    entries: VecDeque<(u32, u32, Instant)>,
+    /// Counters of no live and no retired image at the last sweep (their end was lost).
+    suspects: HashSet<(u32, u32)>,
+}
+
+impl Retired {
+    pub fn retire(&mut self, tgid: u32, generation: u32, now: Instant) {
+        self.entries.push_back((tgid, generation, now));
+    }
+
+    /// The generation of `tgid`'s last retired image, if one is in its grace period.
+    pub fn latest(&self, tgid: u32) -> Option<u32> {
+        self.entries
+            .iter()
+            .rev()
+            .find(|(t, _, _)| *t == tgid)
+            .map(|(_, g, _)| *g)
+    }
+
+    /// Takes the generations whose grace period is over (or that overflow the bound).
+    fn expire(&mut self, now: Instant, grace: Duration) -> HashSet<(u32, u32)> {
+        let mut expired = HashSet::new();
+        while let Some(&(tgid, generation, at)) = self.entries.front() {
+            if now.duration_since(at) < grace && self.entries.len() <= MAX_RETIRED {
+                break;
+            }
+            self.entries.pop_front();
+            expired.insert((tgid, generation));
+        }
+        expired
+    }
+
+    fn contains(&self, tgid: u32, generation: u32) -> bool {
+        self.entries
+            .iter()
+            .any(|(t, g, _)| (*t, *g) == (tgid, generation))
+    }
+}
+
+/// Removes from the kernel maps the counters and allocations of retired images whose grace
+/// period is over, and of images whose end was never reported (found orphaned twice in a
+/// row). Runs on the events thread, right after a drain, so every end reported so far is known.
+pub(super) fn sweep(shared: &Shared, now: Instant) {
+    let mut retired = shared.cuda.retired();
+    let expired = retired.expire(now, shared.grace);
+    let mut maps = shared.cuda.maps();
+    let current: HashMap<u32, u32> = maps.seen.iter().filter_map(Result::ok).collect();
+    let mut orphans: HashSet<(u32, u32)> = HashSet::new();
+    let mut doomed = |tgid: u32, generation: u32| {
+        let id = (tgid, generation);
+        if expired.contains(&id) {
+            return true;
+        }
+        if current.get(&tgid) == Some(&generation) || retired.contains(tgid, generation) {
+            return false;
+        }
+        orphans.insert(id);
+        retired.suspects.contains(&id)
+    };
+    let stats: Vec<CudaKey> = maps
+        .stats
+        .keys()
+        .filter_map(Result::ok)
+        .filter(|k| doomed(k.tgid, k.generation))
+        .collect();
+    let allocs: Vec<AllocKey> = maps
+        .allocs
+        .keys()
+        .filter_map(Result::ok)
+        .filter(|k| doomed(k.tgid, k.generation))
+        .collect();
+    for k in &stats {
+        let _ = maps.stats.remove(k);
+    }
+    for k in &allocs {
+        let _ = maps.allocs.remove(k);
+    }
+    drop(maps);
+    retired.suspects = orphans;
+    drop(retired);
+    if !expired.is_empty() {
+        let mut launches = shared.cuda.launches();
+        for (tgid, generation) in expired {
+            launches.forget(tgid, generation);
         }
     }
-    discover_libraries(shared, pid);
 }
 
 pub(super) fn on_oom(shared: &Shared, pid: u32, function: u32, code: u32, size: u64) {
@@ -77,29 +131,37 @@ pub(super) fn on_oom(shared: &Shared, pid: u32, function: u32, code: u32, size: 
 pub(super) fn spawn_launch_sampler(
     shared: Arc<Shared>,
     budget_percent: f64,
-    period: Duration,
+    configured_period: Duration,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     std::thread::Builder::new()
         .name("llmscope-launches".into())
         .spawn(move || {
             let mut duty = crate::cuda::launches::MIN_DUTY;
+            // What the last attach + detach cost: CPU (charged to the budget) and wall time.
+            let mut cycle = Cycle::default();
             while !shared.stopping() {
+                let started = Instant::now();
+                let period = period(configured_period, budget_percent, cycle.cpu);
                 // The window sits in the middle of its period: a process that starts or stops
                 // launching mid-period is then mis-counted by at most half a period per edge.
-                let started = Instant::now();
                 let window = period.mul_f64(duty);
                 let gap = period.saturating_sub(window) / 2;
                 sleep_unless_stopping(&shared, gap);
-                shared.cuda.attacher().set_launches(true);
+                let attach = Cycle::measure(|| shared.cuda.attacher().set_launches(true));
                 let before = launch_counts(&shared);
                 let opened = Instant::now();
                 sleep_unless_stopping(&shared, window);
                 let after = launch_counts(&shared);
                 let observed = opened.elapsed();
                 if duty < 1.0 {
-                    shared.cuda.attacher().set_launches(false);
+                    let detach = Cycle::measure(|| shared.cuda.attacher().set_launches(false));
+                    // Only a real cycle is a measurement (1.0 keeps the probes attached).
+                    cycle = Cycle {
+                        cpu: attach.cpu + detach.cpu,
+                        wall: attach.wall + detach.wall,
+                    };
                 }
-                let seen: HashMap<(u32, u8), u64> = after
+                let seen: HashMap<ProcessFunction, u64> = after
                     .iter()
                     .map(|(k, v)| (*k, v.saturating_sub(before.get(k).copied().unwrap_or(0))))
                     .filter(|(_, c)| *c > 0)
@@ -107,15 +169,51 @@ pub(super) fn spawn_launch_sampler(
                 let max_rate = {
                     let mut estimates = shared.cuda.launches();
                     let max_rate = estimates.add_window(&seen, observed, observed.max(period));
-                    duty = next_duty(duty, budget_percent, max_rate);
+                    duty = next_duty(duty, budget_percent, max_rate, cycle.cpu, period);
                     estimates.duty = duty;
+                    estimates.period = period;
+                    estimates.cycle_cpu = cycle.cpu;
+                    estimates.cycle_wall = cycle.wall;
                     max_rate
                 };
-                tracing::trace!(max_rate, duty, "launch probe window");
+                tracing::trace!(max_rate, duty, ?cycle, ?period, "launch probe window");
                 sleep_unless_stopping(&shared, period.saturating_sub(started.elapsed()));
             }
             shared.cuda.attacher().set_launches(false);
         })
+}
+
+/// The cost of attaching or detaching the launch probes: the agent's CPU time (the kernel
+/// installs and removes breakpoints in every process mapping the library, on the calling
+/// threads) and the wall time (a detach also waits for RCU grace periods, idle).
+#[derive(Debug, Default, Clone, Copy)]
+struct Cycle {
+    cpu: Duration,
+    wall: Duration,
+}
+
+impl Cycle {
+    fn measure(f: impl FnOnce()) -> Cycle {
+        let (cpu, wall) = (process_cpu_time(), Instant::now());
+        f();
+        Cycle {
+            cpu: process_cpu_time().saturating_sub(cpu),
+            wall: wall.elapsed(),
+        }
+    }
+}
+
+/// CPU time of the whole agent: the detaching threads are joined inside the measured call.
+/// Other threads running meanwhile make it an overestimate, which errs on the side of less
+/// probing.
+fn process_cpu_time() -> Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes the timespec it is given.
+    unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
 }
 
 pub(super) fn sleep_unless_stopping(shared: &Shared, total: Duration) {
@@ -129,8 +227,8 @@ pub(super) fn sleep_unless_stopping(shared: &Shared, total: Duration) {
     }
 }
 
-/// Raw launch counts per (process, function) from the kernel's counters.
-pub(super) fn launch_counts(shared: &Shared) -> HashMap<(u32, u8), u64> {
+/// Raw launch counts per process image and function from the kernel's counters.
+pub(super) fn launch_counts(shared: &Shared) -> HashMap<ProcessFunction, u64> {
     let maps = shared.cuda.maps();
     maps.stats
         .iter()
@@ -141,6 +239,6 @@ pub(super) fn launch_counts(shared: &Shared) -> HashMap<(u32, u8), u64> {
                     .get(k.function as usize)
                     .is_some_and(|f| f.kind == KIND_LAUNCH)
         })
-        .map(|(k, v)| ((k.tgid, k.function), v.calls))
+        .map(|(k, v)| ((k.tgid, k.generation, k.function), v.calls))
         .collect()
 }

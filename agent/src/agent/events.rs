@@ -1,7 +1,7 @@
 //! The events thread: drains the ring buffer every [`DRAIN_INTERVAL`], turns exec records
-//! into facts, classifies them, and re-examines interpreters whose imports may say more later.
+//! into facts and classifies them, classifies interpreters when they map a framework's
+//! library, and retires what ended (processes, CUDA counters).
 
-use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -9,32 +9,31 @@ use std::time::{Duration, Instant};
 use aya::maps::{MapData, RingBuf};
 
 use super::{Counters, Shared, DRAIN_INTERVAL};
+use crate::cuda::library::classify_name;
+use crate::ebpf::perf_mmap::MmapRecords;
 use crate::ebpf::{decode, ExecRecord, KernelEvent};
-use crate::identity::{worth_rechecking, Identity, ProcessFacts, UNKNOWN};
+use crate::identity::{Identity, ProcessFacts, UNKNOWN};
 use crate::tracker::Observed;
 
-/// Interpreters waiting for their imports: re-read at 0.5 s, 1 s, 2 s … up to this delay.
-const RECHECK_MAX_DELAY: Duration = Duration::from_secs(32);
-/// Most interpreters waiting at once; past it, new ones are left to the periodic scan.
-const RECHECK_CAPACITY: usize = 1024;
-/// When a newly tracked process's maps are read for CUDA libraries.
-const LIBRARY_CHECK_DELAY: Duration = Duration::from_millis(100);
-/// How often expiry and rechecks run.
+/// How often exited processes past their grace period are expired.
 const HOUSEKEEPING_INTERVAL: Duration = Duration::from_millis(100);
+/// How often retired CUDA counters are removed from the kernel maps (a pass over them).
+const CUDA_SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 
 pub(super) fn spawn(
     shared: Arc<Shared>,
     ring: RingBuf<MapData>,
+    mmap_records: Option<MmapRecords>,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     std::thread::Builder::new()
         .name("llmscope-events".into())
-        .spawn(move || run(&shared, ring))
+        .spawn(move || run(&shared, ring, mmap_records))
 }
 
-fn run(shared: &Shared, mut ring: RingBuf<MapData>) {
+fn run(shared: &Shared, mut ring: RingBuf<MapData>, mut mmap_records: Option<MmapRecords>) {
     shared.reader_alive.store(true, Ordering::Relaxed);
-    let mut rechecks = Rechecks::default();
     let mut last_housekeeping = Instant::now();
+    let mut last_sweep = Instant::now();
     while !shared.stopping() {
         while let Some(item) = ring.next() {
             let event = decode(&item);
@@ -42,14 +41,29 @@ fn run(shared: &Shared, mut ring: RingBuf<MapData>) {
             match event {
                 KernelEvent::Exec(rec) => {
                     Counters::add(&shared.counters.exec, 1);
-                    on_exec(shared, &mut rechecks, rec);
+                    on_exec(shared, rec);
                 }
-                KernelEvent::Exit { pid, .. } => {
+                KernelEvent::Exit {
+                    pid,
+                    cuda_generation,
+                    ..
+                } => {
                     Counters::add(&shared.counters.exit, 1);
-                    rechecks.waiting.remove(&pid);
-                    rechecks.libraries.remove(&pid);
                     shared.exited(pid);
+                    if cuda_generation != 0 {
+                        shared
+                            .cuda
+                            .retired()
+                            .retire(pid, cuda_generation, Instant::now());
+                    }
                 }
+                KernelEvent::CudaRetired {
+                    pid,
+                    cuda_generation,
+                } => shared
+                    .cuda
+                    .retired()
+                    .retire(pid, cuda_generation, Instant::now()),
                 KernelEvent::Fork { pid, ppid, .. } => {
                     Counters::add(&shared.counters.fork, 1);
                     on_fork(shared, pid, ppid);
@@ -61,23 +75,37 @@ fn run(shared: &Shared, mut ring: RingBuf<MapData>) {
                     code,
                     size,
                 } => super::cuda::on_oom(shared, pid, function, code, size),
-                KernelEvent::LibraryOpen { pid, path } => {
-                    super::cuda::on_library_open(shared, pid, &path)
+                KernelEvent::LibraryMap(map) => {
+                    Counters::add(&shared.counters.library_map, 1);
+                    super::libraries::on_library_map(shared, map)
                 }
                 KernelEvent::Malformed => Counters::add(&shared.counters.malformed, 1),
             }
         }
+        if let Some(records) = &mut mmap_records {
+            records.drain(classify_name, |map| {
+                Counters::add(&shared.counters.library_map, 1);
+                super::libraries::on_library_map(shared, map);
+            });
+            shared
+                .counters
+                .library_map_lost
+                .store(records.lost(), Ordering::Relaxed);
+        }
         if last_housekeeping.elapsed() >= HOUSEKEEPING_INTERVAL {
             last_housekeeping = Instant::now();
-            rechecks.run_due(shared);
             shared.tracker().expire(Instant::now(), shared.grace);
+        }
+        if last_sweep.elapsed() >= CUDA_SWEEP_INTERVAL {
+            last_sweep = Instant::now();
+            super::cuda::sweep(shared, Instant::now());
         }
         std::thread::sleep(DRAIN_INTERVAL);
     }
     shared.reader_alive.store(false, Ordering::Relaxed);
 }
 
-fn on_exec(shared: &Shared, rechecks: &mut Rechecks, rec: ExecRecord) {
+fn on_exec(shared: &Shared, rec: ExecRecord) {
     let pid = rec.pid;
     let mut facts = ProcessFacts {
         pid,
@@ -99,13 +127,8 @@ fn on_exec(shared: &Shared, rechecks: &mut Rechecks, rec: ExecRecord) {
     if facts.ppid == 0 {
         facts.ppid = shared.proc.sample(pid).map(|s| s.ppid).unwrap_or(0);
     }
-    rechecks.waiting.remove(&pid);
     match observe_with_env(shared, &mut facts, How::New) {
-        Observed::Added(id) => {
-            log_detected(pid, &id, "exec");
-            rechecks.check_libraries_soon(pid);
-        }
-        Observed::Ignored if worth_rechecking(&facts) => rechecks.add(pid),
+        Observed::Added(id) => log_detected(pid, &id, "exec"),
         Observed::Dropped => {
             tracing::warn!(pid, "process table full (--max-processes): not tracked")
         }
@@ -196,69 +219,4 @@ pub(super) fn observe_with_env(shared: &Shared, facts: &mut ProcessFacts, how: H
     }
     shared.note(pid, &observed);
     observed
-}
-
-#[derive(Default)]
-struct Rechecks {
-    /// pid → (when to look again, current delay)
-    waiting: HashMap<u32, (Instant, Duration)>,
-    /// pid → when to look for CUDA libraries it loaded before the kernel knew to report its
-    /// opens (the ≤10 ms between its exec and the agent adding it to the tracked set).
-    libraries: HashMap<u32, Instant>,
-}
-
-impl Rechecks {
-    fn check_libraries_soon(&mut self, pid: u32) {
-        if self.libraries.len() < RECHECK_CAPACITY {
-            self.libraries
-                .insert(pid, Instant::now() + LIBRARY_CHECK_DELAY);
-        }
-    }
-
-    fn add(&mut self, pid: u32) {
-        if self.waiting.len() < RECHECK_CAPACITY {
-            let delay = Duration::from_millis(500);
-            self.waiting.insert(pid, (Instant::now() + delay, delay));
-        }
-    }
-
-    fn run_due(&mut self, shared: &Shared) {
-        let now = Instant::now();
-        let due: Vec<u32> = self
-            .waiting
-            .iter()
-            .filter(|(_, (at, _))| *at <= now)
-            .map(|(pid, _)| *pid)
-            .collect();
-        let libraries_due: Vec<u32> = self
-            .libraries
-            .iter()
-            .filter(|(_, at)| **at <= now)
-            .map(|(pid, _)| *pid)
-            .collect();
-        for pid in libraries_due {
-            self.libraries.remove(&pid);
-            super::cuda::discover_libraries(shared, pid);
-        }
-        for pid in due {
-            let Some((_, delay)) = self.waiting.remove(&pid) else {
-                continue;
-            };
-            let Ok((mut facts, _)) = shared.proc.facts(pid) else {
-                continue;
-            };
-            facts.libraries = shared.proc.libraries(pid).unwrap_or_default();
-            let observed = observe_with_env(shared, &mut facts, How::Refresh);
-            if let Observed::Added(_) = observed {
-                self.check_libraries_soon(pid);
-            }
-            let next = delay * 2;
-            if matches!(observed, Observed::Ignored)
-                && next <= RECHECK_MAX_DELAY
-                && worth_rechecking(&facts)
-            {
-                self.waiting.insert(pid, (now + next, next));
-            }
-        }
-    }
 }

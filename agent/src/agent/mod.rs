@@ -2,16 +2,20 @@
 //! at scrape time.
 //!
 //! ```text
-//!  sched_process_exec/exit ──ring buffer──▶ events thread (drains every 10 ms) ─┐
-//!  /proc scan (start-up + every --rescan-interval) ──▶ reconcile thread ─────────┤
-//!                                                                                ▼
-//!                                                           Tracker (Mutex, bounded)
-//!                                                                                │
-//!  GET /metrics ──▶ collectors (process: /proc samples; kernel: loss counters) ◀─┘
+//!  sched_process_exec/exit, task_newtask ─┐
+//!  security_mmap_file (libraries) ────────┴─ring buffer─▶ events thread (drains every 10 ms) ─┐
+//!                                           attach queue ◀─ CUDA library mapped ──────────────┤
+//!                                           └▶ attach thread (uprobes on, idle ones off)      │
+//!  /proc scan (start-up + every --rescan-interval) ──▶ reconcile thread ──────────────────────┤
+//!                                                                                             ▼
+//!                                                                        Tracker (Mutex, bounded)
+//!                                                                                             │
+//!  GET /metrics ──▶ collectors (process: /proc samples; kernel: loss counters; CUDA maps) ◀───┘
 //! ```
 
 mod cuda;
 mod events;
+mod libraries;
 mod nvml;
 mod reconcile;
 
@@ -26,7 +30,7 @@ use crate::collectors::{
 use crate::config::Config;
 use crate::cuda::attach::Attacher;
 use crate::cuda::launches::LaunchEstimates;
-use crate::ebpf::{CudaMaps, Sensor, TrackedPids};
+use crate::ebpf::{CudaMaps, MmapHook, Sensor, TrackedPids};
 use crate::http::MetricsSource;
 use crate::metrics::cuda::LaunchMode;
 use crate::metrics::{gather, BuildInfo, Collector, Snapshot};
@@ -46,6 +50,9 @@ pub struct Counters {
     pub exec: AtomicU64,
     pub exit: AtomicU64,
     pub fork: AtomicU64,
+    pub library_map: AtomicU64,
+    /// Perf mmap records lost (buffer full), when that is the library hook.
+    pub library_map_lost: AtomicU64,
     pub malformed: AtomicU64,
     pub missed_exec: AtomicU64,
     pub missed_exit: AtomicU64,
@@ -71,15 +78,29 @@ pub struct Shared {
     nvml: Mutex<nvml::NvmlState>,
 }
 
-/// The CUDA probes' attachments, maps and launch estimates. Never lock two at once.
+/// The CUDA probes' attachments, maps, retired generations and launch estimates. Lock order:
+/// retired before maps; otherwise never two at once.
 pub struct CudaState {
     /// Owns the loaded eBPF object: every program and attachment lives as long as it does.
     attacher: Mutex<Attacher>,
     maps: Mutex<CudaMaps>,
     launches: Mutex<LaunchEstimates>,
+    retired: Mutex<cuda::Retired>,
+    queue: libraries::AttachQueue,
+    /// How the kernel reports library mappings.
+    pub mmap_hook: MmapHook,
 }
 
 impl CudaState {
+    pub fn retired(&self) -> MutexGuard<'_, cuda::Retired> {
+        self.retired.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Attach requests dropped because the attach queue was full.
+    pub fn attach_requests_dropped(&self) -> u64 {
+        self.queue.dropped()
+    }
+
     pub fn attacher(&self) -> MutexGuard<'_, Attacher> {
         self.attacher.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -196,6 +217,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let sensor = Sensor::load(config.ring_buffer_bytes, config.max_processes)?;
     tracing::info!(
         kernel_ppid = sensor.kernel_ppid,
+        library_hook = sensor.mmap_hook.as_str(),
         "eBPF exec, exit and fork tracepoints attached"
     );
     // `programs` holds the attachments: dropped at the end of this function, after the
@@ -206,13 +228,19 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         lost,
         tracked,
         cuda: cuda_maps,
+        mmap_hook,
+        mmap_records,
         ..
     } = sensor;
     let launch_mode = crate::cuda::launches::mode(config.cuda_overhead_budget);
+    let (queue, attach_jobs) = libraries::AttachQueue::new();
     let cuda = CudaState {
         attacher: Mutex::new(Attacher::new(programs, launch_mode == LaunchMode::Exact)),
         maps: Mutex::new(cuda_maps),
         launches: Mutex::new(LaunchEstimates::new(launch_mode)),
+        retired: Mutex::new(cuda::Retired::default()),
+        queue,
+        mmap_hook,
     };
     let shared = Arc::new(Shared::new(
         proc.clone(),
@@ -226,9 +254,18 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .with_context(|| format!("--web.listen-address {}", config.listen_address))?;
     tracing::info!(address = %config.listen_address, "serving /metrics");
 
-    let events_thread = events::spawn(shared.clone(), events)?;
+    let events_thread = events::spawn(shared.clone(), events, mmap_records)?;
     let reconcile_thread = reconcile::spawn(shared.clone(), config.rescan_interval)?;
-    let mut threads = vec![("events", events_thread), ("reconcile", reconcile_thread)];
+    let attach_thread = libraries::spawn(
+        shared.clone(),
+        attach_jobs,
+        config.cuda_library_idle_timeout,
+    )?;
+    let mut threads = vec![
+        ("events", events_thread),
+        ("reconcile", reconcile_thread),
+        ("attach", attach_thread),
+    ];
     if !config.no_nvml {
         threads.push((
             "nvml",

@@ -60,7 +60,7 @@ pub(super) fn scan(shared: &Shared, repair: bool) -> usize {
     // while the exit and the exec were both lost). Parents first, so children inherit.
     let mut candidates = Vec::new();
     for pid in pids {
-        super::cuda::discover_libraries(shared, pid);
+        super::libraries::discover_libraries(shared, pid);
         let tracked_start = {
             let tracker = shared.tracker();
             tracker

@@ -1,12 +1,15 @@
 //! Per-process CUDA counters, read from the kernel's maps at scrape time and joined to the
-//! process identities; entries of processes that are gone are removed from the maps.
+//! process identities. Each process image's counters carry a generation: a live process
+//! shows its current image's, an exited one (in its grace period) its last image's, and
+//! nothing of another image is ever shown under its pid. Removing what ended is the events
+//! thread's job (`agent::cuda::sweep`); a scrape changes nothing.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use agent_common::cuda::{
-    AllocKey, CUDA_OOM, DIR_D2D, DIR_D2H, DIR_DEFAULT, DIR_H2D, DIR_H2H, FUNCTIONS, KIND_ALLOC,
-    KIND_FREE, KIND_GRAPH, KIND_LAUNCH, KIND_MEMCPY, KIND_SYNC,
+    CUDA_OOM, DIR_D2D, DIR_D2H, DIR_DEFAULT, DIR_H2D, DIR_H2H, FUNCTIONS, KIND_ALLOC, KIND_FREE,
+    KIND_GRAPH, KIND_LAUNCH, KIND_MEMCPY, KIND_SYNC,
 };
 
 use crate::agent::Shared;
@@ -44,31 +47,60 @@ impl Collector for CudaCollector {
     }
 
     fn collect(&mut self, snapshot: &mut Snapshot) -> Result<(), CollectError> {
-        let labels: HashMap<u32, ProcessLabels> = self
-            .shared
-            .tracker()
-            .all()
-            .into_iter()
+        let tracked = self.shared.tracker().all();
+        let labels: HashMap<u32, ProcessLabels> = tracked
+            .iter()
             .map(|t| (t.pid, ProcessLabels::new(t.pid, &t.name, &t.identity)))
             .collect();
         let (stats, live) = {
+            let retired = self.shared.cuda.retired();
             let maps = self.shared.cuda.maps();
-            let stats: Vec<_> = maps.stats.iter().filter_map(Result::ok).collect();
-            let live: Vec<_> = maps.live.iter().filter_map(Result::ok).collect();
+            let current: HashMap<u32, u32> = maps.seen.iter().filter_map(Result::ok).collect();
+            // The one image whose counters each tracked pid shows.
+            let generation: HashMap<u32, u32> = tracked
+                .iter()
+                .filter_map(|t| {
+                    let g = if t.is_alive() {
+                        current.get(&t.pid).copied()
+                    } else {
+                        retired.latest(t.pid)
+                    };
+                    g.map(|g| (t.pid, g))
+                })
+                .collect();
+            let stats: Vec<_> = maps
+                .stats
+                .iter()
+                .filter_map(Result::ok)
+                .filter(|(k, _)| generation.get(&k.tgid) == Some(&k.generation))
+                .collect();
+            // Live bytes are the current image's (the kernel drops them at exit and exec).
+            let live: Vec<_> = maps
+                .live
+                .iter()
+                .filter_map(Result::ok)
+                .filter(|(tgid, _)| tracked.iter().any(|t| t.pid == *tgid && t.is_alive()))
+                .collect();
             (stats, live)
         };
-        let (mode, duty, launch_totals) = {
-            let mut launches = self.shared.cuda.launches();
-            launches.retain(|tgid| labels.contains_key(&tgid));
+        let (mode, duty, period, cycle_cpu, cycle_wall, launch_totals) = {
+            let launches = self.shared.cuda.launches();
             let totals: HashMap<(u32, u8), f64> = stats
                 .iter()
                 .filter_map(|(k, _)| {
                     launches
-                        .total(k.tgid, k.function)
+                        .total((k.tgid, k.generation, k.function))
                         .map(|t| ((k.tgid, k.function), t))
                 })
                 .collect();
-            (launches.mode, launches.duty, totals)
+            (
+                launches.mode,
+                launches.duty,
+                launches.period,
+                launches.cycle_cpu,
+                launches.cycle_wall,
+                totals,
+            )
         };
 
         let mut calls: Sums<(u32, u8)> = BTreeMap::new();
@@ -80,12 +112,7 @@ impl Collector for CudaCollector {
         let mut graphs: Sums<(u32, u8)> = BTreeMap::new();
         let mut copies: Sums<(u32, u8, u8)> = BTreeMap::new();
         let mut syncs: Sums<(u32, u8)> = BTreeMap::new();
-        let mut gone: HashSet<u32> = HashSet::new();
         for (k, v) in &stats {
-            if !labels.contains_key(&k.tgid) {
-                gone.insert(k.tgid);
-                continue;
-            }
             // Every CUDA process has an OOM counter from its first call, at 0 until an OOM:
             // increase() cannot see growth in a series' first sample.
             oom.entry(k.tgid).or_default();
@@ -180,17 +207,12 @@ impl Collector for CudaCollector {
                 )
             })
             .collect();
-        let mut device_memory = Vec::new();
-        for (tgid, bytes) in live {
-            match labels.get(&tgid) {
-                // Frees subtract in two's complement; a free seen without its allocation
-                // (probes attached mid-run) cannot take the total below zero.
-                Some(l) => device_memory.push((l.clone(), (bytes as i64).max(0) as f64)),
-                None => {
-                    gone.insert(tgid);
-                }
-            }
-        }
+        // Frees subtract in two's complement; a free seen without its allocation (probes
+        // attached mid-run) cannot take the total below zero.
+        let mut device_memory: Vec<_> = live
+            .into_iter()
+            .map(|(tgid, bytes)| (l(&tgid), (bytes as i64).max(0) as f64))
+            .collect();
         device_memory.sort_by(|a, b| a.0.pid.cmp(&b.0.pid));
         cuda.device_memory = device_memory;
 
@@ -205,6 +227,8 @@ impl Collector for CudaCollector {
                     value: n as u64,
                 })
                 .collect();
+            cuda.library_detaches = attacher.detached();
+            cuda.launch_attached_seconds = attacher.launches_attached_seconds();
             cuda.attach_failures = attacher
                 .failures()
                 .iter()
@@ -213,38 +237,12 @@ impl Collector for CudaCollector {
         }
         cuda.launch_mode = mode;
         cuda.launch_duty = duty;
+        cuda.launch_period_seconds = period.as_secs_f64();
+        cuda.launch_cycle_cpu_seconds = cycle_cpu.as_secs_f64();
+        cuda.launch_cycle_wall_seconds = cycle_wall.as_secs_f64();
+        cuda.attach_requests_dropped = self.shared.cuda.attach_requests_dropped();
+        cuda.library_hook = self.shared.cuda.mmap_hook.as_str();
 
-        gone.retain(|tgid| !self.shared.proc.path().join(tgid.to_string()).exists());
-        if !gone.is_empty() {
-            self.forget(&gone, &stats);
-        }
         Ok(())
-    }
-}
-
-impl CudaCollector {
-    /// Removes every kernel map entry of processes that are gone and no longer tracked.
-    fn forget(
-        &self,
-        gone: &HashSet<u32>,
-        stats: &[(agent_common::cuda::CudaKey, agent_common::cuda::CudaStat)],
-    ) {
-        let mut maps = self.shared.cuda.maps();
-        for (k, _) in stats.iter().filter(|(k, _)| gone.contains(&k.tgid)) {
-            let _ = maps.stats.remove(k);
-        }
-        let allocations: Vec<AllocKey> = maps
-            .allocs
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| gone.contains(&k.tgid))
-            .collect();
-        for k in &allocations {
-            let _ = maps.allocs.remove(k);
-        }
-        for tgid in gone {
-            let _ = maps.live.remove(tgid);
-            let _ = maps.seen.remove(tgid);
-        }
     }
 }

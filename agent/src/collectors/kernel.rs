@@ -31,13 +31,14 @@ impl Collector for KernelCollector {
             ("exec", load(&c.exec)),
             ("exit", load(&c.exit)),
             ("fork", load(&c.fork)),
+            ("library_map", load(&c.library_map)),
             ("malformed", load(&c.malformed)),
         ]);
         agent.repairs = KindCount::list(&[
             ("missed_exec", load(&c.missed_exec)),
             ("missed_exit", load(&c.missed_exit)),
         ]);
-        let [exec, exit, fork, cuda_event, cuda_counter, cuda_allocation] = self
+        let [exec, exit, fork, cuda_event, cuda_counter, cuda_allocation, library_map] = self
             .lost
             .read()
             .map_err(|e| CollectError(format!("reading the LOST map: {e}")))?;
@@ -48,6 +49,7 @@ impl Collector for KernelCollector {
             ("cuda_event", cuda_event),
             ("cuda_counter", cuda_counter),
             ("cuda_allocation", cuda_allocation),
+            ("library_map", library_map + load(&c.library_map_lost)),
         ]);
         Ok(())
     }

@@ -1,4 +1,5 @@
-//! Attaching the CUDA probes to library files, once per file.
+//! Attaching the CUDA probes to library files, once per file, and removing them once no
+//! process maps the file any more.
 //!
 //! A uprobe belongs to a file (inode), not a process: one attachment covers every process
 //! that maps that file, now and later. Files are reached through `/proc/<pid>/root/<path>`
@@ -6,28 +7,63 @@
 //! deleted or replaced file, `/proc/<pid>/map_files/<range>`. De-duplication is per
 //! (mount namespace, path) — not by the inode in maps, which overlayfs copy-up changes — and
 //! also per resolved (device, inode), so one file reached two ways is probed once.
+//!
+//! Each library remembers the processes seen mapping it. When none is alive, it is idle;
+//! after `idle_after` idle, and once no tracked process maps it (a fork child inherits
+//! mappings without mapping anything), its probes are removed. Pod churn — a new libcudart
+//! copy per container image — thus never fills the table.
 
 use std::collections::{BTreeMap, HashSet};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use agent_common::cuda::{cookie, FUNCTIONS, KIND_LAUNCH};
-use aya::programs::uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeLinkId, UProbeScope};
+use aya::programs::uprobe::{
+    UProbeAttachLocation, UProbeAttachPoint, UProbeLink, UProbeLinkId, UProbeScope,
+};
 use aya::programs::{ProgramError, UProbe, UProbeError};
 use aya::Ebpf;
 
 use super::library::{api_name, MappedLibrary};
+use super::symbols::{Offsets, SymbolCache};
 
 /// Most library files probed at once; more are refused and counted (`too_many_libraries`).
 pub const MAX_LIBRARIES: usize = 256;
+/// Most processes remembered per library; past it, liveness is confirmed from /proc maps
+/// before the library is detached (see [`Attacher::detach_idle`]).
+const MAX_USERS: usize = 4096;
+
+/// The two programs a library's links belong to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Program {
+    Entry,
+    Return,
+}
+
+impl Program {
+    fn name(self) -> &'static str {
+        match self {
+            Program::Entry => "cuda_entry",
+            Program::Return => "cuda_return",
+        }
+    }
+}
 
 struct Library {
     target: PathBuf,
     api: u8,
-    /// Launch probes (duty-cycled): (function id, link) while attached.
-    launch_links: Vec<(u8, UProbeLinkId)>,
-    /// Count of the other links (entry and return), attached for the file's lifetime.
-    fixed_links: usize,
+    /// (device, inode) of the probed file.
+    file: (u64, u64),
+    /// The (mount namespace, path) keys that resolved to this file.
+    keys: Vec<(String, String)>,
+    offsets: Offsets,
+    /// Launch probes (duty-cycled) while attached.
+    launch_links: Vec<UProbeLinkId>,
+    /// Entry and return links, attached for the file's lifetime.
+    fixed_links: Vec<(Program, UProbeLinkId)>,
+    users: HashSet<u32>,
+    idle_since: Option<Instant>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,10 +76,13 @@ pub enum Outcome {
 pub struct Attacher {
     ebpf: Ebpf,
     libraries: Vec<Library>,
-    keys: HashSet<(String, String)>,
-    inodes: HashSet<(u64, u64)>,
+    symbols: SymbolCache,
     failures: BTreeMap<&'static str, u64>,
+    detached: u64,
     launches_attached: bool,
+    /// Since when the launch probes are attached, and for how long they were before.
+    launches_since: Option<Instant>,
+    launches_total: Duration,
 }
 
 impl Attacher {
@@ -52,14 +91,17 @@ impl Attacher {
         Attacher {
             ebpf,
             libraries: Vec::new(),
-            keys: HashSet::new(),
-            inodes: HashSet::new(),
+            symbols: SymbolCache::default(),
             failures: BTreeMap::new(),
+            detached: 0,
             launches_attached,
+            launches_since: launches_attached.then(Instant::now),
+            launches_total: Duration::ZERO,
         }
     }
 
-    /// Probes `lib`, as process `pid` maps it, unless that file is probed already.
+    /// Probes `lib`, as process `pid` maps it, unless that file is probed already; either
+    /// way `pid` counts as a user of the file.
     pub fn attach(&mut self, procfs: &Path, pid: u32, lib: &MappedLibrary) -> Outcome {
         let outcome = self.try_attach(procfs, pid, lib);
         match outcome {
@@ -75,13 +117,26 @@ impl Attacher {
         outcome
     }
 
+    /// When the file (device, inode) is probed already: notes `pid` as a user and returns
+    /// true, so the caller need not read the process's maps.
+    pub fn note_user(&mut self, file: (u64, u64), pid: u32) -> bool {
+        match self.libraries.iter_mut().find(|l| l.file == file) {
+            Some(library) => {
+                add_user(library, pid);
+                true
+            }
+            None => false,
+        }
+    }
+
     fn try_attach(&mut self, procfs: &Path, pid: u32, lib: &MappedLibrary) -> Outcome {
         let pid_dir = procfs.join(pid.to_string());
         let Ok(mount_ns) = std::fs::read_link(pid_dir.join("ns/mnt")) else {
             return Outcome::Failed("process_gone");
         };
         let key = (mount_ns.to_string_lossy().into_owned(), lib.path.clone());
-        if self.keys.contains(&key) {
+        if let Some(library) = self.libraries.iter_mut().find(|l| l.keys.contains(&key)) {
+            add_user(library, pid);
             return Outcome::AlreadyProbed;
         }
         let target = if lib.deleted {
@@ -99,50 +154,95 @@ impl Attacher {
             }
             Err(_) => return Outcome::Failed("unreadable"),
         };
-        if !self.inodes.insert((meta.dev(), meta.ino())) {
-            self.keys.insert(key);
+        let file = (meta.dev(), meta.ino());
+        if let Some(library) = self.libraries.iter_mut().find(|l| l.file == file) {
+            library.keys.push(key);
+            add_user(library, pid);
             return Outcome::AlreadyProbed;
         }
         if self.libraries.len() >= MAX_LIBRARIES {
             return Outcome::Failed("too_many_libraries");
         }
+        let offsets = match self.symbols.offsets(&target, lib.api) {
+            Ok(o) => o,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Outcome::Failed("file_gone")
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, target = %target.display(), "cannot read the library's symbols");
+                return Outcome::Failed("unreadable");
+            }
+        };
         let mut library = Library {
             target,
             api: lib.api,
+            file,
+            keys: vec![key],
+            offsets,
             launch_links: Vec::new(),
-            fixed_links: 0,
+            fixed_links: Vec::new(),
+            users: HashSet::from([pid]),
+            idle_since: None,
         };
-        for (id, f) in FUNCTIONS
-            .iter()
-            .enumerate()
-            .filter(|(_, f)| f.api == lib.api)
-        {
-            if f.kind == KIND_LAUNCH {
-                continue;
-            }
-            match attach_one(&mut self.ebpf, "cuda_entry", &library.target, id as u8) {
-                Ok(Some(_)) => library.fixed_links += 1,
-                Ok(None) => continue,
-                Err(reason) => return Outcome::Failed(reason),
-            }
-            if f.returns {
-                match attach_one(&mut self.ebpf, "cuda_return", &library.target, id as u8) {
-                    Ok(Some(_)) => library.fixed_links += 1,
-                    Ok(None) => {}
-                    Err(reason) => return Outcome::Failed(reason),
-                }
-            }
+        if let Err(reason) = attach_fixed(&mut self.ebpf, &mut library) {
+            // A partial attachment would count some functions and not others: roll back.
+            detach_all(&mut self.ebpf, &mut library);
+            return Outcome::Failed(reason);
         }
-        if library.fixed_links == 0 {
+        if library.fixed_links.is_empty() {
             return Outcome::Failed("no_cuda_symbols");
         }
         if self.launches_attached {
             attach_launches(&mut self.ebpf, &mut library);
         }
-        let probes = library.fixed_links + library.launch_links.len();
-        self.keys.insert(key);
+        let probes = library.fixed_links.len() + library.launch_links.len();
         self.libraries.push(library);
         Outcome::Attached { probes }
+    }
+
+    /// Forgets users that are gone and detaches every library that has been idle for
+    /// `idle_after` and that no process in `candidates` (the tracked ones) maps. Returns how
+    /// many libraries were detached.
+    pub fn detach_idle(
+        &mut self,
+        procfs: &Path,
+        candidates: &[u32],
+        now: Instant,
+        idle_after: Duration,
+    ) -> usize {
+        let mut detached = 0;
+        let mut i = 0;
+        while i < self.libraries.len() {
+            let library = &mut self.libraries[i];
+            library
+                .users
+                .retain(|pid| procfs.join(pid.to_string()).exists());
+            if !library.users.is_empty() {
+                library.idle_since = None;
+                i += 1;
+                continue;
+            }
+            let since = *library.idle_since.get_or_insert(now);
+            if now.duration_since(since) < idle_after {
+                i += 1;
+                continue;
+            }
+            // The remembered users are gone; a child that inherited the mapping by fork, or
+            // a process past MAX_USERS, is found in the maps of the tracked processes.
+            let users = mapping_processes(procfs, candidates, library.file);
+            if !users.is_empty() {
+                library.users.extend(users.into_iter().take(MAX_USERS));
+                library.idle_since = None;
+                i += 1;
+                continue;
+            }
+            let mut library = self.libraries.swap_remove(i);
+            detach_all(&mut self.ebpf, &mut library);
+            tracing::info!(library = %library.target.display(), "CUDA library no longer mapped: probes removed");
+            self.detached += 1;
+            detached += 1;
+        }
+        detached
     }
 
     /// Attaches (true) or detaches (false) the kernel-launch probes of every library.
@@ -151,23 +251,39 @@ impl Attacher {
             return;
         }
         self.launches_attached = attached;
-        for library in &mut self.libraries {
-            if attached {
+        if attached {
+            self.launches_since = Some(Instant::now());
+            for library in &mut self.libraries {
                 attach_launches(&mut self.ebpf, library);
-            } else {
-                let program = uprobe(&mut self.ebpf, "cuda_entry");
-                for (_, link) in library.launch_links.drain(..) {
-                    let _ = program.detach(link);
-                }
+            }
+        } else {
+            let program = uprobe(&mut self.ebpf, Program::Entry);
+            let links = self
+                .libraries
+                .iter_mut()
+                .flat_map(|l| l.launch_links.drain(..))
+                .filter_map(|link| program.take_link(link).ok())
+                .collect();
+            drop_in_parallel(links);
+            // Attached until the last probe is gone: they fire while being removed.
+            if let Some(since) = self.launches_since.take() {
+                self.launches_total += since.elapsed();
             }
         }
+    }
+
+    /// Time the launch probes have been attached since start: the time-weighted duty over
+    /// any span is the increase of this over the span's length.
+    pub fn launches_attached_seconds(&self) -> f64 {
+        (self.launches_total + self.launches_since.map_or(Duration::ZERO, |s| s.elapsed()))
+            .as_secs_f64()
     }
 
     /// Uprobe links attached now.
     pub fn probes(&self) -> usize {
         self.libraries
             .iter()
-            .map(|l| l.fixed_links + l.launch_links.len())
+            .map(|l| l.fixed_links.len() + l.launch_links.len())
             .sum()
     }
 
@@ -190,41 +306,122 @@ impl Attacher {
     pub fn failures(&self) -> &BTreeMap<&'static str, u64> {
         &self.failures
     }
+
+    /// Libraries detached because no process mapped them any more, since start.
+    pub fn detached(&self) -> u64 {
+        self.detached
+    }
 }
 
-fn uprobe<'e>(ebpf: &'e mut Ebpf, name: &str) -> &'e mut UProbe {
-    ebpf.program_mut(name)
+fn add_user(library: &mut Library, pid: u32) {
+    library.idle_since = None;
+    if library.users.len() < MAX_USERS {
+        library.users.insert(pid);
+    }
+}
+
+/// The processes among `pids` whose maps show the file (device, inode).
+fn mapping_processes(procfs: &Path, pids: &[u32], file: (u64, u64)) -> Vec<u32> {
+    let (major, minor) = (libc::major(file.0), libc::minor(file.0));
+    let device = format!("{major:02x}:{minor:02x}");
+    let inode = file.1.to_string();
+    pids.iter()
+        .copied()
+        .filter(|pid| {
+            std::fs::read(procfs.join(pid.to_string()).join("maps")).is_ok_and(|maps| {
+                maps.split(|b| *b == b'\n').any(|line| {
+                    let line = String::from_utf8_lossy(line);
+                    let mut fields = line.split_whitespace().skip(3);
+                    fields.next() == Some(device.as_str()) && fields.next() == Some(&inode)
+                })
+            })
+        })
+        .collect()
+}
+
+fn uprobe(ebpf: &mut Ebpf, program: Program) -> &mut UProbe {
+    ebpf.program_mut(program.name())
         .and_then(|p| p.try_into().ok())
         .expect("the CUDA programs are loaded with the object")
 }
 
+/// Entry (and, where the table says so, return) probes on every non-launch function the file
+/// defines. An error leaves what was attached in `library` for the caller to roll back.
+fn attach_fixed(ebpf: &mut Ebpf, library: &mut Library) -> Result<(), &'static str> {
+    let offsets = library.offsets.clone();
+    for &(id, offset) in offsets.iter() {
+        let f = &FUNCTIONS[id as usize];
+        if f.kind == KIND_LAUNCH {
+            continue;
+        }
+        let link = attach_one(ebpf, Program::Entry, &library.target, id, offset)?;
+        library.fixed_links.push((Program::Entry, link));
+        if f.returns {
+            let link = attach_one(ebpf, Program::Return, &library.target, id, offset)?;
+            library.fixed_links.push((Program::Return, link));
+        }
+    }
+    Ok(())
+}
+
+fn detach_all(ebpf: &mut Ebpf, library: &mut Library) {
+    let mut links = Vec::new();
+    for (program, link) in library.fixed_links.drain(..) {
+        links.extend(uprobe(ebpf, program).take_link(link).ok());
+    }
+    let program = uprobe(ebpf, Program::Entry);
+    links.extend(
+        library
+            .launch_links
+            .drain(..)
+            .filter_map(|link| program.take_link(link).ok()),
+    );
+    drop_in_parallel(links);
+}
+
+/// Most threads that drop links at once.
+const DETACH_THREADS: usize = 16;
+
+/// Detaches links (dropping one detaches it) from several threads at once. Each perf-event
+/// uprobe detach waits for an RCU tasks-trace grace period (~30 ms here; 34 ms reported in
+/// DataDog/datadog-agent #55730); waits that overlap share grace periods, so a library's
+/// links go in about the time of one instead of one after another.
+fn drop_in_parallel(mut links: Vec<UProbeLink>) {
+    let per_thread = links.len().div_ceil(DETACH_THREADS).max(1);
+    std::thread::scope(|s| {
+        while !links.is_empty() {
+            let chunk: Vec<UProbeLink> = links.drain(..per_thread.min(links.len())).collect();
+            s.spawn(move || drop(chunk));
+        }
+    });
+}
+
 fn attach_launches(ebpf: &mut Ebpf, library: &mut Library) {
-    for (id, _) in FUNCTIONS
-        .iter()
-        .enumerate()
-        .filter(|(_, f)| f.api == library.api && f.kind == KIND_LAUNCH)
-    {
-        if let Ok(Some(link)) = attach_one(ebpf, "cuda_entry", &library.target, id as u8) {
-            library.launch_links.push((id as u8, link));
+    let offsets = library.offsets.clone();
+    for &(id, offset) in offsets.iter() {
+        if FUNCTIONS[id as usize].kind != KIND_LAUNCH {
+            continue;
+        }
+        if let Ok(link) = attach_one(ebpf, Program::Entry, &library.target, id, offset) {
+            library.launch_links.push(link);
         }
     }
 }
 
-/// Attaches `program` at function `id` of `target`. Ok(None): the library has no such symbol
-/// (an older or newer CUDA version) — normal, not a failure.
+/// Attaches `program` at function `id`, at `offset` in `target` (resolved by [`SymbolCache`]).
 fn attach_one(
     ebpf: &mut Ebpf,
-    program: &str,
+    program: Program,
     target: &Path,
     id: u8,
-) -> Result<Option<UProbeLinkId>, &'static str> {
+    offset: u64,
+) -> Result<UProbeLinkId, &'static str> {
     let point = UProbeAttachPoint {
-        location: UProbeAttachLocation::Symbol(FUNCTIONS[id as usize].name),
+        location: UProbeAttachLocation::AbsoluteOffset(offset),
         cookie: Some(cookie(id)),
     };
     match uprobe(ebpf, program).attach(point, target, UProbeScope::AllProcesses) {
-        Ok(link) => Ok(Some(link)),
-        Err(ProgramError::UProbeError(UProbeError::SymbolError { .. })) => Ok(None),
+        Ok(link) => Ok(link),
         Err(ProgramError::UProbeError(UProbeError::FileError { .. })) => Err("file_gone"),
         Err(e) => {
             tracing::debug!(error = %e, target = %target.display(), "uprobe attach failed");

@@ -2,8 +2,17 @@
 //! kernels a second, and every uprobe hit costs a trap (~0.7 µs here, ~0.33 µs on bare metal)
 //! whatever the program does. So the launch probes are duty-cycled: attached for a window
 //! of every period, the counts seen in the window extrapolated to the period, and the window
-//! sized so that the busiest process's launch rate × trap cost stays under the budget
+//! sized so that the busiest process's launch rate × trap cost, plus what attaching and
+//! detaching the probes once a period costs, stays under the budget
 //! (`--cuda-overhead-budget`, percent of one core per process).
+//!
+//! A cycle is not free: attaching and detaching install and remove breakpoints in every
+//! process that maps the library, on the agent's CPU. Its CPU cost is measured on the running
+//! kernel every period and charged to the budget as cycle cost / period; when that alone
+//! would take more than half the budget, the period is lengthened. (Each perf-event uprobe
+//! detach also waits for an RCU tasks-trace grace period — ~100 ms of wall time per cycle
+//! here, DataDog/datadog-agent #55730 — but waits idle, after the breakpoints are gone:
+//! latency, not overhead. It is measured and exported too.)
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -29,28 +38,58 @@ pub fn mode(budget_percent: f64) -> LaunchMode {
     }
 }
 
+/// The period to use: `configured`, or longer when one attach/detach cycle would otherwise
+/// take more than half the budget.
+pub fn period(configured: Duration, budget_percent: f64, cycle_cost: Duration) -> Duration {
+    let budget = budget_percent / 100.0;
+    if budget <= 0.0 {
+        return configured;
+    }
+    configured.max(cycle_cost.mul_f64(2.0 / budget))
+}
+
 /// The fraction of the next period to keep the launch probes attached, given the current
-/// one and the highest per-process launch rate seen in its window (launches per second).
+/// one, the highest per-process launch rate seen in its window (launches per second), and
+/// what one attach/detach cycle costs over `period`.
 ///
-/// It falls at once to what the budget allows, but rises at most 2× per period: a process
-/// that is idle (or launches rarely) and then starts launching 100,000 kernels a second must
-/// not find the probes attached for a whole period.
-pub fn next_duty(current: f64, budget_percent: f64, max_rate: f64) -> f64 {
+/// Always attached (1.0) costs no cycle; below it, the budget pays the cycle first:
+/// cycle / period + duty × rate × trap ≤ budget. The duty falls at once to what the budget
+/// allows, but rises at most 2× per period: a process that is idle (or launches rarely) and
+/// then starts launching 100,000 kernels a second must not find the probes attached for a
+/// whole period.
+pub fn next_duty(
+    current: f64,
+    budget_percent: f64,
+    max_rate: f64,
+    cycle_cost: Duration,
+    period: Duration,
+) -> f64 {
+    let budget = budget_percent / 100.0;
     let overhead_if_always_on = max_rate * TRAP_COST.as_secs_f64();
-    let allowed = if overhead_if_always_on <= 0.0 {
+    let allowed = if overhead_if_always_on <= budget {
         1.0
     } else {
-        budget_percent / 100.0 / overhead_if_always_on
+        let cycle_share = cycle_cost.as_secs_f64() / period.as_secs_f64().max(1e-9);
+        ((budget - cycle_share) / overhead_if_always_on).min(1.0 - f64::EPSILON)
     };
     allowed.min(current * 2.0).clamp(MIN_DUTY, 1.0)
 }
 
-/// Extrapolated launch totals per (process, function id), and the duty cycle's state.
+/// A process image's function: (tgid, CUDA counter generation, function id).
+pub type ProcessFunction = (u32, u32, u8);
+
+/// Extrapolated launch totals per process image and function, and the duty cycle's state.
 #[derive(Debug, Default)]
 pub struct LaunchEstimates {
     pub mode: LaunchMode,
     pub duty: f64,
-    totals: HashMap<(u32, u8), f64>,
+    /// The period in use (see [`period`]).
+    pub period: Duration,
+    /// What one attach + detach of the launch probes cost, as last measured: CPU time
+    /// (charged to the budget) and wall time.
+    pub cycle_cpu: Duration,
+    pub cycle_wall: Duration,
+    totals: HashMap<ProcessFunction, f64>,
 }
 
 impl LaunchEstimates {
@@ -63,6 +102,9 @@ impl LaunchEstimates {
         LaunchEstimates {
             mode,
             duty,
+            period: Duration::ZERO,
+            cycle_cpu: Duration::ZERO,
+            cycle_wall: Duration::ZERO,
             totals: HashMap::new(),
         }
     }
@@ -71,16 +113,16 @@ impl LaunchEstimates {
     /// Returns the highest per-process rate in the window (launches per second).
     pub fn add_window(
         &mut self,
-        seen: &HashMap<(u32, u8), u64>,
+        seen: &HashMap<ProcessFunction, u64>,
         window: Duration,
         period: Duration,
     ) -> f64 {
         let window_s = window.as_secs_f64().max(1e-6);
         let scale = (period.as_secs_f64() / window_s).max(1.0);
-        let mut per_process: HashMap<u32, u64> = HashMap::new();
-        for (&(tgid, function), &count) in seen {
-            *self.totals.entry((tgid, function)).or_default() += count as f64 * scale;
-            *per_process.entry(tgid).or_default() += count;
+        let mut per_process: HashMap<(u32, u32), u64> = HashMap::new();
+        for (&(tgid, generation, function), &count) in seen {
+            *self.totals.entry((tgid, generation, function)).or_default() += count as f64 * scale;
+            *per_process.entry((tgid, generation)).or_default() += count;
         }
         per_process
             .values()
@@ -88,13 +130,14 @@ impl LaunchEstimates {
             .fold(0.0, f64::max)
     }
 
-    pub fn total(&self, tgid: u32, function: u8) -> Option<f64> {
-        self.totals.get(&(tgid, function)).copied()
+    pub fn total(&self, key: ProcessFunction) -> Option<f64> {
+        self.totals.get(&key).copied()
     }
 
-    /// Forgets processes that are gone.
-    pub fn retain(&mut self, alive: impl Fn(u32) -> bool) {
-        self.totals.retain(|(tgid, _), _| alive(*tgid));
+    /// Forgets a process image whose counters are retired.
+    pub fn forget(&mut self, tgid: u32, generation: u32) {
+        self.totals
+            .retain(|&(t, g, _), _| (t, g) != (tgid, generation));
     }
 }
 
@@ -111,36 +154,61 @@ mod tests {
 
     #[test]
     fn the_window_keeps_the_overhead_under_the_budget() {
+        let second = Duration::from_secs(1);
+        let free = Duration::ZERO;
         // 100,000 launches/s × 0.8 µs = 8 % of a core if always attached; 0.5 % allows 1/16.
-        let duty = next_duty(1.0, 0.5, 100_000.0);
+        let duty = next_duty(1.0, 0.5, 100_000.0, free, second);
         assert!((duty - 0.5 / 8.0).abs() < 1e-9, "{duty}");
         assert!(100_000.0 * TRAP_COST.as_secs_f64() * duty <= 0.005 + 1e-12);
         assert_eq!(
-            next_duty(1.0, 0.5, 1_000.0),
+            next_duty(1.0, 0.5, 1_000.0, free, second),
             1.0,
             "1,000/s costs 0.08 %: always attached"
         );
-        assert_eq!(next_duty(1.0, 0.5, 1e9), MIN_DUTY);
+        assert_eq!(next_duty(1.0, 0.5, 1e9, free, second), MIN_DUTY);
         // Idle: it rises, but only 2× per period, so a burst never meets a fully attached period.
-        assert_eq!(next_duty(MIN_DUTY, 0.5, 0.0), 2.0 * MIN_DUTY);
-        assert_eq!(next_duty(0.6, 0.5, 0.0), 1.0);
+        assert_eq!(next_duty(MIN_DUTY, 0.5, 0.0, free, second), 2.0 * MIN_DUTY);
+        assert_eq!(next_duty(0.6, 0.5, 0.0, free, second), 1.0);
+    }
+
+    #[test]
+    fn the_budget_pays_for_the_attach_detach_cycle() {
+        let second = Duration::from_secs(1);
+        // A 2 ms cycle per 1 s period takes 0.2 % of the 0.5 %: 0.3 % is left for traps.
+        let cycle = Duration::from_millis(2);
+        let duty = next_duty(1.0, 0.5, 100_000.0, cycle, second);
+        assert!((duty - 0.3 / 8.0).abs() < 1e-9, "{duty}");
+        let overhead = cycle.as_secs_f64() / 1.0 + 100_000.0 * TRAP_COST.as_secs_f64() * duty;
+        assert!(overhead <= 0.005 + 1e-12, "{overhead}");
+        // A 40 ms cycle would take 4 % of a 1 s period: the period grows to 16 s (half the
+        // budget for the cycle), and the duty then fits the other half.
+        let slow = Duration::from_millis(40);
+        let p = period(second, 0.5, slow);
+        assert_eq!(p, Duration::from_secs(16));
+        let duty = next_duty(1.0, 0.5, 100_000.0, slow, p);
+        let overhead = slow.as_secs_f64() / p.as_secs_f64() + 100_000.0 * 8e-7 * duty;
+        assert!((overhead - 0.005).abs() < 1e-9, "{overhead}");
+        assert_eq!(period(second, 0.5, Duration::from_micros(100)), second);
     }
 
     #[test]
     fn windows_are_extrapolated_to_the_period() {
         let mut e = LaunchEstimates::new(LaunchMode::Sampled);
-        let seen = HashMap::from([((7, 1), 1_000u64), ((7, 2), 500), ((8, 1), 10)]);
+        let seen = HashMap::from([((7, 3, 1), 1_000u64), ((7, 3, 2), 500), ((8, 5, 1), 10)]);
         let period = Duration::from_secs(1);
         let max_rate = e.add_window(&seen, Duration::from_millis(100), period);
         assert!((max_rate - 15_000.0).abs() < 1e-6, "{max_rate}");
-        assert_eq!(e.total(7, 1), Some(10_000.0));
+        assert_eq!(e.total((7, 3, 1)), Some(10_000.0));
         e.add_window(&seen, Duration::from_secs(1), period);
         assert_eq!(
-            e.total(7, 1),
+            e.total((7, 3, 1)),
             Some(11_000.0),
             "a full window adds what it saw"
         );
-        e.retain(|tgid| tgid != 7);
-        assert_eq!((e.total(7, 1), e.total(8, 1)), (None, Some(110.0)));
+        e.forget(7, 3);
+        assert_eq!(
+            (e.total((7, 3, 1)), e.total((8, 5, 1))),
+            (None, Some(110.0))
+        );
     }
 }

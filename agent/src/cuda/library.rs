@@ -1,8 +1,37 @@
 //! Which files are CUDA libraries, and where a process maps them.
 
 use agent_common::cuda::{API_DRIVER, API_RUNTIME};
+use agent_common::{LIB_CUDA_DRIVER, LIB_CUDA_RUNTIME, LIB_FRAMEWORK};
 
+use crate::identity::FRAMEWORK_LIBRARY_PREFIXES;
 use crate::proc::shared_objects;
+
+/// The library prefix table: file-name prefix → what a file so named is. The kernel (or the
+/// perf-record fallback, [`classify_name`]) matches the start of the name; userspace checks
+/// the whole name ([`library_api`]).
+pub static WATCHED_PREFIXES: std::sync::LazyLock<Vec<(&'static str, u32)>> =
+    std::sync::LazyLock::new(|| {
+        let mut table = vec![
+            ("libcudart.so", LIB_CUDA_RUNTIME),
+            ("libcuda.so", LIB_CUDA_DRIVER),
+        ];
+        table.extend(
+            FRAMEWORK_LIBRARY_PREFIXES
+                .iter()
+                .map(|p| (*p, LIB_FRAMEWORK)),
+        );
+        table
+    });
+
+/// The class of the longest prefix of the table that `name` starts with, as the kernel's
+/// longest-prefix-match table answers.
+pub fn classify_name(name: &str) -> Option<u32> {
+    WATCHED_PREFIXES
+        .iter()
+        .filter(|(p, _)| name.starts_with(p))
+        .max_by_key(|(p, _)| p.len())
+        .map(|(_, class)| *class)
+}
 
 /// `runtime` for libcudart.so*, `driver` for libcuda.so*; None for everything else
 /// (libcudnn, libcudart_static, libcudadevrt, …).
@@ -102,6 +131,33 @@ mod tests {
         ] {
             assert_eq!(library_api(path), api, "{path}");
         }
+    }
+
+    #[test]
+    fn every_watched_prefix_fits_the_kernel_table() {
+        for (prefix, _) in WATCHED_PREFIXES.iter() {
+            assert!(
+                !prefix.is_empty() && prefix.len() < agent_common::LIB_PREFIX_LEN,
+                "{prefix}"
+            );
+        }
+        // Every CUDA library name the agent probes starts with a CUDA prefix of the table.
+        for name in [
+            "libcudart.so.12",
+            "libcudart.so.13.0.48",
+            "libcuda.so.1",
+            "libcuda.so",
+        ] {
+            let class = classify_name(name);
+            let want = if library_api(name) == Some(API_RUNTIME) {
+                LIB_CUDA_RUNTIME
+            } else {
+                LIB_CUDA_DRIVER
+            };
+            assert_eq!(class, Some(want), "{name}");
+        }
+        assert_eq!(classify_name("libcudnn.so.9"), None);
+        assert_eq!(classify_name("libtorch_cpu.so"), Some(LIB_FRAMEWORK));
     }
 
     #[test]

@@ -1,6 +1,8 @@
-//! CUDA attribution, userspace side: which files to probe (`library`), attaching the probes
-//! once per file (`attach`), and the duty cycle of the kernel-launch probes (`launches`).
+//! CUDA attribution, userspace side: which files to probe (`library`), where their functions
+//! are (`symbols`, once per file), attaching the probes once per file and removing them when
+//! unused (`attach`), and the duty cycle of the kernel-launch probes (`launches`).
 
 pub mod attach;
 pub mod launches;
 pub mod library;
+pub mod symbols;

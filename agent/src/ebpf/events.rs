@@ -2,8 +2,8 @@
 //! kind is counted and skipped, never trusted.
 
 use agent_common::{
-    CudaOomEvent, ExecEvent, ForkEvent, LibraryOpenEvent, PidEvent, EVENT_CUDA_FIRST_USE,
-    EVENT_CUDA_OOM, EVENT_EXEC, EVENT_EXIT, EVENT_FORK, EVENT_LIBRARY_OPEN,
+    CudaOomEvent, ExecEvent, ExitEvent, ForkEvent, LibraryMapEvent, PidEvent, EVENT_CUDA_FIRST_USE,
+    EVENT_CUDA_OOM, EVENT_CUDA_RETIRED, EVENT_EXEC, EVENT_EXIT, EVENT_FORK, EVENT_LIBRARY_MAP,
 };
 
 use crate::proc::parse_cmdline;
@@ -24,9 +24,17 @@ pub struct ExecRecord {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum KernelEvent {
     Exec(ExecRecord),
+    /// The process's last thread exited. `cuda_generation`: its CUDA counters' generation,
+    /// already forgotten by the kernel (0: it never called CUDA).
     Exit {
         pid: u32,
+        cuda_generation: u32,
         ktime_ns: u64,
+    },
+    /// The process exec'd after calling CUDA: the counters of its old image are retired.
+    CudaRetired {
+        pid: u32,
+        cuda_generation: u32,
     },
     /// A tracked process created a child without exec.
     Fork {
@@ -45,12 +53,36 @@ pub enum KernelEvent {
         code: u32,
         size: u64,
     },
-    /// A tracked process opened a file whose name contains `libcud`.
-    LibraryOpen {
-        pid: u32,
-        path: String,
-    },
+    /// A process is mapping an executable file whose name matched the library table.
+    LibraryMap(LibraryMap),
     Malformed,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LibraryMap {
+    pub pid: u32,
+    /// The table's class (`LIB_*`).
+    pub class: u32,
+    /// The file's device (userspace encoding, as `stat` reports it; 0 when unknown) and inode.
+    pub dev: u64,
+    pub ino: u64,
+    /// The file's name, and the name of the directory that holds it.
+    pub name: String,
+    pub parent: String,
+}
+
+impl LibraryMap {
+    /// `/<directory>/<name>`: enough of the path for the classification rules, which match
+    /// a package directory (`/vllm/`) or a library name.
+    pub fn short_path(&self) -> String {
+        format!("/{}/{}", self.parent, self.name)
+    }
+}
+
+/// The kernel's `dev_t` (`MAJOR << 20 | MINOR`) as userspace's (`makedev`).
+fn user_dev(kernel: u64) -> u64 {
+    let (major, minor) = ((kernel >> 20) as u32, (kernel & 0xf_ffff) as u32);
+    libc::makedev(major, minor)
 }
 
 pub fn decode(bytes: &[u8]) -> KernelEvent {
@@ -76,12 +108,20 @@ pub fn decode(bytes: &[u8]) -> KernelEvent {
                 ktime_ns: ev.ktime_ns,
             })
         }
-        EVENT_EXIT if bytes.len() >= size_of::<PidEvent>() => {
+        EVENT_EXIT | EVENT_CUDA_RETIRED if bytes.len() >= size_of::<ExitEvent>() => {
             // SAFETY: as above.
-            let ev: PidEvent = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
-            KernelEvent::Exit {
-                pid: ev.tgid,
-                ktime_ns: ev.ktime_ns,
+            let ev: ExitEvent = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+            if kind == EVENT_EXIT {
+                KernelEvent::Exit {
+                    pid: ev.tgid,
+                    cuda_generation: ev.cuda_generation,
+                    ktime_ns: ev.ktime_ns,
+                }
+            } else {
+                KernelEvent::CudaRetired {
+                    pid: ev.tgid,
+                    cuda_generation: ev.cuda_generation,
+                }
             }
         }
         EVENT_FORK if bytes.len() >= size_of::<ForkEvent>() => {
@@ -108,13 +148,17 @@ pub fn decode(bytes: &[u8]) -> KernelEvent {
                 size: ev.size,
             }
         }
-        EVENT_LIBRARY_OPEN if bytes.len() >= size_of::<LibraryOpenEvent>() => {
+        EVENT_LIBRARY_MAP if bytes.len() >= size_of::<LibraryMapEvent>() => {
             // SAFETY: as above.
-            let ev: LibraryOpenEvent = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
-            KernelEvent::LibraryOpen {
+            let ev: LibraryMapEvent = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+            KernelEvent::LibraryMap(LibraryMap {
                 pid: ev.tgid,
-                path: c_string(&ev.path),
-            }
+                class: ev.class,
+                dev: if ev.dev == 0 { 0 } else { user_dev(ev.dev) },
+                ino: ev.ino,
+                name: c_string(&ev.name),
+                parent: c_string(&ev.parent),
+            })
         }
         _ => KernelEvent::Malformed,
     }
@@ -176,17 +220,46 @@ mod tests {
         assert_eq!(decode(&[]), KernelEvent::Malformed);
         assert_eq!(decode(&EVENT_EXEC.to_ne_bytes()), KernelEvent::Malformed);
         assert_eq!(decode(&[9, 0, 0, 0, 0, 0, 0, 0]), KernelEvent::Malformed);
-        let exit = PidEvent {
+        let exit = ExitEvent {
             kind: EVENT_EXIT,
             tgid: 5,
+            cuda_generation: 9,
+            reserved: 0,
             ktime_ns: 1,
         };
         assert_eq!(
             decode(as_bytes(&exit)),
             KernelEvent::Exit {
                 pid: 5,
+                cuda_generation: 9,
                 ktime_ns: 1
             }
         );
+        assert_eq!(
+            decode(&as_bytes(&exit)[..16]),
+            KernelEvent::Malformed,
+            "a short exit record"
+        );
+    }
+
+    #[test]
+    fn decodes_a_library_map_with_unterminated_names() {
+        let mut ev = LibraryMapEvent {
+            kind: EVENT_LIBRARY_MAP,
+            tgid: 7,
+            class: agent_common::LIB_FRAMEWORK,
+            reserved: 0,
+            dev: (8 << 20) | 1,
+            ino: 42,
+            name: [b'a'; agent_common::LIB_NAME_LEN],
+            parent: [0; agent_common::LIB_NAME_LEN],
+        };
+        ev.parent[..4].copy_from_slice(b"vllm");
+        let KernelEvent::LibraryMap(map) = decode(as_bytes(&ev)) else {
+            panic!("not a library map")
+        };
+        assert_eq!(map.name.len(), agent_common::LIB_NAME_LEN);
+        assert_eq!(map.dev, libc::makedev(8, 1));
+        assert!(map.short_path().starts_with("/vllm/aaa"));
     }
 }

@@ -1,17 +1,21 @@
-//! The kernel side of the agent, seen from userspace: load the eBPF object, attach the exec
-//! and exit tracepoints, and hand out the ring buffer and the loss counters.
+//! The kernel side of the agent, seen from userspace: load the eBPF object, attach the exec,
+//! exit and fork tracepoints and the library-mapping hook, and hand out the ring buffer, the
+//! loss counters and the CUDA maps.
 
 mod btf;
 pub mod events;
+pub mod perf_mmap;
 
 use std::path::Path;
 
 use agent_common::cuda::{AllocKey, CudaKey, CudaStat};
 use agent_common::{
     LOST_CUDA_ALLOC, LOST_CUDA_EVENT, LOST_CUDA_STATS, LOST_EXEC, LOST_EXIT, LOST_FORK,
+    LOST_LIBRARY_MAP,
 };
+use aya::maps::lpm_trie::{Key, LpmTrie};
 use aya::maps::{HashMap, MapData, PerCpuArray, RingBuf};
-use aya::programs::{ProgramError, TracePoint, UProbe};
+use aya::programs::{FEntry, KProbe, ProgramError, TracePoint, UProbe};
 use aya::{Ebpf, EbpfLoader};
 
 pub use events::{decode, ExecRecord, KernelEvent};
@@ -41,10 +45,38 @@ pub struct Sensor {
     pub lost: LostCounters,
     pub tracked: TrackedPids,
     pub cuda: CudaMaps,
-    /// Whether tracked processes opening CUDA libraries are reported (syscall tracepoints).
-    pub library_trigger: bool,
+    /// How libraries being mapped are seen (see [`MmapHook`]).
+    pub mmap_hook: MmapHook,
+    /// The perf records of executable mappings, when that is the hook.
+    pub mmap_records: Option<perf_mmap::MmapRecords>,
     /// Whether ppid comes from the kernel (BTF offsets found) or must be read from /proc.
     pub kernel_ppid: bool,
+}
+
+/// How the kernel reports libraries being mapped (`security_mmap_file`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MmapHook {
+    /// A BPF trampoline: a direct call from the function, the cheapest hook there is.
+    Fentry,
+    /// A kprobe on the same function, where the kernel has no BPF trampolines (a breakpoint
+    /// trap per file mapping; nothing on other syscalls).
+    Kprobe,
+    /// Neither: the kernel's perf records of executable mappings (`PERF_RECORD_MMAP2`),
+    /// filtered in userspace (see [`perf_mmap`]).
+    PerfMmap,
+    /// Nothing could attach: libraries are found by the /proc scans only.
+    None,
+}
+
+impl MmapHook {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MmapHook::Fentry => "fentry",
+            MmapHook::Kprobe => "kprobe",
+            MmapHook::PerfMmap => "perf_mmap",
+            MmapHook::None => "none",
+        }
+    }
 }
 
 /// The per-CPU counters of ring buffer reservations that failed.
@@ -52,8 +84,8 @@ pub struct LostCounters(PerCpuArray<MapData, u64>);
 
 impl LostCounters {
     /// Records lost since load, summed over CPUs: exec, exit, fork, CUDA events, CUDA
-    /// counters (map full), CUDA allocations (map full).
-    pub fn read(&self) -> Result<[u64; 6], String> {
+    /// counters (map full), CUDA allocations (map full), library maps.
+    pub fn read(&self) -> Result<[u64; 7], String> {
         let sum = |slot: u32| -> Result<u64, String> {
             Ok(self
                 .0
@@ -69,6 +101,7 @@ impl LostCounters {
             sum(LOST_CUDA_EVENT)?,
             sum(LOST_CUDA_STATS)?,
             sum(LOST_CUDA_ALLOC)?,
+            sum(LOST_LIBRARY_MAP)?,
         ])
     }
 }
@@ -110,19 +143,76 @@ impl Sensor {
             "task/task_newtask",
             &[("pid_t pid;", 8), (" clone_flags;", 32)],
         )?;
-        let (parent_off, tgid_off) = match task_offsets() {
-            Ok(offsets) => offsets,
-            Err(e) => {
-                tracing::warn!(error = %e, "no task_struct offsets from BTF: ppid will be read from /proc");
-                (0, 0)
-            }
+        check_layout(
+            &tracefs,
+            "sched/sched_process_exit",
+            &[("bool group_dead;", 32)],
+        )?;
+        let btf = btf::Btf::from_sys_fs();
+        let offsets = |what: &str, names: &[(&str, &str)]| -> Vec<u32> {
+            let found = btf.as_ref().map_err(ToString::to_string).and_then(|btf| {
+                names
+                    .iter()
+                    .map(|(s, m)| btf.member_offset(s, m).map_err(|e| e.to_string()))
+                    .collect::<Result<Vec<u32>, String>>()
+            });
+            found.unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "no kernel structure offsets from BTF: {what}");
+                vec![0; names.len()]
+            })
         };
-        let mut ebpf = EbpfLoader::new()
-            .override_global("TASK_REAL_PARENT_OFFSET", &parent_off, true)
-            .override_global("TASK_TGID_OFFSET", &tgid_off, true)
+        let task = offsets(
+            "ppid will be read from /proc",
+            &[("task_struct", "real_parent"), ("task_struct", "tgid")],
+        );
+        let argv = offsets(
+            "argv will be read from /proc",
+            &[
+                ("task_struct", "mm"),
+                ("mm_struct", "arg_start"),
+                ("mm_struct", "arg_end"),
+            ],
+        );
+        let file = offsets(
+            "library mappings will be found by the /proc scans only",
+            &[
+                ("file", "f_path"),
+                ("path", "dentry"),
+                ("file", "f_inode"),
+                ("dentry", "d_name"),
+                ("qstr", "name"),
+                ("dentry", "d_parent"),
+                ("inode", "i_ino"),
+                ("inode", "i_sb"),
+                ("super_block", "s_dev"),
+            ],
+        );
+        let file_known = file.iter().all(|&o| o != 0);
+        let globals: [(&str, u32); 12] = [
+            ("TASK_REAL_PARENT_OFFSET", task[0]),
+            ("TASK_TGID_OFFSET", task[1]),
+            ("TASK_MM_OFFSET", argv[0]),
+            ("MM_ARG_START_OFFSET", argv[1]),
+            ("MM_ARG_END_OFFSET", argv[2]),
+            ("FILE_DENTRY_OFFSET", file[0] + file[1]),
+            ("FILE_INODE_OFFSET", file[2]),
+            ("DENTRY_NAME_OFFSET", file[3] + file[4]),
+            ("DENTRY_PARENT_OFFSET", file[5]),
+            ("INODE_INO_OFFSET", file[6]),
+            ("INODE_SB_OFFSET", file[7]),
+            ("SB_DEV_OFFSET", file[8]),
+        ];
+        let mut loader = EbpfLoader::new();
+        for (name, value) in &globals {
+            loader.override_global(name, value, true);
+        }
+        let mut ebpf = loader
             .map_max_entries("EVENTS", ring_buffer_bytes)
             .map_max_entries("TRACKED", max_processes)
+            .map_max_entries("CUDA_SEEN", max_processes)
+            .map_max_entries("CUDA_LIVE", max_processes)
             .load(EBPF_OBJECT)?;
+        let (parent_off, tgid_off) = (task[0], task[1]);
         for (category, name) in [
             ("sched", "sched_process_exec"),
             ("sched", "sched_process_exit"),
@@ -138,7 +228,23 @@ impl Sensor {
             let program: &mut UProbe = program(&mut ebpf, name)?;
             program.load().map_err(|e| SensorError::Program(name, e))?;
         }
-        let library_trigger = attach_library_trigger(&mut ebpf, &tracefs);
+        let mut mmap_hook = if file_known {
+            attach_mmap_hook(&mut ebpf)
+        } else {
+            MmapHook::None
+        };
+        let mut mmap_records = None;
+        if mmap_hook == MmapHook::None {
+            match perf_mmap::MmapRecords::open() {
+                Ok(records) => {
+                    mmap_records = Some(records);
+                    mmap_hook = MmapHook::PerfMmap;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "no perf mmap records either: CUDA and framework libraries are found by the /proc scans only (--rescan-interval)")
+                }
+            }
+        }
         let events = RingBuf::try_from(take(&mut ebpf, "EVENTS")?)
             .map_err(|e| SensorError::Map("EVENTS", e.to_string()))?;
         let lost = PerCpuArray::try_from(take(&mut ebpf, "LOST")?)
@@ -161,8 +267,9 @@ impl Sensor {
             lost: LostCounters(lost),
             tracked: TrackedPids(tracked),
             cuda,
-            kernel_ppid: parent_off != 0,
-            library_trigger,
+            kernel_ppid: parent_off != 0 && tgid_off != 0,
+            mmap_hook,
+            mmap_records,
         })
     }
 }
@@ -186,42 +293,70 @@ fn take(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, SensorErr
         .ok_or(SensorError::Map(name, "missing from the object".into()))
 }
 
-/// The event-driven trigger for CUDA libraries: tracked processes opening `libcud*` files.
-/// Optional: without syscall tracepoints the /proc scans still find the libraries.
-fn attach_library_trigger(ebpf: &mut Ebpf, tracefs: &Path) -> bool {
-    let result = check_layout(
-        tracefs,
-        "syscalls/sys_enter_openat",
-        &[("const char * filename;", 24)],
-    )
-    .map_err(|e| e.to_string())
-    .and_then(|()| {
-        let program: &mut TracePoint = ebpf
-            .program_mut("sys_enter_openat")
-            .ok_or("program missing from the object")?
-            .try_into()
-            .map_err(|e: ProgramError| e.to_string())?;
-        program.load().map_err(|e| e.to_string())?;
-        program
-            .attach("syscalls", "sys_enter_openat")
-            .map_err(|e| e.to_string())?;
-        Ok(())
-    });
-    match result {
-        Ok(()) => true,
-        Err(e) => {
-            tracing::warn!(error = %e, "no openat trigger for CUDA libraries: they are found by the /proc scans only (--rescan-interval)");
-            false
+/// Fills the library prefix table, then attaches the `security_mmap_file` hook: an fentry
+/// where the kernel has BPF trampolines, else a kprobe. `None` when neither attaches (the
+/// caller then falls back to perf mmap records).
+fn attach_mmap_hook(ebpf: &mut Ebpf) -> MmapHook {
+    if let Err(e) = fill_prefixes(ebpf) {
+        tracing::warn!(error = %e, "cannot fill the library prefix table: libraries are found by the /proc scans only (--rescan-interval)");
+        return MmapHook::None;
+    }
+    let fentry = aya::Btf::from_sys_fs()
+        .map_err(|e| e.to_string())
+        .and_then(|btf| {
+            let program: &mut FEntry = program(ebpf, "mmap_file").map_err(|e| e.to_string())?;
+            program
+                .load("security_mmap_file", &btf)
+                .map_err(|e| e.to_string())?;
+            program.attach().map_err(|e| e.to_string())?;
+            Ok(())
+        });
+    let fentry_error = match fentry {
+        Ok(()) => return MmapHook::Fentry,
+        Err(e) => e,
+    };
+    let kprobe = program::<KProbe>(ebpf, "mmap_file_kprobe")
+        .map_err(|e| e.to_string())
+        .and_then(|program| {
+            program.load().map_err(|e| e.to_string())?;
+            program
+                .attach("security_mmap_file", 0)
+                .map_err(|e| e.to_string())?;
+            Ok(())
+        });
+    match kprobe {
+        Ok(()) => {
+            tracing::info!(fentry_error = %fentry_error, "library mappings hooked with a kprobe (no BPF trampoline)");
+            MmapHook::Kprobe
+        }
+        Err(kprobe_error) => {
+            tracing::info!(%fentry_error, %kprobe_error, "no BPF hook on security_mmap_file: trying perf mmap records");
+            MmapHook::None
         }
     }
 }
 
-fn task_offsets() -> Result<(u32, u32), btf::BtfError> {
-    let btf = btf::Btf::from_sys_fs()?;
-    Ok((
-        btf.member_offset("task_struct", "real_parent")?,
-        btf.member_offset("task_struct", "tgid")?,
-    ))
+fn fill_prefixes(ebpf: &mut Ebpf) -> Result<(), String> {
+    use agent_common::LIB_PREFIX_LEN;
+    let mut table: LpmTrie<&mut MapData, [u8; LIB_PREFIX_LEN], u32> = LpmTrie::try_from(
+        ebpf.map_mut("LIBRARY_PREFIXES")
+            .ok_or("LIBRARY_PREFIXES missing from the object")?,
+    )
+    .map_err(|e| e.to_string())?;
+    for (prefix, class) in crate::cuda::library::WATCHED_PREFIXES.iter().copied() {
+        let bytes = prefix.as_bytes();
+        if bytes.len() >= LIB_PREFIX_LEN {
+            return Err(format!(
+                "prefix {prefix} is longer than {LIB_PREFIX_LEN} bytes"
+            ));
+        }
+        let mut data = [0u8; LIB_PREFIX_LEN];
+        data[..bytes.len()].copy_from_slice(bytes);
+        table
+            .insert(&Key::new(bytes.len() as u32 * 8, data), class, 0)
+            .map_err(|e| format!("{prefix}: {e}"))?;
+    }
+    Ok(())
 }
 
 /// Where tracefs is; mounts it at /sys/kernel/tracing when it is nowhere.

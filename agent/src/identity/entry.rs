@@ -205,6 +205,33 @@ const LIBRARY_RULES: &[(&str, Framework)] = &[
     ("libtorch_python.so", Framework::Pytorch),
 ];
 
+/// How the file names of the libraries [`LIBRARY_RULES`] look for begin: the kernel reports an
+/// executable mapping of a file named so by any process (agent-ebpf/src/library.rs), and an
+/// interpreter no rule knows yet is classified the moment it maps one. Each prefix is at most
+/// `agent_common::LIB_PREFIX_LEN - 1` bytes.
+pub const FRAMEWORK_LIBRARY_PREFIXES: &[&str] = &[
+    // vLLM's extensions (vllm/_C.abi3.so, _moe_C.abi3.so); torch's _C.cpython-*.so too.
+    "_C.",
+    "_moe_C",
+    // sgl_kernel/common_ops.*.so
+    "common_ops",
+    "libllama",
+    "libggml",
+    "libtensorrt_llm",
+    // lmdeploy/lib/_turbomind.*.so
+    "_turbomind",
+    "libmlc_llm",
+    "exllamav2_ext",
+    "libonnxruntime",
+    "onnxruntime_pybind11_state",
+    "libtensorflow_framework",
+    "_pywrap_tensorflow_internal",
+    "tokenizers.",
+    "_safetensors_rust",
+    "libtorch_cpu",
+    "libtorch_python",
+];
+
 /// Python tools that are never a workload, whatever they import (pip imports torch's
 /// metadata, pytest imports whatever it tests).
 const NOT_WORKLOADS: &[&str] = &[

@@ -10,6 +10,7 @@ mod sanitize;
 #[cfg(test)]
 mod tests;
 
+pub use entry::FRAMEWORK_LIBRARY_PREFIXES;
 pub use model::model_family;
 pub use sanitize::{looks_like_secret, sanitize_label, MAX_LABEL_LEN};
 

@@ -226,6 +226,17 @@ fn python_scripts_are_classified_by_the_libraries_they_load() {
             );
         }
     }
+    for (libs, expected) in cases {
+        for lib in libs.iter().filter(|_| expected.is_some()) {
+            let name = lib.rsplit('/').next().unwrap();
+            assert!(
+                FRAMEWORK_LIBRARY_PREFIXES
+                    .iter()
+                    .any(|p| name.starts_with(p)),
+                "the kernel must report mappings of {name}"
+            );
+        }
+    }
     let mut pip = facts("python3 -m pip install torch");
     pip.libraries = vec!["/venv/lib/python3.11/site-packages/torch/lib/libtorch_cpu.so".into()];
     assert_eq!(classify(&pip), None, "pip is never an LLM process");

@@ -71,7 +71,20 @@ pub struct CudaSnapshot {
     /// Library files probed, by API.
     pub libraries: Vec<KindCount>,
     pub attach_failures: Vec<KindCount>,
+    /// Library files whose probes were removed because no process mapped them any more.
+    pub library_detaches: u64,
+    /// Attach requests dropped because the attach queue was full.
+    pub attach_requests_dropped: u64,
+    /// How the kernel reports library mappings: fentry, kprobe or none.
+    pub library_hook: &'static str,
     pub launch_mode: LaunchMode,
-    /// Fraction of time the launch probes were attached over the last period.
+    /// Fraction of the next period the launch probes will be attached.
     pub launch_duty: f64,
+    /// Time the launch probes were attached since start.
+    pub launch_attached_seconds: f64,
+    /// The duty cycle's period in use, and what one attach + detach of its probes cost in
+    /// CPU time (charged to the budget) and in wall time.
+    pub launch_period_seconds: f64,
+    pub launch_cycle_cpu_seconds: f64,
+    pub launch_cycle_wall_seconds: f64,
 }

@@ -337,6 +337,34 @@ fn encode_cuda(e: &mut DescriptorEncoder, c: &CudaSnapshot) -> Result<(), std::f
         None,
         by_ref(&reasons(&c.attach_failures)),
     )?;
+    scalar(
+        e,
+        "llmscope_cuda_library_detaches",
+        "CUDA library files whose probes were removed because no process mapped them any more (--cuda-library-idle-timeout).",
+        Counter,
+        c.library_detaches as f64,
+    )?;
+    scalar(
+        e,
+        "llmscope_cuda_attach_requests_dropped",
+        "Requests to probe a newly mapped CUDA library dropped because the attach queue was full; the next /proc scan probes the library.",
+        Counter,
+        c.attach_requests_dropped as f64,
+    )?;
+    let hook = [(
+        HookLabel {
+            hook: c.library_hook.to_owned(),
+        },
+        1.0,
+    )];
+    family(
+        e,
+        Gauge,
+        "llmscope_library_hook",
+        "How the kernel reports libraries being mapped: fentry or kprobe on security_mmap_file, or none (found by /proc scans only); always 1.",
+        None,
+        by_ref(&hook),
+    )?;
     let mode = [(
         ModeLabel {
             mode: c.launch_mode.as_str().to_owned(),
@@ -354,10 +382,43 @@ fn encode_cuda(e: &mut DescriptorEncoder, c: &CudaSnapshot) -> Result<(), std::f
     scalar(
         e,
         "llmscope_cuda_launch_probe_duty_ratio",
-        "Fraction of the last period the kernel-launch probes were attached.",
+        "Fraction of the next period the kernel-launch probes will be attached.",
         Gauge,
         c.launch_duty,
+    )?;
+    scalar(
+        e,
+        "llmscope_cuda_launch_probe_attached_seconds",
+        "Time the kernel-launch probes were attached; its rate is the time-weighted duty.",
+        Counter,
+        c.launch_attached_seconds,
+    )?;
+    scalar(
+        e,
+        "llmscope_cuda_launch_probe_period_seconds",
+        "Period of the launch-probe duty cycle in use (lengthened when a cycle is costly).",
+        Gauge,
+        c.launch_period_seconds,
+    )?;
+    scalar(
+        e,
+        "llmscope_cuda_launch_probe_cycle_cpu_seconds",
+        "CPU time one attach and detach of the launch probes cost, as last measured; charged to --cuda-overhead-budget.",
+        Gauge,
+        c.launch_cycle_cpu_seconds,
+    )?;
+    scalar(
+        e,
+        "llmscope_cuda_launch_probe_cycle_wall_seconds",
+        "Wall time one attach and detach of the launch probes took, as last measured (detaches wait for RCU grace periods).",
+        Gauge,
+        c.launch_cycle_wall_seconds,
     )
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct HookLabel {
+    hook: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]

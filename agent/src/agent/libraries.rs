@@ -1,0 +1,232 @@
+//! Libraries being mapped, as the kernel reports them (agent-ebpf/src/library.rs), and the
+//! attach thread that probes CUDA libraries off the ring-draining thread.
+//!
+//! ```text
+//!  events thread ── LibraryMap(CUDA) ──▶ track the process ──▶ AttachQueue (bounded) ──▶ attach thread
+//!                └─ LibraryMap(framework) ──▶ classify the interpreter now
+//!  attach thread: probes files (symbols cached per file), retries a mapping not yet in
+//!                 /proc/<pid>/maps, and every second detaches libraries no process maps
+//! ```
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use agent_common::{LIB_CUDA_DRIVER, LIB_CUDA_RUNTIME, LIB_FRAMEWORK};
+
+use super::events::{log_detected, observe_with_env, How};
+use super::Shared;
+use crate::cuda::library::{cuda_libraries, library_api};
+use crate::ebpf::events::LibraryMap;
+use crate::identity::worth_rechecking;
+use crate::tracker::Observed;
+
+/// Attach requests waiting at most; past it they are dropped, counted, and the next /proc
+/// scan probes what they would have.
+pub const ATTACH_QUEUE_CAPACITY: usize = 1024;
+/// A mapping reported by the kernel is usually in /proc/<pid>/maps when the request is
+/// handled; if not yet, it is looked for again after this, a few times.
+const RETRY_DELAY: Duration = Duration::from_millis(20);
+const RETRIES: u8 = 5;
+/// How often idle libraries are looked for.
+const IDLE_CHECK_INTERVAL: Duration = Duration::from_secs(1);
+
+pub enum AttachJob {
+    /// Process `pid` is mapping the CUDA library file `name`, (device, inode) `file`.
+    Mapped {
+        pid: u32,
+        file: (u64, u64),
+        name: String,
+    },
+    /// Probe every CUDA library process `pid` maps (its first CUDA call was seen).
+    Discover { pid: u32 },
+}
+
+/// The sending side: never blocks the events thread.
+pub struct AttachQueue {
+    tx: SyncSender<AttachJob>,
+    dropped: AtomicU64,
+}
+
+impl AttachQueue {
+    pub fn new() -> (AttachQueue, Receiver<AttachJob>) {
+        let (tx, rx) = std::sync::mpsc::sync_channel(ATTACH_QUEUE_CAPACITY);
+        (
+            AttachQueue {
+                tx,
+                dropped: AtomicU64::new(0),
+            },
+            rx,
+        )
+    }
+
+    pub fn send(&self, job: AttachJob) {
+        match self.tx.try_send(job) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => {
+                self.dropped.fetch_add(1, Ordering::Relaxed);
+            }
+            // The attach thread is gone: the agent is stopping (or health reports it).
+            Err(TrySendError::Disconnected(_)) => {}
+        }
+    }
+
+    /// Requests dropped because the queue was full, since start.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+}
+
+/// A library mapping reported by the kernel (events thread: nothing slow here).
+pub(super) fn on_library_map(shared: &Shared, map: LibraryMap) {
+    match map.class {
+        LIB_CUDA_RUNTIME | LIB_CUDA_DRIVER => {
+            if library_api(&map.name).is_none() {
+                return;
+            }
+            track_gpu_user(shared, map.pid, "CUDA library mapped");
+            shared.cuda.queue.send(AttachJob::Mapped {
+                pid: map.pid,
+                file: (map.dev, map.ino),
+                name: map.name,
+            });
+        }
+        LIB_FRAMEWORK => classify_interpreter(shared, &map),
+        _ => {}
+    }
+}
+
+/// A process that uses CUDA is always worth a series: tracked with its own identity when it
+/// has one, else as `framework="unknown"`.
+pub(super) fn track_gpu_user(shared: &Shared, pid: u32, via: &str) {
+    if shared.tracker().get(pid).is_some_and(|t| t.is_alive()) {
+        return;
+    }
+    let Ok((facts, sample)) = shared.proc.facts(pid) else {
+        return;
+    };
+    let observed = shared
+        .tracker()
+        .observe_gpu_user(&facts, || Some(sample.start_ticks));
+    shared.note(pid, &observed);
+    if let Observed::Added(id) = &observed {
+        log_detected(pid, id, via);
+    }
+}
+
+/// An interpreter no rule knows yet maps a framework's library: classify it now, from its
+/// libraries (the one being mapped, by its directory and name, and those already mapped).
+fn classify_interpreter(shared: &Shared, map: &LibraryMap) {
+    if shared.tracker().get(map.pid).is_some_and(|t| t.is_alive()) {
+        return;
+    }
+    let Ok((mut facts, _)) = shared.proc.facts(map.pid) else {
+        return;
+    };
+    if !worth_rechecking(&facts) {
+        return;
+    }
+    facts.libraries = shared.proc.libraries(map.pid).unwrap_or_default();
+    facts.libraries.push(map.short_path());
+    if let Observed::Added(id) = observe_with_env(shared, &mut facts, How::Refresh) {
+        log_detected(map.pid, &id, "framework library mapped");
+    }
+}
+
+pub(super) fn spawn(
+    shared: Arc<Shared>,
+    jobs: Receiver<AttachJob>,
+    idle_after: Duration,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name("llmscope-attach".into())
+        .spawn(move || run(&shared, jobs, idle_after))
+}
+
+fn run(shared: &Shared, jobs: Receiver<AttachJob>, idle_after: Duration) {
+    let mut retries: VecDeque<(Instant, u8, AttachJob)> = VecDeque::new();
+    let mut next_idle_check = Instant::now() + IDLE_CHECK_INTERVAL;
+    while !shared.stopping() {
+        let wait = retries
+            .front()
+            .map_or(Duration::from_millis(100), |(at, _, _)| {
+                at.saturating_duration_since(Instant::now())
+            })
+            .min(Duration::from_millis(100));
+        match jobs.recv_timeout(wait) {
+            Ok(job) => {
+                if let Some(job) = handle(shared, job) {
+                    retries.push_back((Instant::now() + RETRY_DELAY, 1, job));
+                }
+            }
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => return,
+        }
+        while retries
+            .front()
+            .is_some_and(|(at, _, _)| *at <= Instant::now())
+        {
+            let (_, tries, job) = retries.pop_front().expect("checked");
+            if let Some(job) = handle(shared, job) {
+                if tries < RETRIES {
+                    retries.push_back((Instant::now() + RETRY_DELAY, tries + 1, job));
+                }
+            }
+        }
+        if Instant::now() >= next_idle_check {
+            next_idle_check = Instant::now() + IDLE_CHECK_INTERVAL;
+            let tracked = shared.tracker().live_pids();
+            shared.cuda.attacher().detach_idle(
+                shared.proc.path(),
+                &tracked,
+                Instant::now(),
+                idle_after,
+            );
+        }
+    }
+}
+
+/// Handles one request; returns it when the mapping is not in the process's maps yet.
+fn handle(shared: &Shared, job: AttachJob) -> Option<AttachJob> {
+    match job {
+        AttachJob::Discover { pid } => {
+            discover_libraries(shared, pid);
+            None
+        }
+        AttachJob::Mapped { pid, file, name } => {
+            if file.1 != 0 && shared.cuda.attacher().note_user(file, pid) {
+                return None;
+            }
+            let Ok(maps) = shared.proc.maps(pid) else {
+                // Gone already: the next process mapping the file reports it again.
+                return None;
+            };
+            let libraries = cuda_libraries(&maps);
+            let mut attacher = shared.cuda.attacher();
+            for lib in &libraries {
+                attacher.attach(shared.proc.path(), pid, lib);
+            }
+            let found = libraries
+                .iter()
+                .any(|l| l.path.rsplit('/').next() == Some(name.as_str()));
+            (!found).then_some(AttachJob::Mapped { pid, file, name })
+        }
+    }
+}
+
+/// Probes every CUDA library process `pid` maps (start-up scan, reconciliation, first use).
+pub(super) fn discover_libraries(shared: &Shared, pid: u32) {
+    let Ok(maps) = shared.proc.maps(pid) else {
+        return;
+    };
+    let libraries = cuda_libraries(&maps);
+    if libraries.is_empty() {
+        return;
+    }
+    let mut attacher = shared.cuda.attacher();
+    for lib in &libraries {
+        attacher.attach(shared.proc.path(), pid, lib);
+    }
+}
