@@ -178,13 +178,15 @@ def processes():
 def cuda():
     l = Layout()
     legend = "{{name}} {{pid}} · {{model_name}}"
+    # Runtime calls reach the driver too: the layers are charted apart, never added.
+    api_legend = legend + " · {{api}}"
     return dashboard("llmscope-cuda", "llmscope / CUDA", "What each process asks of the GPU, counted by eBPF uprobes on libcudart and libcuda.", [
-        panel(l, "timeseries", "Kernel launches", target(f"sum by (instance, pid, name, model_name) (rate(llm_process_cuda_kernel_launches_total{{{PROC}}}[$__rate_interval]))", legend), "ops", description="Extrapolated when the launch probes are duty-cycled (llmscope_cuda_launch_counting)."),
-        panel(l, "timeseries", "Allocation rate", target(f"sum by (instance, pid, name, model_name) (rate(llm_process_cuda_alloc_bytes_total{{{PROC}}}[$__rate_interval]))", legend), "Bps"),
+        panel(l, "timeseries", "Kernel launches", target(f"sum by (instance, pid, name, model_name, api) (rate(llm_process_cuda_kernel_launches_total{{{PROC}}}[$__rate_interval]))", api_legend), "ops", description="Extrapolated when the launch probes are duty-cycled (llmscope_cuda_launch_counting)."),
+        panel(l, "timeseries", "Allocation rate", target(f"sum by (instance, pid, name, model_name, api) (rate(llm_process_cuda_alloc_bytes_total{{{PROC}}}[$__rate_interval]))", api_legend), "Bps"),
         panel(l, "timeseries", "Live device memory", target(f"llm_process_cuda_device_memory_bytes{{{PROC}}}", legend), "bytes", description="From allocation/free pairs; a steady climb is a leak."),
-        panel(l, "timeseries", "Memcpy throughput by direction", target(f"sum by (direction) (rate(llm_process_cuda_memcpy_bytes_total{{{PROC}}}[$__rate_interval]))", "{{direction}}"), "Bps"),
-        panel(l, "timeseries", "Sync stall ratio", target(f"sum by (instance, pid, name, model_name) (rate(llm_process_cuda_sync_seconds_total{{{PROC}}}[$__rate_interval]))", legend), "percentunit", warn=0.3, crit=0.6, description="Seconds per second the CPU waited in synchronize calls."),
-        panel(l, "timeseries", "CUDA errors", target(f"sum by (function, code) (rate(llm_process_cuda_errors_total{{{PROC}}}[$__rate_interval]))", "{{function}} → {{code}}"), "ops", warn=0.01),
+        panel(l, "timeseries", "Memcpy throughput by direction", target(f"sum by (api, direction) (rate(llm_process_cuda_memcpy_bytes_total{{{PROC}}}[$__rate_interval]))", "{{api}} {{direction}}"), "Bps"),
+        panel(l, "timeseries", "Sync stall ratio", target(f"sum by (instance, pid, name, model_name, api) (rate(llm_process_cuda_sync_seconds_total{{{PROC}}}[$__rate_interval]))", api_legend), "percentunit", warn=0.3, crit=0.6, description="Seconds per second the CPU waited in synchronize calls."),
+        panel(l, "timeseries", "CUDA errors", target(f"sum by (api, function, code) (rate(llm_process_cuda_errors_total{{{PROC}}}[$__rate_interval]))", "{{function}} → {{code}}"), "ops", warn=0.01),
         panel(l, "stat", "OOM events (range)", target(f"sum(increase(llm_process_cuda_oom_total{{{PROC}}}[$__range]))"), "short", w=8, h=6, warn=1, crit=1, decimals=0),
         panel(l, "stat", "Uprobe attachments", target(f"sum(llmscope_uprobe_attachments{{{NODE}}})"), "short", w=8, h=6, decimals=0),
         panel(l, "stat", "Launch-probe duty", target(f"avg(llmscope_cuda_launch_probe_duty_ratio{{{NODE}}})"), "percentunit", w=8, h=6),

@@ -457,3 +457,305 @@ fn sampled_launch_counts_are_within_15_percent() {
         error * 100.0
     );
 }
+
+/// A private directory, removed when dropped.
+struct TempDir(std::path::PathBuf);
+
+impl TempDir {
+    fn new(name: &str) -> TempDir {
+        let dir = std::env::temp_dir().join(format!("llmscope-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A C program no rule classifies, with its own copy of the library (a new file, as in every
+/// container image): the kernel reports the mapping, the copy is probed at once — the
+/// /proc scan is an hour away — and every call after that is counted, as framework="unknown".
+#[test]
+fn unclassified_process_with_its_own_library_copy_is_probed_when_it_maps_it() {
+    let agent = Agent::start(&["--cuda-overhead-budget", "100", "--rescan-interval", "1h"]);
+    let dir = TempDir::new("own-copy");
+    let copy = dir.0.join("libcudart.so.12");
+    std::fs::copy(fake_cuda_library("runtime"), &copy).unwrap();
+    let mut w = CudaWorkload::start(
+        &cuda_workload("my-inference-worker"),
+        &["--shard", "3"],
+        &[
+            ("CUDA_LIB", copy.to_str().unwrap()),
+            ("ALLOCS", "3"),
+            ("ALLOC_SIZE", "4096"),
+            ("LAUNCHES", "9"),
+        ],
+    );
+    agent.wait_cuda_libraries(1.0);
+    let m = agent.metrics();
+    assert!(
+        m.value("llmscope_library_hook", &[("hook", "none")])
+            .is_none(),
+        "a library-mapping hook is attached:\n{}",
+        m.0
+    );
+    w.run();
+    let pid = w.pid();
+    expect_value(
+        &agent,
+        "llm_process_cuda_calls_total",
+        pid,
+        &[("function", "cudaMalloc"), ("framework", "unknown")],
+        3.0,
+    );
+    expect_value(
+        &agent,
+        "llm_process_cuda_kernel_launches_total",
+        pid,
+        &[],
+        9.0,
+    );
+    assert!(
+        agent.log().contains("via=\"CUDA library mapped\""),
+        "tracked when it mapped the library:\n{}",
+        agent.log()
+    );
+}
+
+/// The runtime is a layer over the driver: a stand-in libcudart that allocates through the
+/// stand-in libcuda's public symbols fires both layers' probes. Calls are counted per layer,
+/// live memory once.
+#[test]
+fn nested_runtime_and_driver_calls_count_live_memory_once() {
+    let agent = Agent::start(&["--cuda-overhead-budget", "100", "--rescan-interval", "1h"]);
+    let runtime = fake_cuda_library("runtime");
+    let driver = fake_cuda_library("driver");
+    let mut w = CudaWorkload::start(
+        &cuda_workload("llama-server"),
+        &["-m", "/models/nested.gguf"],
+        &[
+            ("CUDA_LIB", runtime.to_str().unwrap()),
+            ("FAKE_CUDART_DRIVER", driver.to_str().unwrap()),
+            ("ALLOCS", "2"),
+            ("ALLOC_SIZE", "1048576"),
+            ("NO_FREE", "1"),
+        ],
+    );
+    agent.wait_cuda_libraries(2.0);
+    w.run();
+    let pid = w.pid();
+    for (api, function) in [("runtime", "cudaMalloc"), ("driver", "cuMemAlloc_v2")] {
+        expect_value(
+            &agent,
+            "llm_process_cuda_calls_total",
+            pid,
+            &[("api", api), ("function", function)],
+            2.0,
+        );
+    }
+    // 1 MiB + 2 MiB, not twice that.
+    expect_value(
+        &agent,
+        "llm_process_cuda_device_memory_bytes",
+        pid,
+        &[],
+        3.0 * MIB,
+    );
+}
+
+/// A pid reused by a new process (forced through ns_last_pid) starts from nothing: no
+/// counter, allocation or live byte of the old process is shown under it.
+#[test]
+fn a_reused_pid_inherits_no_cuda_counters() {
+    let agent = Agent::start(&[
+        "--cuda-overhead-budget",
+        "100",
+        "--rescan-interval",
+        "1h",
+        "--grace-period",
+        "30s",
+    ]);
+    let lib = fake_cuda_library("runtime");
+    let lib = lib.to_str().unwrap();
+    let mut old = CudaWorkload::start(
+        &cuda_workload("llama-server"),
+        &["-m", "/models/old.gguf"],
+        &[
+            ("CUDA_LIB", lib),
+            ("ALLOCS", "3"),
+            ("ALLOC_SIZE", "1048576"),
+            ("NO_FREE", "1"),
+        ],
+    );
+    agent.wait_cuda_libraries(1.0);
+    old.run();
+    let pid = old.pid();
+    expect_value(
+        &agent,
+        "llm_process_cuda_device_memory_bytes",
+        pid,
+        &[],
+        6.0 * MIB,
+    );
+    drop(old);
+
+    let plan = [
+        ("CUDA_LIB", lib),
+        ("ALLOCS", "1"),
+        ("ALLOC_SIZE", "4096"),
+        ("NO_FREE", "1"),
+    ];
+    let mut new = (0..200)
+        .find_map(|_| {
+            std::fs::write("/proc/sys/kernel/ns_last_pid", (pid - 1).to_string()).unwrap();
+            let w = CudaWorkload::start(
+                &cuda_workload("llama-server"),
+                &["-m", "/models/new.gguf"],
+                &plan,
+            );
+            (w.pid() == pid).then_some(w)
+        })
+        .expect("could not get the old pid back");
+    // Before it calls anything: its series carry no CUDA counter at all.
+    wait_for(Duration::from_secs(10), || {
+        agent
+            .metrics()
+            .find("llm_process_memory_bytes", &[("pid", &pid.to_string())])
+            .iter()
+            .any(|(l, _)| l["model_name"] == "new")
+            .then_some(())
+    })
+    .expect("the new process is tracked");
+    let m = agent.metrics();
+    let cuda: Vec<_> =
+        m.0.lines()
+            .filter(|l| l.starts_with("llm_process_cuda") && l.contains(&format!("pid=\"{pid}\"")))
+            .collect();
+    assert!(cuda.is_empty(), "inherited: {cuda:#?}");
+    new.run();
+    expect_value(
+        &agent,
+        "llm_process_cuda_calls_total",
+        pid,
+        &[("function", "cudaMalloc"), ("model_name", "new")],
+        1.0,
+    );
+    expect_value(
+        &agent,
+        "llm_process_cuda_device_memory_bytes",
+        pid,
+        &[],
+        4096.0,
+    );
+}
+
+/// Pod churn: 300 distinct copies of the library (the cudaMalloc-only stand-in), each loaded
+/// by a short-lived process, more than the 256 the agent probes at once. Copies no process maps any more are detached, so
+/// every copy is probed and counted, and a new one after them all still is.
+#[test]
+fn library_copies_are_detached_when_unused_so_churn_never_blinds() {
+    const COPIES: usize = 300;
+    const BATCH: usize = 20;
+    let agent = Agent::start(&[
+        "--rescan-interval",
+        "1h",
+        "--cuda-library-idle-timeout",
+        "1s",
+    ]);
+    let dir = TempDir::new("churn");
+    let original = tiny_cuda_library();
+    let program = cuda_workload("llama-server");
+    let copy = |i: usize| {
+        let d = dir.0.join(i.to_string());
+        std::fs::create_dir_all(&d).unwrap();
+        let path = d.join("libcudart.so.12");
+        std::fs::copy(&original, &path).unwrap();
+        path
+    };
+    let counted = |pids: &[u32]| {
+        wait_for(Duration::from_secs(20), || {
+            let m = agent.metrics();
+            pids.iter()
+                .all(|pid| {
+                    m.value(
+                        "llm_process_cuda_calls_total",
+                        &[("pid", &pid.to_string()), ("function", "cudaMalloc")],
+                    ) == Some(1.0)
+                })
+                .then_some(())
+        })
+        .is_some()
+    };
+    for batch in 0..COPIES / BATCH {
+        let mut workloads: Vec<CudaWorkload> = (0..BATCH)
+            .map(|i| {
+                let lib = copy(batch * BATCH + i);
+                CudaWorkload::start(
+                    &program,
+                    &["-m", "/models/churn.gguf"],
+                    &[
+                        ("CUDA_LIB", lib.to_str().unwrap()),
+                        ("ALLOCS", "1"),
+                        ("NO_FREE", "1"),
+                    ],
+                )
+            })
+            .collect();
+        // Each process calls only once its own copy is probed.
+        let pids: Vec<u32> = workloads.iter().map(CudaWorkload::pid).collect();
+        wait_for(Duration::from_secs(20), || {
+            let m = agent.metrics();
+            let probed = m.value("llmscope_cuda_libraries", &[("api", "runtime")])?;
+            let detached = m.value("llmscope_cuda_library_detaches_total", &[])?;
+            (probed + detached >= ((batch + 1) * BATCH) as f64).then_some(())
+        })
+        .unwrap_or_else(|| panic!("batch {batch} not probed:\n{}", agent.metrics().0));
+        for w in &mut workloads {
+            w.run();
+        }
+        assert!(counted(&pids), "batch {batch}:\n{}", agent.metrics().0);
+    }
+    let detached = wait_for(Duration::from_secs(60), || {
+        let m = agent.metrics();
+        let d = m.value("llmscope_cuda_library_detaches_total", &[])?;
+        (d >= COPIES as f64
+            && m.value("llmscope_cuda_libraries", &[("api", "runtime")]) == Some(0.0))
+        .then_some(d)
+    });
+    assert!(
+        detached.is_some(),
+        "unused copies stay probed:\n{}",
+        agent.metrics().0
+    );
+    let m = agent.metrics();
+    assert_eq!(
+        m.value(
+            "llmscope_uprobe_attach_failures_total",
+            &[("reason", "too_many_libraries")]
+        ),
+        None
+    );
+    assert_eq!(m.value("llmscope_uprobe_attachments", &[]), Some(0.0));
+    let lib = copy(COPIES);
+    let mut last = CudaWorkload::start(
+        &program,
+        &["-m", "/models/last.gguf"],
+        &[
+            ("CUDA_LIB", lib.to_str().unwrap()),
+            ("ALLOCS", "1"),
+            ("NO_FREE", "1"),
+        ],
+    );
+    agent.wait_cuda_libraries(1.0);
+    last.run();
+    assert!(counted(&[last.pid()]), "{}", agent.metrics().0);
+    // Every removed link is detached in the end (one kernel grace period each).
+    let drained = wait_for(Duration::from_secs(120), || {
+        (agent.metrics().value("llmscope_uprobe_detach_backlog", &[]) == Some(0.0)).then_some(())
+    });
+    assert!(drained.is_some(), "{}", agent.metrics().0);
+}

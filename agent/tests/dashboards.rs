@@ -36,6 +36,69 @@ fn the_dashboards_are_what_the_generator_makes() {
     );
 }
 
+/// Runtime calls may reach probed driver functions (libcudart calls libcuda): a query that
+/// sums a family with an `api` label must keep `api`, or it adds one call twice.
+#[test]
+fn no_query_adds_the_runtime_and_driver_layers() {
+    let with_api = [
+        "llm_process_cuda_calls_total",
+        "llm_process_cuda_errors_total",
+        "llm_process_cuda_alloc_bytes_total",
+        "llm_process_cuda_free_total",
+        "llm_process_cuda_kernel_launches_total",
+        "llm_process_cuda_graph_launches_total",
+        "llm_process_cuda_memcpy_bytes_total",
+        "llm_process_cuda_sync_seconds_total",
+    ];
+    let mut exprs: Vec<(String, String)> = Vec::new();
+    for file in [
+        "overview.json",
+        "processes.json",
+        "cuda.json",
+        "gpu-devices.json",
+    ] {
+        let text = std::fs::read_to_string(root().join("dashboards").join(file)).unwrap();
+        let dashboard: serde_json::Value = serde_json::from_str(&text).unwrap();
+        for panel in dashboard["panels"].as_array().unwrap() {
+            for t in panel["targets"].as_array().into_iter().flatten() {
+                exprs.push((file.into(), t["expr"].as_str().unwrap_or("").into()));
+            }
+        }
+    }
+    for file in [
+        "deploy/prometheus/rules/llmscope-recording.yml",
+        "deploy/prometheus/rules/llmscope-alerts.yml",
+        "deploy/kubernetes/prometheusrule.yaml",
+    ] {
+        let text = std::fs::read_to_string(root().join(file)).unwrap();
+        exprs.extend(
+            text.lines()
+                .filter_map(|l| l.trim().strip_prefix("expr:"))
+                .map(|e| (file.into(), e.into())),
+        );
+    }
+    let mut checked = 0;
+    for (file, expr) in &exprs {
+        if !with_api.iter().any(|f| expr.contains(f)) {
+            continue;
+        }
+        checked += 1;
+        for (i, _) in expr.match_indices("sum") {
+            let rest = &expr[i + 3..].trim_start();
+            let keeps_api = rest
+                .strip_prefix("by")
+                .and_then(|r| r.trim_start().strip_prefix('('))
+                .and_then(|r| r.split(')').next())
+                .is_some_and(|labels| labels.split(',').any(|l| l.trim() == "api"));
+            assert!(
+                keeps_api,
+                "{file}: {expr} sums runtime and driver calls together"
+            );
+        }
+    }
+    assert!(checked >= 6, "only {checked} CUDA queries found");
+}
+
 #[test]
 fn every_panel_query_returns_data_and_every_rule_evaluates() {
     let demo = Demo::start(free_port(), 20);

@@ -147,14 +147,19 @@ pub(super) fn spawn_launch_sampler(
                 let window = period.mul_f64(duty);
                 let gap = period.saturating_sub(window) / 2;
                 sleep_unless_stopping(&shared, gap);
-                let attach = Cycle::measure(|| shared.cuda.attacher().set_launches(true));
+                let attach = Cycle::measure(|| drop(shared.cuda.attacher().set_launches(true)));
                 let before = launch_counts(&shared);
                 let opened = Instant::now();
                 sleep_unless_stopping(&shared, window);
                 let after = launch_counts(&shared);
                 let observed = opened.elapsed();
                 if duty < 1.0 {
-                    let detach = Cycle::measure(|| shared.cuda.attacher().set_launches(false));
+                    // The attacher is unlocked before the links are dropped (a statement's
+                    // temporaries go first).
+                    let detach = Cycle::measure(|| {
+                        let detached = shared.cuda.attacher().set_launches(false);
+                        drop(detached);
+                    });
                     // Only a real cycle is a measurement (1.0 keeps the probes attached).
                     cycle = Cycle {
                         cpu: attach.cpu + detach.cpu,
@@ -179,7 +184,8 @@ pub(super) fn spawn_launch_sampler(
                 tracing::trace!(max_rate, duty, ?cycle, ?period, "launch probe window");
                 sleep_unless_stopping(&shared, period.saturating_sub(started.elapsed()));
             }
-            shared.cuda.attacher().set_launches(false);
+            let detached = shared.cuda.attacher().set_launches(false);
+            drop(detached);
         })
 }
 

@@ -6,6 +6,7 @@
 //!                └─ LibraryMap(framework) ──▶ classify the interpreter now
 //!  attach thread: probes files (symbols cached per file), retries a mapping not yet in
 //!                 /proc/<pid>/maps, and every second detaches libraries no process maps
+//!                 (their links dropped one by one while no attach waits)
 //! ```
 
 use std::collections::VecDeque;
@@ -15,6 +16,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use agent_common::{LIB_CUDA_DRIVER, LIB_CUDA_RUNTIME, LIB_FRAMEWORK};
+use aya::programs::uprobe::UProbeLink;
 
 use super::events::{log_detected, observe_with_env, How};
 use super::Shared;
@@ -147,19 +149,27 @@ pub(super) fn spawn(
 
 fn run(shared: &Shared, jobs: Receiver<AttachJob>, idle_after: Duration) {
     let mut retries: VecDeque<(Instant, u8, AttachJob)> = VecDeque::new();
+    // Links of detached libraries, dropped one at a time when no attach is waiting: a detach
+    // holds the kernel's trace-event mutex for a grace period, which every attach waits for.
+    let mut to_drop: VecDeque<UProbeLink> = VecDeque::new();
     let mut next_idle_check = Instant::now() + IDLE_CHECK_INTERVAL;
     while !shared.stopping() {
-        let wait = retries
-            .front()
-            .map_or(Duration::from_millis(100), |(at, _, _)| {
-                at.saturating_duration_since(Instant::now())
-            })
-            .min(Duration::from_millis(100));
+        let wait = if !to_drop.is_empty() {
+            Duration::ZERO
+        } else {
+            retries
+                .front()
+                .map_or(Duration::from_millis(100), |(at, _, _)| {
+                    at.saturating_duration_since(Instant::now())
+                })
+                .min(Duration::from_millis(100))
+        };
         match jobs.recv_timeout(wait) {
             Ok(job) => {
                 if let Some(job) = handle(shared, job) {
                     retries.push_back((Instant::now() + RETRY_DELAY, 1, job));
                 }
+                continue;
             }
             Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => return,
@@ -178,13 +188,20 @@ fn run(shared: &Shared, jobs: Receiver<AttachJob>, idle_after: Duration) {
         if Instant::now() >= next_idle_check {
             next_idle_check = Instant::now() + IDLE_CHECK_INTERVAL;
             let tracked = shared.tracker().live_pids();
-            shared.cuda.attacher().detach_idle(
+            let detached = shared.cuda.attacher().detach_idle(
                 shared.proc.path(),
                 &tracked,
                 Instant::now(),
                 idle_after,
             );
+            to_drop.extend(detached.into_links());
         }
+        // Nothing waits: detach one link (the attacher is not locked).
+        drop(to_drop.pop_front());
+        shared
+            .cuda
+            .detach_backlog
+            .store(to_drop.len() as u64, Ordering::Relaxed);
     }
 }
 

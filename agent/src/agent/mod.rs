@@ -28,7 +28,7 @@ use crate::collectors::{
     process::ProcessCollector,
 };
 use crate::config::Config;
-use crate::cuda::attach::Attacher;
+use crate::cuda::attach::{Attacher, AttacherStats};
 use crate::cuda::launches::LaunchEstimates;
 use crate::ebpf::{CudaMaps, MmapHook, Sensor, TrackedPids};
 use crate::http::MetricsSource;
@@ -83,15 +83,52 @@ pub struct Shared {
 pub struct CudaState {
     /// Owns the loaded eBPF object: every program and attachment lives as long as it does.
     attacher: Mutex<Attacher>,
+    /// What the attacher looked like when last unlocked (what scrapes read).
+    attacher_stats: Mutex<AttacherStats>,
     maps: Mutex<CudaMaps>,
     launches: Mutex<LaunchEstimates>,
     retired: Mutex<cuda::Retired>,
     queue: libraries::AttachQueue,
+    /// Links of detached libraries not dropped yet (each drop waits for a grace period).
+    pub detach_backlog: AtomicU64,
     /// How the kernel reports library mappings.
     pub mmap_hook: MmapHook,
 }
 
+/// The locked attacher; unlocking it publishes its stats.
+pub struct AttacherGuard<'a> {
+    attacher: MutexGuard<'a, Attacher>,
+    stats: &'a Mutex<AttacherStats>,
+}
+
+impl std::ops::Deref for AttacherGuard<'_> {
+    type Target = Attacher;
+    fn deref(&self) -> &Attacher {
+        &self.attacher
+    }
+}
+
+impl std::ops::DerefMut for AttacherGuard<'_> {
+    fn deref_mut(&mut self) -> &mut Attacher {
+        &mut self.attacher
+    }
+}
+
+impl Drop for AttacherGuard<'_> {
+    fn drop(&mut self) {
+        *self.stats.lock().unwrap_or_else(|e| e.into_inner()) = self.attacher.stats();
+    }
+}
+
 impl CudaState {
+    /// The attacher's state as of its last unlock; never waits for an attach.
+    pub fn attacher_stats(&self) -> AttacherStats {
+        self.attacher_stats
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
     pub fn retired(&self) -> MutexGuard<'_, cuda::Retired> {
         self.retired.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -101,8 +138,11 @@ impl CudaState {
         self.queue.dropped()
     }
 
-    pub fn attacher(&self) -> MutexGuard<'_, Attacher> {
-        self.attacher.lock().unwrap_or_else(|e| e.into_inner())
+    pub fn attacher(&self) -> AttacherGuard<'_> {
+        AttacherGuard {
+            attacher: self.attacher.lock().unwrap_or_else(|e| e.into_inner()),
+            stats: &self.attacher_stats,
+        }
     }
 
     pub fn maps(&self) -> MutexGuard<'_, CudaMaps> {
@@ -236,10 +276,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let (queue, attach_jobs) = libraries::AttachQueue::new();
     let cuda = CudaState {
         attacher: Mutex::new(Attacher::new(programs, launch_mode == LaunchMode::Exact)),
+        attacher_stats: Mutex::new(AttacherStats::default()),
         maps: Mutex::new(cuda_maps),
         launches: Mutex::new(LaunchEstimates::new(launch_mode)),
         retired: Mutex::new(cuda::Retired::default()),
         queue,
+        detach_backlog: AtomicU64::new(0),
         mmap_hook,
     };
     let shared = Arc::new(Shared::new(

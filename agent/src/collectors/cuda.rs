@@ -216,25 +216,28 @@ impl Collector for CudaCollector {
         device_memory.sort_by(|a, b| a.0.pid.cmp(&b.0.pid));
         cuda.device_memory = device_memory;
 
-        {
-            let attacher = self.shared.cuda.attacher();
-            cuda.attachments = attacher.probes() as u64;
-            cuda.libraries = attacher
-                .libraries()
-                .into_iter()
-                .map(|(kind, n)| KindCount {
-                    kind,
-                    value: n as u64,
-                })
-                .collect();
-            cuda.library_detaches = attacher.detached();
-            cuda.launch_attached_seconds = attacher.launches_attached_seconds();
-            cuda.attach_failures = attacher
-                .failures()
-                .iter()
-                .map(|(&kind, &value)| KindCount { kind, value })
-                .collect();
-        }
+        let attacher = self.shared.cuda.attacher_stats();
+        cuda.attachments = attacher.probes as u64;
+        cuda.libraries = attacher
+            .libraries
+            .iter()
+            .map(|&(kind, n)| KindCount {
+                kind,
+                value: n as u64,
+            })
+            .collect();
+        cuda.library_detaches = attacher.detached;
+        cuda.detach_backlog = self
+            .shared
+            .cuda
+            .detach_backlog
+            .load(std::sync::atomic::Ordering::Relaxed);
+        cuda.launch_attached_seconds = attacher.launches_attached_seconds();
+        cuda.attach_failures = attacher
+            .failures
+            .iter()
+            .map(|(&kind, &value)| KindCount { kind, value })
+            .collect();
         cuda.launch_mode = mode;
         cuda.launch_duty = duty;
         cuda.launch_period_seconds = period.as_secs_f64();

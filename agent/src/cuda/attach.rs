@@ -186,7 +186,7 @@ impl Attacher {
         };
         if let Err(reason) = attach_fixed(&mut self.ebpf, &mut library) {
             // A partial attachment would count some functions and not others: roll back.
-            detach_all(&mut self.ebpf, &mut library);
+            drop(Detached(take_all(&mut self.ebpf, &mut library)));
             return Outcome::Failed(reason);
         }
         if library.fixed_links.is_empty() {
@@ -201,16 +201,16 @@ impl Attacher {
     }
 
     /// Forgets users that are gone and detaches every library that has been idle for
-    /// `idle_after` and that no process in `candidates` (the tracked ones) maps. Returns how
-    /// many libraries were detached.
+    /// `idle_after` and that no process in `candidates` (the tracked ones) maps. The links
+    /// come back to be dropped once the attacher is unlocked (see [`Detached`]).
     pub fn detach_idle(
         &mut self,
         procfs: &Path,
         candidates: &[u32],
         now: Instant,
         idle_after: Duration,
-    ) -> usize {
-        let mut detached = 0;
+    ) -> Detached {
+        let mut detached = Detached(Vec::new());
         let mut i = 0;
         while i < self.libraries.len() {
             let library = &mut self.libraries[i];
@@ -237,18 +237,19 @@ impl Attacher {
                 continue;
             }
             let mut library = self.libraries.swap_remove(i);
-            detach_all(&mut self.ebpf, &mut library);
+            detached.0.extend(take_all(&mut self.ebpf, &mut library));
             tracing::info!(library = %library.target.display(), "CUDA library no longer mapped: probes removed");
             self.detached += 1;
-            detached += 1;
         }
         detached
     }
 
-    /// Attaches (true) or detaches (false) the kernel-launch probes of every library.
-    pub fn set_launches(&mut self, attached: bool) {
+    /// Attaches (true) or detaches (false) the kernel-launch probes of every library. The
+    /// links to detach come back to be dropped once the attacher is unlocked.
+    pub fn set_launches(&mut self, attached: bool) -> Detached {
+        let mut detached = Detached(Vec::new());
         if attached == self.launches_attached {
-            return;
+            return detached;
         }
         self.launches_attached = attached;
         if attached {
@@ -258,58 +259,68 @@ impl Attacher {
             }
         } else {
             let program = uprobe(&mut self.ebpf, Program::Entry);
-            let links = self
+            detached.0 = self
                 .libraries
                 .iter_mut()
                 .flat_map(|l| l.launch_links.drain(..))
                 .filter_map(|link| program.take_link(link).ok())
                 .collect();
-            drop_in_parallel(links);
-            // Attached until the last probe is gone: they fire while being removed.
             if let Some(since) = self.launches_since.take() {
                 self.launches_total += since.elapsed();
             }
         }
+        detached
     }
 
+    /// What a scrape shows of the attacher.
+    pub fn stats(&self) -> AttacherStats {
+        AttacherStats {
+            probes: self
+                .libraries
+                .iter()
+                .map(|l| l.fixed_links.len() + l.launch_links.len())
+                .sum(),
+            libraries: ["runtime", "driver"]
+                .into_iter()
+                .map(|api| {
+                    let n = self
+                        .libraries
+                        .iter()
+                        .filter(|l| api_name(l.api) == api)
+                        .count();
+                    (api, n)
+                })
+                .collect(),
+            failures: self.failures.clone(),
+            detached: self.detached,
+            launches_total: self.launches_total,
+            launches_since: self.launches_since,
+        }
+    }
+}
+
+/// The attacher's state as a scrape shows it: published after every change, so a scrape
+/// never waits for an attach in progress (which can wait for the kernel's detaches).
+#[derive(Debug, Clone, Default)]
+pub struct AttacherStats {
+    /// Uprobe links attached.
+    pub probes: usize,
+    /// Library files probed, by API.
+    pub libraries: Vec<(&'static str, usize)>,
+    /// Libraries that could not be probed, by reason.
+    pub failures: BTreeMap<&'static str, u64>,
+    /// Libraries detached because no process mapped them any more, since start.
+    pub detached: u64,
+    launches_total: Duration,
+    launches_since: Option<Instant>,
+}
+
+impl AttacherStats {
     /// Time the launch probes have been attached since start: the time-weighted duty over
     /// any span is the increase of this over the span's length.
     pub fn launches_attached_seconds(&self) -> f64 {
         (self.launches_total + self.launches_since.map_or(Duration::ZERO, |s| s.elapsed()))
             .as_secs_f64()
-    }
-
-    /// Uprobe links attached now.
-    pub fn probes(&self) -> usize {
-        self.libraries
-            .iter()
-            .map(|l| l.fixed_links.len() + l.launch_links.len())
-            .sum()
-    }
-
-    /// Library files probed, by API.
-    pub fn libraries(&self) -> Vec<(&'static str, usize)> {
-        ["runtime", "driver"]
-            .into_iter()
-            .map(|api| {
-                (
-                    api,
-                    self.libraries
-                        .iter()
-                        .filter(|l| api_name(l.api) == api)
-                        .count(),
-                )
-            })
-            .collect()
-    }
-
-    pub fn failures(&self) -> &BTreeMap<&'static str, u64> {
-        &self.failures
-    }
-
-    /// Libraries detached because no process mapped them any more, since start.
-    pub fn detached(&self) -> u64 {
-        self.detached
     }
 }
 
@@ -364,7 +375,8 @@ fn attach_fixed(ebpf: &mut Ebpf, library: &mut Library) -> Result<(), &'static s
     Ok(())
 }
 
-fn detach_all(ebpf: &mut Ebpf, library: &mut Library) {
+/// Every link of `library`, taken out of the programs: dropping them detaches them.
+fn take_all(ebpf: &mut Ebpf, library: &mut Library) -> Vec<UProbeLink> {
     let mut links = Vec::new();
     for (program, link) in library.fixed_links.drain(..) {
         links.extend(uprobe(ebpf, program).take_link(link).ok());
@@ -376,24 +388,22 @@ fn detach_all(ebpf: &mut Ebpf, library: &mut Library) {
             .drain(..)
             .filter_map(|link| program.take_link(link).ok()),
     );
-    drop_in_parallel(links);
+    links
 }
 
-/// Most threads that drop links at once.
-const DETACH_THREADS: usize = 16;
+/// Uprobe links taken out of the attacher; dropping this detaches them. Drop it after
+/// unlocking the attacher: each perf-event uprobe detach waits for an RCU tasks-trace grace
+/// period (~25 ms here; 34 ms reported in DataDog/datadog-agent #55730) while holding the
+/// kernel's trace-event mutex — so detaches go one at a time whatever the threads, and every
+/// uprobe attach on the machine waits for the one in flight.
+#[must_use = "dropping it detaches the probes; drop it once the attacher is unlocked"]
+pub struct Detached(Vec<UProbeLink>);
 
-/// Detaches links (dropping one detaches it) from several threads at once. Each perf-event
-/// uprobe detach waits for an RCU tasks-trace grace period (~30 ms here; 34 ms reported in
-/// DataDog/datadog-agent #55730); waits that overlap share grace periods, so a library's
-/// links go in about the time of one instead of one after another.
-fn drop_in_parallel(mut links: Vec<UProbeLink>) {
-    let per_thread = links.len().div_ceil(DETACH_THREADS).max(1);
-    std::thread::scope(|s| {
-        while !links.is_empty() {
-            let chunk: Vec<UProbeLink> = links.drain(..per_thread.min(links.len())).collect();
-            s.spawn(move || drop(chunk));
-        }
-    });
+impl Detached {
+    /// The links, to drop one at a time between other work.
+    pub fn into_links(self) -> Vec<UProbeLink> {
+        self.0
+    }
 }
 
 fn attach_launches(ebpf: &mut Ebpf, library: &mut Library) {

@@ -73,6 +73,8 @@ pub struct CudaSnapshot {
     pub attach_failures: Vec<KindCount>,
     /// Library files whose probes were removed because no process mapped them any more.
     pub library_detaches: u64,
+    /// Uprobe links of removed libraries still being detached.
+    pub detach_backlog: u64,
     /// Attach requests dropped because the attach queue was full.
     pub attach_requests_dropped: u64,
     /// How the kernel reports library mappings: fentry, kprobe or none.

@@ -346,6 +346,13 @@ fn encode_cuda(e: &mut DescriptorEncoder, c: &CudaSnapshot) -> Result<(), std::f
     )?;
     scalar(
         e,
+        "llmscope_uprobe_detach_backlog",
+        "Uprobe links of removed libraries not detached yet: each detach waits for a kernel grace period, done while no attach waits.",
+        Gauge,
+        c.detach_backlog as f64,
+    )?;
+    scalar(
+        e,
         "llmscope_cuda_attach_requests_dropped",
         "Requests to probe a newly mapped CUDA library dropped because the attach queue was full; the next /proc scan probes the library.",
         Counter,

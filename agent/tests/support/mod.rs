@@ -163,6 +163,7 @@ fn compiled(output: &str, source: &str, extra: &[&str]) -> PathBuf {
     let _guard = LOCK.lock().unwrap_or_else(|e| e.into_inner());
     let path = fixture_dir().join(output);
     if !path.exists() {
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
         let status = Command::new("cc")
             .arg("-o")
             .arg(&path)
@@ -189,7 +190,10 @@ fn named(program: &Path, name: &str) -> PathBuf {
 
 /// The sleeping C workload under any program name.
 pub fn workload(name: &str) -> PathBuf {
-    named(&compiled("workload", "workload.c", &["-O2"]), name)
+    named(
+        &compiled("workload", "workload.c", &["-O2", "-pthread"]),
+        name,
+    )
 }
 
 /// The CUDA workload (tests/fixtures/cuda/workload.c) under any program name.
@@ -217,6 +221,22 @@ pub fn fake_cuda_library(api: &str) -> PathBuf {
             "-fPIC",
             &format!("-Wl,--version-script={}", map.display()),
             &format!("-Wl,-soname,{soname}"),
+        ],
+    )
+}
+
+/// A libcudart.so.12 stand-in with cudaMalloc alone (tests/fixtures/cuda/tiny_cudart.c).
+pub fn tiny_cuda_library() -> PathBuf {
+    let map = fixtures().join("cuda/fake_cudart.map");
+    compiled(
+        "tiny/libcudart.so.12",
+        "cuda/tiny_cudart.c",
+        &[
+            "-O0",
+            "-shared",
+            "-fPIC",
+            &format!("-Wl,--version-script={}", map.display()),
+            "-Wl,-soname,libcudart.so.12",
         ],
     )
 }
