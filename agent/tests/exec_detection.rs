@@ -272,6 +272,20 @@ fn hostile_command_lines() {
         "the short-lived process was not classified:\n{}",
         agent.log()
     );
+    // The same with an empty environment: nothing follows argv on the new stack but the
+    // executable's name, and the kernel's copy must stop where argv does.
+    let bare = Command::new(workload("llama-server"))
+        .args(["-m", "/models/bare.gguf", "--exit-at-once"])
+        .env_clear()
+        .status()
+        .unwrap();
+    assert!(bare.success());
+    let detected = wait_for(WAIT, || agent.log().contains("model=bare").then_some(()));
+    assert!(
+        detected.is_some(),
+        "a process with an empty environment lost its argv:\n{}",
+        agent.log()
+    );
 
     std::thread::sleep(Duration::from_millis(1500));
     let m = agent.metrics();
@@ -404,4 +418,96 @@ fn storm(args: &[&str]) -> (f64, f64) {
     );
     println!("{received} exec events received, {lost} lost");
     (received, lost)
+}
+
+/// A process whose leader thread exits while another thread runs is alive: it stays
+/// tracked (past a short grace period) until its last thread exits.
+#[test]
+fn a_process_outlives_its_leader_thread() {
+    let agent = Agent::start(&["--grace-period", "500ms", "--rescan-interval", "1h"]);
+    let mut child = Command::new(workload("llama-server"))
+        .args(["-m", "/models/leader.gguf"])
+        .env("LLMSCOPE_LEADER_EXITS", "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+    assert_eq!(line.trim(), "leader exiting");
+    wait_series(&agent, pid);
+    // The leader is gone (a zombie thread); the process is not.
+    std::thread::sleep(Duration::from_millis(1500));
+    let labels = pid_series(&agent, pid).unwrap_or_else(|| {
+        panic!(
+            "the process lost its series when its leader exited:\n{}",
+            agent.log()
+        )
+    });
+    assert_identity(&labels, "llama.cpp", "leader", "server");
+    let mut proc = Proc(child);
+    proc.kill();
+    let gone = wait_for(WAIT, || pid_series(&agent, pid).is_none().then_some(()));
+    assert!(gone.is_some(), "its last thread exited: series must go");
+}
+
+/// A script no rule knows by its command line is classified the moment it maps a framework's
+/// library (here a library at PyTorch's path, loaded a second after start the way an import
+/// loads it) — not by a later re-check or scan.
+#[test]
+fn a_script_is_classified_when_it_maps_a_framework_library() {
+    let agent = Agent::start(&["--rescan-interval", "1h"]);
+    let dir = std::env::temp_dir().join(format!("llmscope-import-{}", std::process::id()));
+    let lib_dir = dir.join("site-packages/torch/lib");
+    std::fs::create_dir_all(&lib_dir).unwrap();
+    let lib = lib_dir.join("libtorch_cpu.so");
+    let built = Command::new("cc")
+        .args(["-shared", "-fPIC", "-o"])
+        .arg(&lib)
+        .args(["-x", "c", "/dev/null"])
+        .status()
+        .unwrap();
+    assert!(built.success());
+    let script = dir.join("chat.py");
+    std::fs::write(
+        &script,
+        "import ctypes, sys, time\nprint('started', flush=True)\ntime.sleep(1)\n\
+         ctypes.CDLL(sys.argv[1])\nprint('imported', flush=True)\nsys.stdin.read()\n",
+    )
+    .unwrap();
+    let mut child = Command::new("python3")
+        .arg(&script)
+        .arg(&lib)
+        .args(["--model", "Qwen/Qwen2.5-0.5B-Instruct"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+    assert_eq!(line.trim(), "started");
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        pid_series(&agent, pid).is_none(),
+        "nothing says what it runs before the import"
+    );
+    line.clear();
+    std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+    assert_eq!(line.trim(), "imported");
+    let imported = std::time::Instant::now();
+    let labels = wait_series(&agent, pid);
+    let after = imported.elapsed();
+    assert_identity(&labels, "pytorch", "Qwen/Qwen2.5-0.5B-Instruct", "script");
+    assert!(
+        after < Duration::from_secs(1),
+        "classified {after:?} after the import: not by the mapping"
+    );
+    assert!(agent.log().contains("framework library mapped"));
+    let _ = child.kill();
+    let _ = child.wait();
+    std::fs::remove_dir_all(&dir).unwrap();
 }
