@@ -55,21 +55,50 @@ pub fn sched_process_exec(ctx: TracePointContext) -> u32 {
     }
 }
 
-/// `sched_process_exit` record: `bool group_dead` at offset 32 (Linux ≥ 6.16; userspace
-/// checks the layout): true for the last thread of the process to exit.
+/// `sched_process_exit` record: `bool group_dead` at offset 32 (Linux ≥ 6.16): true for the
+/// last thread of the process to exit. Userspace sets EXIT_GROUP_DEAD_FIELD when the running
+/// kernel's record has it (it checks the layout).
 const EXIT_GROUP_DEAD_OFFSET: usize = 32;
+#[unsafe(no_mangle)]
+static EXIT_GROUP_DEAD_FIELD: u32 = 0;
+/// Older kernels: `task_struct.signal` and `signal_struct.live`, the count of live threads,
+/// already decremented for the exiting thread when the tracepoint fires (`do_exit`).
+#[unsafe(no_mangle)]
+static TASK_SIGNAL_OFFSET: u32 = 0;
+#[unsafe(no_mangle)]
+static SIGNAL_LIVE_OFFSET: u32 = 0;
+
+/// Whether the exiting thread is the last of its process: the record's `group_dead`, else the
+/// live-thread count, else (neither known) whether it is the leader.
+fn last_thread(ctx: &TracePointContext, pid_tgid: u64) -> bool {
+    if unsafe { core::ptr::read_volatile(&EXIT_GROUP_DEAD_FIELD) } != 0 {
+        return unsafe { ctx.read_at::<u8>(EXIT_GROUP_DEAD_OFFSET) }.is_ok_and(|d| d != 0);
+    }
+    let signal_off = unsafe { core::ptr::read_volatile(&TASK_SIGNAL_OFFSET) } as usize;
+    let live_off = unsafe { core::ptr::read_volatile(&SIGNAL_LIVE_OFFSET) } as usize;
+    if signal_off != 0 {
+        let task = unsafe { bpf_get_current_task() } as *const u8;
+        // SAFETY: bpf_probe_read_kernel checks every address.
+        let live = unsafe {
+            bpf_probe_read_kernel(task.add(signal_off) as *const *const u8)
+                .and_then(|signal| bpf_probe_read_kernel(signal.add(live_off) as *const i32))
+        };
+        if let Ok(live) = live {
+            return live == 0;
+        }
+    }
+    pid_tgid as u32 == (pid_tgid >> 32) as u32
+}
 
 #[tracepoint]
 pub fn sched_process_exit(ctx: TracePointContext) -> u32 {
     // The process ends with its last thread, which need not be the leader: a leader that
     // exits while other threads run leaves the process alive.
-    let Ok(group_dead) = (unsafe { ctx.read_at::<u8>(EXIT_GROUP_DEAD_OFFSET) }) else {
-        return 0;
-    };
-    if group_dead == 0 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    if !last_thread(&ctx, pid_tgid) {
         return 0;
     }
-    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    let tgid = (pid_tgid >> 32) as u32;
     send_end(EVENT_EXIT, tgid, retire(tgid), LOST_EXIT);
     0
 }

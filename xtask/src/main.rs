@@ -25,10 +25,11 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Benchmarks (needs root): `exec` (exec → visible latency, exec-storm overhead),
-    /// `uprobe` (CUDA probe cost per call, launch-bound throughput); all when none is named.
+    /// Benchmarks (needs root): `exec` (syscall tax, exec-storm overhead, exec → visible),
+    /// `libraries` (library mapped → probed / classified), `uprobe` (CUDA probe cost per
+    /// call, launch-bound throughput); all when none is named.
     Bench {
-        #[arg(value_parser = ["exec", "uprobe"])]
+        #[arg(value_parser = ["exec", "libraries", "uprobe"])]
         name: Option<String>,
     },
     /// A whole llmscope environment without a GPU (agent, CUDA and NVML test doubles,
@@ -161,7 +162,14 @@ fn bench(name: Option<String>) -> Result<()> {
     }
     setup::ensure_debian_packages(&[("cc", "gcc"), ("bpftrace", "bpftrace")])?;
     ebpf::build()?;
-    let names = name.map_or(vec!["exec".to_owned(), "uprobe".to_owned()], |n| vec![n]);
+    let names = name.map_or(
+        vec![
+            "exec".to_owned(),
+            "libraries".to_owned(),
+            "uprobe".to_owned(),
+        ],
+        |n| vec![n],
+    );
     for name in &names {
         setup::cargo(&["bench", "--package", "llmscope-agent", "--bench", name])?;
     }

@@ -143,11 +143,14 @@ impl Sensor {
             "task/task_newtask",
             &[("pid_t pid;", 8), (" clone_flags;", 32)],
         )?;
-        check_layout(
+        // Linux ≥ 6.16 says in the exit record whether the thread was the last; older kernels
+        // are asked through signal_struct.live (BTF offsets below).
+        let group_dead_field = check_layout(
             &tracefs,
             "sched/sched_process_exit",
             &[("bool group_dead;", 32)],
-        )?;
+        )
+        .is_ok();
         let btf = btf::Btf::from_sys_fs();
         let offsets = |what: &str, names: &[(&str, &str)]| -> Vec<u32> {
             let found = btf.as_ref().map_err(ToString::to_string).and_then(|btf| {
@@ -173,6 +176,14 @@ impl Sensor {
                 ("mm_struct", "arg_end"),
             ],
         );
+        let signal = if group_dead_field {
+            vec![0, 0]
+        } else {
+            offsets(
+                "a process whose leader exits is taken as ended",
+                &[("task_struct", "signal"), ("signal_struct", "live")],
+            )
+        };
         let file = offsets(
             "library mappings will be found by the /proc scans only",
             &[
@@ -188,7 +199,10 @@ impl Sensor {
             ],
         );
         let file_known = file.iter().all(|&o| o != 0);
-        let globals: [(&str, u32); 12] = [
+        let globals: [(&str, u32); 15] = [
+            ("EXIT_GROUP_DEAD_FIELD", u32::from(group_dead_field)),
+            ("TASK_SIGNAL_OFFSET", signal[0]),
+            ("SIGNAL_LIVE_OFFSET", signal[1]),
             ("TASK_REAL_PARENT_OFFSET", task[0]),
             ("TASK_TGID_OFFSET", task[1]),
             ("TASK_MM_OFFSET", argv[0]),

@@ -388,3 +388,21 @@ pub fn start_vllm(model: &str, method: &str) -> (Proc, u32) {
         .unwrap_or_else(|| panic!("unexpected output from the vLLM stand-in: {line:?}"));
     (Proc(child), pid)
 }
+
+/// Benchmarks: the median of per-round ratios and their spread, as the README prints them.
+pub fn ratio_summary(ratios: &[f64]) -> String {
+    let mut v = ratios.to_vec();
+    v.sort_by(f64::total_cmp);
+    format!(
+        "median {:.3} (spread {:.3}–{:.3}, {} rounds)",
+        v[v.len() / 2],
+        v[0],
+        v[v.len() - 1],
+        v.len()
+    )
+}
+
+/// Benchmarks: the `p`-quantile (0–1) of sorted samples.
+pub fn percentile(sorted: &[f64], p: f64) -> f64 {
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
