@@ -399,11 +399,21 @@ fn parallel_processes_are_counted_exactly() {
 }
 
 /// At the default budget, a process launching ~100,000 kernels a second is probed only part
-/// of the time, and the extrapolated count is within ±15 % of the true count.
+/// of the time, and the extrapolated count is within ±15 % of the true count. The library
+/// was first mapped by a process that has exited since: the launch probes, re-attached every
+/// period, still reach the file.
 #[test]
 fn sampled_launch_counts_are_within_15_percent() {
     let agent = Agent::start(&["--rescan-interval", "1h"]);
     let lib = fake_cuda_library("runtime");
+    let mut first = CudaWorkload::start(
+        &cuda_workload("llama-server"),
+        &["-m", "/models/first.gguf"],
+        &[("CUDA_LIB", lib.to_str().unwrap())],
+    );
+    agent.wait_cuda_libraries(1.0);
+    first.run();
+    drop(first);
     let mut w = CudaWorkload::start(
         &cuda_workload("llama-server"),
         &["-m", "/models/rate.gguf"],

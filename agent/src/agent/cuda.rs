@@ -28,24 +28,30 @@ pub(super) fn on_first_use(shared: &Shared, pid: u32) {
 /// period, so their series do too, and are then removed.
 #[derive(Default)]
 pub struct Retired {
-    /// (tgid, generation, when), oldest first.
+    /// (tgid, generation, when), oldest first; generation 0: the image called no CUDA.
     entries: VecDeque<(u32, u32, Instant)>,
+    /// The generation of each tgid's last ended image, while it is in its grace period.
+    latest: HashMap<u32, u32>,
+    members: HashSet<(u32, u32)>,
     /// Counters of no live and no retired image at the last sweep (their end was lost).
     suspects: HashSet<(u32, u32)>,
 }
 
 impl Retired {
+    /// Image `generation` of `tgid` ended (0: it called no CUDA — recorded only when an
+    /// earlier image of the pid is still in its grace period, so that one is not shown for it).
     pub fn retire(&mut self, tgid: u32, generation: u32, now: Instant) {
+        if generation == 0 && !self.latest.contains_key(&tgid) {
+            return;
+        }
         self.entries.push_back((tgid, generation, now));
+        self.latest.insert(tgid, generation);
+        self.members.insert((tgid, generation));
     }
 
-    /// The generation of `tgid`'s last retired image, if one is in its grace period.
+    /// The generation of `tgid`'s last ended image, if one is in its grace period.
     pub fn latest(&self, tgid: u32) -> Option<u32> {
-        self.entries
-            .iter()
-            .rev()
-            .find(|(t, _, _)| *t == tgid)
-            .map(|(_, g, _)| *g)
+        self.latest.get(&tgid).copied().filter(|g| *g != 0)
     }
 
     /// Takes the generations whose grace period is over (or that overflow the bound).
@@ -56,15 +62,19 @@ impl Retired {
                 break;
             }
             self.entries.pop_front();
-            expired.insert((tgid, generation));
+            self.members.remove(&(tgid, generation));
+            if self.latest.get(&tgid) == Some(&generation) {
+                self.latest.remove(&tgid);
+            }
+            if generation != 0 {
+                expired.insert((tgid, generation));
+            }
         }
         expired
     }
 
     fn contains(&self, tgid: u32, generation: u32) -> bool {
-        self.entries
-            .iter()
-            .any(|(t, g, _)| (*t, *g) == (tgid, generation))
+        self.members.contains(&(tgid, generation))
     }
 }
 
@@ -247,4 +257,31 @@ pub(super) fn launch_counts(shared: &Shared) -> HashMap<ProcessFunction, u64> {
         })
         .map(|(k, v)| ((k.tgid, k.generation, k.function), v.calls))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retired_generations_last_the_grace_period() {
+        let t0 = Instant::now();
+        let grace = Duration::from_secs(10);
+        let mut r = Retired::default();
+        r.retire(7, 0, t0);
+        assert_eq!(r.latest(7), None, "an image without CUDA leaves nothing");
+        assert!(r.entries.is_empty());
+        r.retire(7, 41, t0);
+        assert_eq!(r.latest(7), Some(41));
+        // The pid's next image called no CUDA and ended too: the old counters are not its.
+        r.retire(7, 0, t0 + Duration::from_secs(1));
+        assert_eq!(r.latest(7), None);
+        assert!(r.contains(7, 41), "still kept for its grace period");
+        assert!(r.expire(t0 + Duration::from_secs(5), grace).is_empty());
+        let expired = r.expire(t0 + Duration::from_secs(10), grace);
+        assert_eq!(expired, HashSet::from([(7, 41)]));
+        assert!(!r.contains(7, 41));
+        r.expire(t0 + Duration::from_secs(11), grace);
+        assert!(r.entries.is_empty() && r.latest.is_empty() && r.members.is_empty());
+    }
 }

@@ -50,12 +50,10 @@ fn run(shared: &Shared, mut ring: RingBuf<MapData>, mut mmap_records: Option<Mma
                 } => {
                     Counters::add(&shared.counters.exit, 1);
                     shared.exited(pid);
-                    if cuda_generation != 0 {
-                        shared
-                            .cuda
-                            .retired()
-                            .retire(pid, cuda_generation, Instant::now());
-                    }
+                    shared
+                        .cuda
+                        .retired()
+                        .retire(pid, cuda_generation, Instant::now());
                 }
                 KernelEvent::CudaRetired {
                     pid,

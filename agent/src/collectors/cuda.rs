@@ -4,7 +4,7 @@
 //! nothing of another image is ever shown under its pid. Removing what ended is the events
 //! thread's job (`agent::cuda::sweep`); a scrape changes nothing.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
 use agent_common::cuda::{
@@ -75,11 +75,16 @@ impl Collector for CudaCollector {
                 .filter(|(k, _)| generation.get(&k.tgid) == Some(&k.generation))
                 .collect();
             // Live bytes are the current image's (the kernel drops them at exit and exec).
+            let alive: HashSet<u32> = tracked
+                .iter()
+                .filter(|t| t.is_alive())
+                .map(|t| t.pid)
+                .collect();
             let live: Vec<_> = maps
                 .live
                 .iter()
                 .filter_map(Result::ok)
-                .filter(|(tgid, _)| tracked.iter().any(|t| t.pid == *tgid && t.is_alive()))
+                .filter(|(tgid, _)| alive.contains(tgid))
                 .collect();
             (stats, live)
         };

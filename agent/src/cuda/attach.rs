@@ -14,6 +14,7 @@
 //! copy per container image — thus never fills the table.
 
 use std::collections::{BTreeMap, HashSet};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -51,7 +52,10 @@ impl Program {
 }
 
 struct Library {
+    /// `/proc/self/fd/<n>` of `_file`: the file stays reachable for later attaches (the launch
+    /// duty cycle) after the process it was found through has exited or the file was deleted.
     target: PathBuf,
+    _file: std::fs::File,
     api: u8,
     /// (device, inode) of the probed file.
     file: (u64, u64),
@@ -147,13 +151,17 @@ impl Attacher {
         } else {
             pid_dir.join("root").join(lib.path.trim_start_matches('/'))
         };
-        let meta = match std::fs::metadata(&target) {
-            Ok(m) => m,
+        let (file, meta) = match std::fs::File::open(&target).and_then(|f| {
+            let meta = f.metadata()?;
+            Ok((f, meta))
+        }) {
+            Ok(opened) => opened,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 return Outcome::Failed("file_gone")
             }
             Err(_) => return Outcome::Failed("unreadable"),
         };
+        let opened = file;
         let file = (meta.dev(), meta.ino());
         if let Some(library) = self.libraries.iter_mut().find(|l| l.file == file) {
             library.keys.push(key);
@@ -174,7 +182,8 @@ impl Attacher {
             }
         };
         let mut library = Library {
-            target,
+            target: PathBuf::from(format!("/proc/self/fd/{}", opened.as_raw_fd())),
+            _file: opened,
             api: lib.api,
             file,
             keys: vec![key],
@@ -193,7 +202,8 @@ impl Attacher {
             return Outcome::Failed("no_cuda_symbols");
         }
         if self.launches_attached {
-            attach_launches(&mut self.ebpf, &mut library);
+            let failed = attach_launches(&mut self.ebpf, &mut library);
+            self.failures_add("launch_attach_error", failed);
         }
         let probes = library.fixed_links.len() + library.launch_links.len();
         self.libraries.push(library);
@@ -238,7 +248,7 @@ impl Attacher {
             }
             let mut library = self.libraries.swap_remove(i);
             detached.0.extend(take_all(&mut self.ebpf, &mut library));
-            tracing::info!(library = %library.target.display(), "CUDA library no longer mapped: probes removed");
+            tracing::info!(library = %library.keys[0].1, "CUDA library no longer mapped: probes removed");
             self.detached += 1;
         }
         detached
@@ -254,9 +264,11 @@ impl Attacher {
         self.launches_attached = attached;
         if attached {
             self.launches_since = Some(Instant::now());
+            let mut failed = 0;
             for library in &mut self.libraries {
-                attach_launches(&mut self.ebpf, library);
+                failed += attach_launches(&mut self.ebpf, library);
             }
+            self.failures_add("launch_attach_error", failed);
         } else {
             let program = uprobe(&mut self.ebpf, Program::Entry);
             detached.0 = self
@@ -321,6 +333,14 @@ impl AttacherStats {
     pub fn launches_attached_seconds(&self) -> f64 {
         (self.launches_total + self.launches_since.map_or(Duration::ZERO, |s| s.elapsed()))
             .as_secs_f64()
+    }
+}
+
+impl Attacher {
+    fn failures_add(&mut self, reason: &'static str, n: u64) {
+        if n > 0 {
+            *self.failures.entry(reason).or_default() += n;
+        }
     }
 }
 
@@ -406,16 +426,20 @@ impl Detached {
     }
 }
 
-fn attach_launches(ebpf: &mut Ebpf, library: &mut Library) {
+/// Attaches the launch probes of `library`; returns how many failed (counted by the caller).
+fn attach_launches(ebpf: &mut Ebpf, library: &mut Library) -> u64 {
     let offsets = library.offsets.clone();
+    let mut failed = 0;
     for &(id, offset) in offsets.iter() {
         if FUNCTIONS[id as usize].kind != KIND_LAUNCH {
             continue;
         }
-        if let Ok(link) = attach_one(ebpf, Program::Entry, &library.target, id, offset) {
-            library.launch_links.push(link);
+        match attach_one(ebpf, Program::Entry, &library.target, id, offset) {
+            Ok(link) => library.launch_links.push(link),
+            Err(_) => failed += 1,
         }
     }
+    failed
 }
 
 /// Attaches `program` at function `id`, at `offset` in `target` (resolved by [`SymbolCache`]).
