@@ -89,16 +89,7 @@ fn main() {
         &mut cuda,
     );
 
-    let lib_dir = dir.join("site-packages/torch/lib");
-    std::fs::create_dir_all(&lib_dir).unwrap();
-    let lib = lib_dir.join("libtorch_cpu.so");
-    let built = Command::new("cc")
-        .args(["-shared", "-fPIC", "-o"])
-        .arg(&lib)
-        .args(["-x", "c", "/dev/null"])
-        .status()
-        .unwrap();
-    assert!(built.success());
+    let lib = torch_library(&dir);
     let script = dir.join("chat.py");
     std::fs::write(
         &script,

@@ -460,16 +460,7 @@ fn a_process_outlives_its_leader_thread() {
 fn a_script_is_classified_when_it_maps_a_framework_library() {
     let agent = Agent::start(&["--rescan-interval", "1h"]);
     let dir = std::env::temp_dir().join(format!("llmscope-import-{}", std::process::id()));
-    let lib_dir = dir.join("site-packages/torch/lib");
-    std::fs::create_dir_all(&lib_dir).unwrap();
-    let lib = lib_dir.join("libtorch_cpu.so");
-    let built = Command::new("cc")
-        .args(["-shared", "-fPIC", "-o"])
-        .arg(&lib)
-        .args(["-x", "c", "/dev/null"])
-        .status()
-        .unwrap();
-    assert!(built.success());
+    let lib = torch_library(&dir);
     let script = dir.join("chat.py");
     std::fs::write(
         &script,

@@ -241,6 +241,22 @@ pub fn tiny_cuda_library() -> PathBuf {
     )
 }
 
+/// An empty shared library where PyTorch keeps `libtorch_cpu.so`, under `dir`: what a
+/// script maps when it imports torch, as far as the agent can tell.
+pub fn torch_library(dir: &Path) -> PathBuf {
+    let lib_dir = dir.join("site-packages/torch/lib");
+    std::fs::create_dir_all(&lib_dir).unwrap();
+    let lib = lib_dir.join("libtorch_cpu.so");
+    let built = Command::new("cc")
+        .args(["-shared", "-fPIC", "-o"])
+        .arg(&lib)
+        .args(["-x", "c", "/dev/null"])
+        .status()
+        .expect("running cc");
+    assert!(built.success(), "building {}", lib.display());
+    lib
+}
+
 /// The NVML test double (tests/fixtures/nvml/fake_nvml.c); it reads its values from the file
 /// named by LLMSCOPE_FAKE_NVML on every call.
 pub fn fake_nvml_library() -> PathBuf {
