@@ -42,6 +42,11 @@ pub struct Config {
     #[arg(long, env = "LLMSCOPE_MAX_PROCESSES", default_value_t = 8192, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub max_processes: u32,
 
+    /// Most distinct model_name values exported at once (any local user can start processes
+    /// with made-up names); past it, new names are exported as model_name="other" and counted.
+    #[arg(long, env = "LLMSCOPE_MAX_MODEL_NAMES", default_value_t = crate::tracker::DEFAULT_MAX_MODEL_NAMES as u32, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub max_model_names: u32,
+
     /// CPU the kernel-launch probes may cost each CUDA process, in percent of one core. The
     /// launch probes are attached for a window of every second, sized to this budget, and
     /// counts are extrapolated; 100 keeps them attached (exact counts), 0 turns them off.

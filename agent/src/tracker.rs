@@ -58,11 +58,20 @@ pub enum Observed {
     Dropped,
 }
 
+/// Distinct `model_name` values exported at once by default (`--max-model-names`).
+pub const DEFAULT_MAX_MODEL_NAMES: usize = 256;
+/// What a model name past the cap is exported as.
+pub const OTHER_MODEL: &str = "other";
+
 #[derive(Debug)]
 pub struct Tracker {
     procs: HashMap<u32, Tracked>,
     capacity: usize,
     dropped: u64,
+    /// Any local user can start processes with made-up model names: past this many distinct
+    /// names in the table, new ones are exported as [`OTHER_MODEL`].
+    max_model_names: usize,
+    model_names_capped: u64,
 }
 
 impl Tracker {
@@ -71,7 +80,44 @@ impl Tracker {
             procs: HashMap::new(),
             capacity,
             dropped: 0,
+            max_model_names: DEFAULT_MAX_MODEL_NAMES,
+            model_names_capped: 0,
         }
+    }
+
+    /// Caps the distinct model names in the table (at least 1).
+    pub fn with_max_model_names(mut self, max: usize) -> Self {
+        self.max_model_names = max.max(1);
+        self
+    }
+
+    /// Processes whose model name was exported as [`OTHER_MODEL`] because of the cap.
+    pub fn model_names_capped(&self) -> u64 {
+        self.model_names_capped
+    }
+
+    /// `identity` with its model name replaced by [`OTHER_MODEL`] when it is a new name and
+    /// the table already holds `max_model_names` distinct ones (`pid`'s own entry aside: a
+    /// process keeps its name across re-observations). True when it was replaced.
+    fn cap_model_name(&self, pid: u32, identity: &mut Identity) -> bool {
+        let names: std::collections::HashSet<&str> = self
+            .procs
+            .values()
+            .filter(|p| p.pid != pid)
+            .map(|p| p.identity.model_name.as_str())
+            .filter(|name| *name != OTHER_MODEL)
+            .collect();
+        if names.contains(identity.model_name.as_str())
+            || names.len() < self.max_model_names
+            || self
+                .procs
+                .get(&pid)
+                .is_some_and(|p| p.identity.model_name == identity.model_name)
+        {
+            return false;
+        }
+        identity.model_name = OTHER_MODEL.to_owned();
+        true
     }
 
     /// Classifies `facts` (with the identity of its parent, when tracked) and records the
@@ -133,7 +179,7 @@ impl Tracker {
                 )
             });
         let identity = derive(facts, parent.as_ref().map(|(f, i)| (f, i))).or(fallback);
-        let Some(identity) = identity else {
+        let Some(mut identity) = identity else {
             if replace == Replace::OnlyWithIdentity {
                 // The same process (same start) keeps what is known about it; a reused pid
                 // (another start) does not.
@@ -151,6 +197,7 @@ impl Tracker {
                 None => Observed::Ignored,
             };
         };
+        let capped = self.cap_model_name(facts.pid, &mut identity);
         let start_ticks = start_ticks();
         if let Some(existing) = self.procs.get(&facts.pid) {
             if existing.is_alive()
@@ -175,6 +222,9 @@ impl Tracker {
                 exited_at: None,
             },
         );
+        if capped {
+            self.model_names_capped += 1;
+        }
         Observed::Added(identity)
     }
 
@@ -266,6 +316,40 @@ mod tests {
     }
 
     const VLLM: &str = "/usr/bin/python3 -m vllm.entrypoints.openai.api_server --model m/x";
+
+    #[test]
+    fn distinct_model_names_are_capped() {
+        let mut t = Tracker::new(64).with_max_model_names(2);
+        let server =
+            |pid: u32, model: &str| facts(pid, 1, &format!("llama-server -m /m/{model}.gguf"));
+        for (pid, model) in [(10, "a"), (11, "b"), (12, "a")] {
+            assert!(matches!(
+                t.observe(&server(pid, model), || Some(1)),
+                Observed::Added(_)
+            ));
+        }
+        let Observed::Added(id) = t.observe(&server(13, "c"), || Some(1)) else {
+            panic!("tracked")
+        };
+        assert_eq!(id.model_name, OTHER_MODEL);
+        assert_eq!(t.model_names_capped(), 1);
+        assert_eq!(
+            t.observe(&server(13, "c"), || Some(1)),
+            Observed::Unchanged,
+            "a re-observation is not counted again"
+        );
+        assert_eq!(t.model_names_capped(), 1);
+        // Once "b" is gone, "c" has room.
+        t.exited(11, Instant::now());
+        t.expire(
+            Instant::now() + Duration::from_secs(60),
+            Duration::from_secs(1),
+        );
+        let Observed::Added(id) = t.observe(&server(14, "c"), || Some(1)) else {
+            panic!("tracked")
+        };
+        assert_eq!(id.model_name, "c");
+    }
 
     #[test]
     fn children_inherit_and_everything_expires_after_the_grace_period() {

@@ -502,3 +502,41 @@ fn a_script_is_classified_when_it_maps_a_framework_library() {
     let _ = child.wait();
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A model fetched from a signed URL: the signature (query string), fragment and user-info
+/// appear in no label, API response or log line; and made-up model names past
+/// --max-model-names are exported as "other" and counted.
+#[test]
+fn signed_urls_leak_nothing_and_model_names_are_capped() {
+    let agent = Agent::start(&["--rescan-interval", "1h", "--max-model-names", "2"]);
+    let signed = spawn(
+        &workload("llama-server"),
+        &[
+            "-m",
+            "https://user:PASSWORD1@host/models/Llama-3.2-3B-Instruct-Q4_K_M.gguf?sig=SECRET1&se=2026#FRAGMENT1",
+        ],
+    );
+    let labels = wait_series(&agent, signed.pid());
+    assert_identity(
+        &labels,
+        "llama.cpp",
+        "Llama-3.2-3B-Instruct-Q4_K_M",
+        "server",
+    );
+    let second = spawn(&workload("llama-server"), &["-m", "/models/second.gguf"]);
+    wait_series(&agent, second.pid());
+    let third = spawn(
+        &workload("llama-server"),
+        &["-m", "/models/made-up-name.gguf"],
+    );
+    let labels = wait_series(&agent, third.pid());
+    assert_eq!(labels["model_name"], "other");
+    let m = agent.metrics();
+    assert_eq!(m.value("llmscope_model_names_capped_total", &[]), Some(1.0));
+    let (_, api) = agent.get("/api/processes").unwrap();
+    for secret in ["SECRET1", "PASSWORD1", "FRAGMENT1", "sig="] {
+        assert!(!m.0.contains(secret), "{secret} in /metrics");
+        assert!(!api.contains(secret), "{secret} in /api/processes");
+        assert!(!agent.log().contains(secret), "{secret} in the log");
+    }
+}

@@ -104,6 +104,7 @@ impl Poller {
         self.last = last;
         snapshot.agent.tracked_processes = self.tracker.len() as u64;
         snapshot.agent.tracked_dropped = self.tracker.dropped();
+        snapshot.agent.model_names_capped = self.tracker.model_names_capped();
         snapshot.collectors.push(CollectorStatus {
             collector: "process",
             success: true,

@@ -158,12 +158,12 @@ impl Shared {
     pub fn new(
         proc: ProcRoot,
         grace: Duration,
-        max_processes: usize,
+        tracker: Tracker,
         kernel_tracked: TrackedPids,
         cuda: CudaState,
     ) -> Self {
         Shared {
-            tracker: Mutex::new(Tracker::new(max_processes)),
+            tracker: Mutex::new(tracker),
             kernel_tracked: Mutex::new(kernel_tracked),
             counters: Counters::default(),
             proc,
@@ -287,7 +287,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let shared = Arc::new(Shared::new(
         proc.clone(),
         config.grace_period,
-        config.max_processes as usize,
+        Tracker::new(config.max_processes as usize)
+            .with_max_model_names(config.max_model_names as usize),
         tracked,
         cuda,
     ));

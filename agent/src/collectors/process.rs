@@ -32,13 +32,18 @@ impl Collector for ProcessCollector {
 
     fn collect(&mut self, snapshot: &mut Snapshot) -> Result<(), CollectError> {
         let now = Instant::now();
-        let (tracked, dropped) = {
+        let (tracked, dropped, capped) = {
             let mut tracker = self.shared.tracker();
             tracker.expire(now, self.shared.grace);
-            (tracker.all(), tracker.dropped())
+            (
+                tracker.all(),
+                tracker.dropped(),
+                tracker.model_names_capped(),
+            )
         };
         snapshot.agent.tracked_processes = tracked.len() as u64;
         snapshot.agent.tracked_dropped = dropped;
+        snapshot.agent.model_names_capped = capped;
         let proc = &self.shared.proc;
         let tps = proc.ticks_per_second as f64;
         let mut failures = Vec::new();

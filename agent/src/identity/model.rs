@@ -2,7 +2,7 @@
 //! a few environment variables, normalised to a short, safe label value.
 
 use super::entry::{basename, Entry};
-use super::sanitize::{looks_like_secret, sanitize_label};
+use super::sanitize::{looks_like_secret, sanitize_label, without_url_secrets};
 use super::{Framework, ProcessFacts, MODEL_ENV_VARS};
 
 /// Flags that name the model, most specific first.
@@ -120,13 +120,15 @@ fn from_env(env: &[(String, String)]) -> Option<String> {
 /// - an Ollama blob (`…/blobs/sha256-<hex>`) becomes `sha256-<12 hex>`;
 /// - other paths become the stem of the file or the directory name (a generic file name
 ///   such as `model.safetensors` is replaced by its directory's name);
-/// - URLs lose their credentials; anything that looks like a secret is dropped.
+/// - URLs lose their user-info, query string and fragment; anything that looks like a secret
+///   is dropped.
 pub fn normalise(raw: &str) -> Option<String> {
-    let raw = raw.trim().trim_matches(['"', '\'']);
-    if raw.is_empty() || looks_like_secret(raw) {
+    // A signed URL's query string is a credential, not part of a model name: it goes first.
+    let stripped = without_url_secrets(raw.trim().trim_matches(['"', '\'']));
+    if stripped.is_empty() || looks_like_secret(&stripped) {
         return None;
     }
-    let raw = strip_url_credentials(strip_hf_scheme(raw));
+    let raw = std::borrow::Cow::Borrowed(strip_hf_scheme(&stripped));
     let value = if let Some(hf) = hf_cache_id(&raw) {
         hf
     } else if is_path(&raw) {
@@ -144,15 +146,6 @@ fn strip_hf_scheme(raw: &str) -> &str {
         Some(scheme) if scheme.eq_ignore_ascii_case("hf://") => &raw[5..],
         _ => raw,
     }
-}
-
-fn strip_url_credentials(raw: &str) -> std::borrow::Cow<'_, str> {
-    if let Some((scheme, rest)) = raw.split_once("://") {
-        if let Some((_creds, host)) = rest.split_once('@').filter(|(c, _)| !c.contains('/')) {
-            return format!("{scheme}://{host}").into();
-        }
-    }
-    raw.into()
 }
 
 fn is_path(raw: &str) -> bool {

@@ -4,9 +4,24 @@
 /// Longest label value the agent exports, in bytes.
 pub const MAX_LABEL_LEN: usize = 128;
 
-/// Keeps `[A-Za-z0-9._:/@+=-]`, replaces every other character with `_`, collapses runs of
-/// `_`, and cuts to [`MAX_LABEL_LEN`] bytes.
+/// Drops a URL's query string and fragment (`?sig=…`, `#…`, signed download links) and its
+/// user-info (`user:password@`): none of it names a model, all of it may be a credential.
+/// Applied to every label value, URL or not: no model or program name contains `?` or `#`.
+pub(super) fn without_url_secrets(raw: &str) -> std::borrow::Cow<'_, str> {
+    let raw = &raw[..raw.find(['?', '#']).unwrap_or(raw.len())];
+    if let Some((scheme, rest)) = raw.split_once("://") {
+        let authority_end = rest.find('/').unwrap_or(rest.len());
+        if let Some(at) = rest[..authority_end].rfind('@') {
+            return format!("{scheme}://{}", &rest[at + 1..]).into();
+        }
+    }
+    raw.into()
+}
+
+/// Drops URL query strings, fragments and user-info, keeps `[A-Za-z0-9._:/@+=-]`, replaces
+/// every other character with `_`, collapses runs of `_`, and cuts to [`MAX_LABEL_LEN`] bytes.
 pub fn sanitize_label(raw: &str) -> String {
+    let raw = without_url_secrets(raw);
     let mut out = String::with_capacity(raw.len().min(MAX_LABEL_LEN));
     for c in raw.chars() {
         if out.len() >= MAX_LABEL_LEN {
@@ -70,4 +85,26 @@ pub fn looks_like_secret(value: &str) -> bool {
         && v.chars().any(|c| c.is_ascii_digit())
         && v.chars().any(|c| c.is_ascii_uppercase())
         && v.chars().any(|c| c.is_ascii_lowercase())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_lose_query_fragment_and_user_info() {
+        for (raw, want) in [
+            (
+                "https://host/models/Llama-3.2-3B-Instruct-Q4_K_M.gguf?sig=SECRET&se=2026",
+                "https://host/models/Llama-3.2-3B-Instruct-Q4_K_M.gguf",
+            ),
+            ("https://user:pa55@host/m.gguf#frag", "https://host/m.gguf"),
+            ("s3://AKIAXXXX:secret@bucket/x/y", "s3://bucket/x/y"),
+            ("x.gguf?X-Amz-Signature=abc", "x.gguf"),
+            ("org/name", "org/name"),
+            ("user@host:/models/x", "user@host:/models/x"),
+        ] {
+            assert_eq!(sanitize_label(raw), want, "{raw}");
+        }
+    }
 }

@@ -341,3 +341,12 @@ fn labels_are_bounded_and_safe() {
     assert!(!looks_like_secret("meta-llama/Llama-3.1-8B-Instruct"));
     assert!(!looks_like_secret("qwen2.5-7b-instruct-q4_k_m"));
 }
+
+#[test]
+fn signed_model_urls_keep_no_signature() {
+    let f = facts(
+        "llama-server -m https://user:pw@host/models/Llama-3.2-3B-Instruct-Q4_K_M.gguf?sig=SECRET#x",
+    );
+    let id = classify(&f).expect("llama-server");
+    assert_eq!(id.model_name, "Llama-3.2-3B-Instruct-Q4_K_M");
+}

@@ -221,6 +221,13 @@ impl Collector for SnapshotCollector {
             MetricType::Counter,
             s.agent.tracked_dropped as f64,
         )?;
+        scalar(
+            &mut e,
+            "llmscope_model_names_capped",
+            "LLM processes exported with model_name=\"other\" because the distinct model names reached --max-model-names.",
+            MetricType::Counter,
+            s.agent.model_names_capped as f64,
+        )?;
         family(
             &mut e,
             MetricType::Counter,

@@ -136,6 +136,7 @@ mod tests {
             agent: AgentStats {
                 tracked_processes: 3,
                 tracked_dropped: 0,
+                model_names_capped: 0,
                 events: vec![KindCount {
                     kind: "exec",
                     value: 7,

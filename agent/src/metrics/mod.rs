@@ -86,6 +86,8 @@ impl KindCount {
 pub struct AgentStats {
     pub tracked_processes: u64,
     pub tracked_dropped: u64,
+    /// Processes exported with `model_name="other"` because of the distinct-name cap.
+    pub model_names_capped: u64,
     /// Kernel events received, by kind (exec, exit).
     pub events: Vec<KindCount>,
     /// Kernel events lost (ring buffer full), by kind.
