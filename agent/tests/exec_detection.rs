@@ -540,3 +540,41 @@ fn signed_urls_leak_nothing_and_model_names_are_capped() {
         assert!(!agent.log().contains(secret), "{secret} in the log");
     }
 }
+
+/// The ring reader stalls, then dies (faults injected for tests): /healthz answers 503
+/// naming the thread while it is stalled, and a dead one stops the agent with a non-zero exit
+/// code so that a supervisor restarts it.
+#[test]
+fn a_stalled_or_dead_ring_reader_fails_health_and_the_process() {
+    let stalled = Agent::start_with_env(
+        &["--rescan-interval", "1h"],
+        &[("LLMSCOPE_TEST_FAULT", "events_stall")],
+    );
+    let unhealthy = wait_for(Duration::from_secs(30), || {
+        stalled.get("/healthz").ok().filter(|(code, body)| {
+            *code == 503 && body.contains("thread events has made no progress")
+        })
+    });
+    assert!(unhealthy.is_some(), "{:?}", stalled.get("/healthz"));
+    assert_eq!(
+        stalled.get("/metrics").unwrap().0,
+        200,
+        "scrapes still answer"
+    );
+    drop(stalled);
+
+    let mut dead = Agent::start_with_env(
+        &["--rescan-interval", "1h"],
+        &[("LLMSCOPE_TEST_FAULT", "events_panic")],
+    );
+    let status = dead
+        .exit_status(Duration::from_secs(20))
+        .expect("the agent keeps running without its ring reader");
+    assert!(!status.success(), "exit status {status}");
+    let log = dead.log();
+    assert!(
+        log.contains("thread panicked") && log.contains("the events thread died"),
+        "{log}"
+    );
+    assert!(!log.contains("did not stop within"), "{log}");
+}

@@ -143,6 +143,10 @@ pub(super) fn spawn_launch_sampler(
     budget_percent: f64,
     configured_period: Duration,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
+    // Beats once a period; the period can grow to whatever the budget needs.
+    let heartbeat = shared
+        .health
+        .register("launches", Some(Duration::from_secs(600)));
     std::thread::Builder::new()
         .name("llmscope-launches".into())
         .spawn(move || {
@@ -150,6 +154,7 @@ pub(super) fn spawn_launch_sampler(
             // What the last attach + detach cost: CPU (charged to the budget) and wall time.
             let mut cycle = Cycle::default();
             while !shared.stopping() {
+                heartbeat.beat();
                 let started = Instant::now();
                 let period = period(configured_period, budget_percent, cycle.cpu);
                 // The window sits in the middle of its period: a process that starts or stops

@@ -25,16 +25,41 @@ pub(super) fn spawn(
     ring: RingBuf<MapData>,
     mmap_records: Option<MmapRecords>,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
+    let heartbeat = shared.health.register("events", Some(STALL_LIMIT));
     std::thread::Builder::new()
         .name("llmscope-events".into())
-        .spawn(move || run(&shared, ring, mmap_records))
+        .spawn(move || run(&shared, ring, mmap_records, &heartbeat))
 }
 
-fn run(shared: &Shared, mut ring: RingBuf<MapData>, mut mmap_records: Option<MmapRecords>) {
-    shared.reader_alive.store(true, Ordering::Relaxed);
+/// The events thread beats every drain (10 ms); silent this long, it is reported stalled.
+const STALL_LIMIT: Duration = Duration::from_secs(10);
+
+fn run(
+    shared: &Shared,
+    mut ring: RingBuf<MapData>,
+    mut mmap_records: Option<MmapRecords>,
+    heartbeat: &super::health::Heartbeat,
+) {
+    // Test-only fault injection: the integration tests kill (`events_panic`) or stall
+    // (`events_stall`) the ring reader a second after start, to see /healthz and the exit
+    // code tell the truth.
+    let fault = std::env::var("LLMSCOPE_TEST_FAULT").unwrap_or_default();
+    let started = Instant::now();
     let mut last_housekeeping = Instant::now();
     let mut last_sweep = Instant::now();
     while !shared.stopping() {
+        heartbeat.beat();
+        if !fault.is_empty() && started.elapsed() > Duration::from_secs(1) {
+            match fault.as_str() {
+                "events_panic" => panic!("fault injected by LLMSCOPE_TEST_FAULT=events_panic"),
+                "events_stall" => {
+                    while !shared.stopping() {
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
+                }
+                _ => {}
+            }
+        }
         while let Some(item) = ring.next() {
             let event = decode(&item);
             drop(item);
@@ -100,7 +125,6 @@ fn run(shared: &Shared, mut ring: RingBuf<MapData>, mut mmap_records: Option<Mma
         }
         std::thread::sleep(DRAIN_INTERVAL);
     }
-    shared.reader_alive.store(false, Ordering::Relaxed);
 }
 
 fn on_exec(shared: &Shared, rec: ExecRecord) {

@@ -142,18 +142,29 @@ pub(super) fn spawn(
     jobs: Receiver<AttachJob>,
     idle_after: Duration,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
+    let heartbeat = shared.health.register("attach", Some(STALL_LIMIT));
     std::thread::Builder::new()
         .name("llmscope-attach".into())
-        .spawn(move || run(&shared, jobs, idle_after))
+        .spawn(move || run(&shared, jobs, idle_after, &heartbeat))
 }
 
-fn run(shared: &Shared, jobs: Receiver<AttachJob>, idle_after: Duration) {
+/// An attach or detach can wait for the kernel (grace periods, a library's many links);
+/// silent this long, the thread is reported stalled.
+const STALL_LIMIT: Duration = Duration::from_secs(120);
+
+fn run(
+    shared: &Shared,
+    jobs: Receiver<AttachJob>,
+    idle_after: Duration,
+    heartbeat: &super::health::Heartbeat,
+) {
     let mut retries: VecDeque<(Instant, u8, AttachJob)> = VecDeque::new();
     // Links of detached libraries, dropped one at a time when no attach is waiting: a detach
     // holds the kernel's trace-event mutex for a grace period, which every attach waits for.
     let mut to_drop: VecDeque<UProbeLink> = VecDeque::new();
     let mut next_idle_check = Instant::now() + IDLE_CHECK_INTERVAL;
     while !shared.stopping() {
+        heartbeat.beat();
         let wait = if !to_drop.is_empty() {
             Duration::ZERO
         } else {

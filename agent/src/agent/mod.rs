@@ -15,6 +15,7 @@
 
 mod cuda;
 mod events;
+mod health;
 mod libraries;
 mod nvml;
 mod reconcile;
@@ -73,7 +74,7 @@ pub struct Shared {
     pub proc: ProcRoot,
     pub grace: Duration,
     pub stop: AtomicBool,
-    pub reader_alive: AtomicBool,
+    pub health: Arc<health::Health>,
     pub cuda: CudaState,
     nvml: Mutex<nvml::NvmlState>,
 }
@@ -169,7 +170,7 @@ impl Shared {
             proc,
             grace,
             stop: AtomicBool::new(false),
-            reader_alive: AtomicBool::new(false),
+            health: health::Health::new(),
             cuda,
             nvml: Mutex::new(nvml::NvmlState::default()),
         }
@@ -240,11 +241,7 @@ impl MetricsSource for AgentSource {
     }
 
     fn health(&self) -> Result<(), String> {
-        if self.shared.reader_alive.load(Ordering::Relaxed) {
-            Ok(())
-        } else {
-            Err("the kernel event reader is not running".into())
-        }
+        self.shared.health.check()
     }
 }
 
@@ -360,8 +357,17 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let server = tokio::spawn(crate::http::serve(listener, source, async {
         let _ = http_stopped.await;
     }));
-    shutdown_signal().await;
-    tracing::info!("shutting down");
+    // A producer thread that dies is fatal: the agent stops and exits non-zero, so that a
+    // supervisor restarts it. (A stalled one only turns /healthz to 503.)
+    let died = tokio::select! {
+        () = shutdown_signal() => None,
+        name = dead_thread(&shared.health) => Some(name),
+    };
+    match died {
+        Some(name) => tracing::error!(thread = name, "a producer thread died: shutting down"),
+        None => tracing::info!("shutting down"),
+    }
+    shared.health.stopping();
     let _ = stop_http.send(());
     // Scrapers keep connections alive; give in-flight scrapes a bounded time to finish.
     match tokio::time::timeout(SHUTDOWN_GRACE, server).await {
@@ -371,19 +377,39 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     }
     shared.stop.store(true, Ordering::Relaxed);
     for (name, handle) in threads {
-        if join_within(handle, SHUTDOWN_GRACE).is_err() {
-            tracing::warn!(
+        match join_within(handle, SHUTDOWN_GRACE) {
+            Ok(Ok(())) => {}
+            // Its death is logged already.
+            Ok(Err(_panic)) => {}
+            Err(_) => tracing::warn!(
                 thread = name,
                 "did not stop within {SHUTDOWN_GRACE:?}; exiting anyway"
-            );
+            ),
         }
     }
     drop(shared);
     tracing::info!("stopped");
-    Ok(())
+    match died {
+        Some(name) => Err(anyhow::anyhow!("the {name} thread died")),
+        None => Ok(()),
+    }
 }
 
-fn join_within(handle: std::thread::JoinHandle<()>, limit: Duration) -> Result<(), ()> {
+/// Resolves with the name of the first producer thread that died.
+async fn dead_thread(health: &health::Health) -> &'static str {
+    loop {
+        if let Some(name) = health.dead() {
+            return name;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Err: still running after `limit`; Ok(Err): it panicked.
+fn join_within(
+    handle: std::thread::JoinHandle<()>,
+    limit: Duration,
+) -> Result<std::thread::Result<()>, ()> {
     let deadline = std::time::Instant::now() + limit;
     while !handle.is_finished() {
         if std::time::Instant::now() >= deadline {
@@ -391,7 +417,7 @@ fn join_within(handle: std::thread::JoinHandle<()>, limit: Duration) -> Result<(
         }
         std::thread::sleep(Duration::from_millis(10));
     }
-    handle.join().map_err(|_| ())
+    Ok(handle.join())
 }
 
 async fn shutdown_signal() {

@@ -25,9 +25,13 @@ pub(super) fn spawn(
     lib: Option<PathBuf>,
     interval: Duration,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
+    // No stall limit: a driver call may hang for long (the collector reports it: stale
+    // values, collector_success 0), and restarting the agent would not help.
+    let heartbeat = shared.health.register("nvml", None);
     std::thread::Builder::new()
         .name("llmscope-nvml".into())
         .spawn(move || {
+            let _heartbeat = heartbeat;
             let mut nvml = None;
             let mut backoff = interval;
             while !shared.stopping() {

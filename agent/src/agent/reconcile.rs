@@ -12,10 +12,15 @@ use super::{Counters, Shared};
 use crate::identity::worth_rechecking;
 use crate::tracker::Observed;
 
+/// A scan of a very large /proc can take long; past this without a beat the thread is
+/// reported stalled.
+const STALL_LIMIT: Duration = Duration::from_secs(300);
+
 pub(super) fn spawn(
     shared: Arc<Shared>,
     interval: Duration,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
+    let heartbeat = shared.health.register("reconcile", Some(STALL_LIMIT));
     std::thread::Builder::new()
         .name("llmscope-reconcile".into())
         .spawn(move || {
@@ -23,6 +28,7 @@ pub(super) fn spawn(
             tracing::info!(found, "start-up scan done");
             let mut next = Instant::now() + interval;
             while !shared.stopping() {
+                heartbeat.beat();
                 if Instant::now() >= next {
                     scan(&shared, true);
                     next = Instant::now() + interval;

@@ -88,6 +88,11 @@ impl Agent {
         self.child.id()
     }
 
+    /// The agent's exit status, once it has exited by itself within `limit`.
+    pub fn exit_status(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        wait_for(limit, || self.child.try_wait().ok().flatten())
+    }
+
     /// Waits until the agent has probed at least `libraries` CUDA library files.
     pub fn wait_cuda_libraries(&self, libraries: f64) {
         let probed = wait_for(Duration::from_secs(20), || {
