@@ -1,11 +1,19 @@
 //! The HTTP surface, shared by the agent and windows-fallback: `/metrics` (Prometheus text or
 //! OpenMetrics by content negotiation), `/healthz`, `/api/processes` (JSON) and a landing page.
+//!
+//! A client cannot stall it: headers must arrive within [`HEADER_READ_TIMEOUT`] (an idle
+//! keep-alive connection is closed after it too), a request is answered within
+//! [`REQUEST_TIMEOUT`], at most [`MAX_CONCURRENT_REQUESTS`] are served at once (the excess
+//! gets 503 at once), headers are limited to [`MAX_HEADER_BYTES`], and at most
+//! [`MAX_CONNECTIONS`] connections are open (more are closed as they are accepted).
 
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
-use axum::extract::State;
+use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
+use axum::middleware::Next;
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
@@ -25,24 +33,104 @@ pub trait MetricsSource: Send + Sync + 'static {
 
 type Source = Arc<dyn MetricsSource>;
 
+/// Time a client has to send a request's headers, and an idle keep-alive connection to send
+/// its next request.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// Time a request may take to be answered.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// Requests served at once (more than Prometheus HA pairs and dashboards ever send); more get
+/// 503 at once.
+pub const MAX_CONCURRENT_REQUESTS: usize = 256;
+/// Connections open at once; more are closed as they are accepted.
+pub const MAX_CONNECTIONS: usize = 1024;
+/// Largest request head read (hyper's minimum buffer).
+pub const MAX_HEADER_BYTES: usize = 8192;
+
 pub fn router(source: Source) -> Router {
+    let requests = Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_REQUESTS));
     Router::new()
         .route("/", get(landing))
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .route("/api/processes", get(processes))
+        .layer(axum::middleware::from_fn(
+            move |req: Request, next: Next| {
+                let requests = requests.clone();
+                async move { limited(requests, req, next).await }
+            },
+        ))
         .with_state(source)
 }
 
-/// Serves until `shutdown` completes, then stops accepting and finishes in-flight requests.
+/// At most MAX_CONCURRENT_REQUESTS at once, each within REQUEST_TIMEOUT.
+async fn limited(requests: Arc<tokio::sync::Semaphore>, req: Request, next: Next) -> Response {
+    let Ok(_permit) = requests.try_acquire_owned() else {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too many concurrent requests\n",
+        )
+            .into_response();
+    };
+    match tokio::time::timeout(REQUEST_TIMEOUT, next.run(req)).await {
+        Ok(response) => response,
+        Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "request timed out\n").into_response(),
+    }
+}
+
+/// Serves until `shutdown` completes, then stops accepting and finishes in-flight requests
+/// (the caller bounds how long it waits).
 pub async fn serve(
     listener: TcpListener,
     source: Source,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(source))
-        .with_graceful_shutdown(shutdown)
-        .await
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    use hyper_util::service::TowerToHyperService;
+
+    let app = router(source);
+    let connections = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let mut open = tokio::task::JoinSet::new();
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let stream = tokio::select! {
+            () = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                // Out of file descriptors and the like: keep serving what is open.
+                Err(e) => {
+                    tracing::warn!(error = %e, "accepting a connection failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(permit) = connections.clone().try_acquire_owned() else {
+            continue;
+        };
+        let service = TowerToHyperService::new(app.clone());
+        let mut stopped = stopped.clone();
+        open.spawn(async move {
+            let _permit = permit;
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .max_buf_size(MAX_HEADER_BYTES)
+                .serve_connection(TokioIo::new(stream), service);
+            let mut conn = std::pin::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                _ = stopped.changed() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
+                }
+            }
+        });
+        while open.try_join_next().is_some() {}
+    }
+    let _ = stop.send(true);
+    while open.join_next().await.is_some() {}
+    Ok(())
 }
 
 async fn gather(source: &Source) -> Result<Snapshot, Response> {
