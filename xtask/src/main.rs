@@ -101,6 +101,7 @@ fn test(args: Vec<String>) -> Result<()> {
     setup::ensure_pip_packages(&[("kubernetes-validate", "kubernetes-validate")])?;
     let cudart = setup::real_libcudart()?;
     ebpf::build()?;
+    setup::cargo(&["fmt", "--all", "--check"])?;
     setup::cargo(&[
         "clippy",
         "--workspace",
