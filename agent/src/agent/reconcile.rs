@@ -50,11 +50,14 @@ pub(super) fn scan(shared: &Shared, repair: bool) -> usize {
     };
     let present: HashSet<u32> = pids.iter().copied().collect();
 
+    // A pid the events thread added after /proc was listed is not in `present` but is alive:
+    // only a pid whose /proc entry is gone now has exited.
     let vanished: Vec<u32> = shared
         .tracker()
         .live_pids()
         .into_iter()
         .filter(|pid| !present.contains(pid))
+        .filter(|pid| !shared.proc.path().join(pid.to_string()).exists())
         .collect();
     for pid in vanished {
         if shared.exited(pid) && repair {

@@ -116,12 +116,16 @@ pub trait Collector: Send {
     fn collect(&mut self, snapshot: &mut Snapshot) -> Result<(), CollectError>;
 }
 
-/// Runs every collector into one snapshot, recording success and duration of each.
+/// Runs every collector into one snapshot, recording success and duration of each; a
+/// collector that fails or panics shows as `llmscope_collector_success{collector} 0`.
 pub fn gather(collectors: &mut [Box<dyn Collector>]) -> Snapshot {
     let mut snapshot = Snapshot::default();
     for c in collectors.iter_mut() {
         let started = Instant::now();
-        let result = c.collect(&mut snapshot);
+        // A collector that panics fails alone: what it filled in stays, the scrape goes on.
+        let result =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| c.collect(&mut snapshot)))
+                .unwrap_or_else(|_| Err(CollectError("the collector panicked".into())));
         if let Err(e) = &result {
             tracing::debug!(collector = c.name(), error = %e, "collector failed");
         }
@@ -152,5 +156,44 @@ impl BuildInfo {
             version: env!("CARGO_PKG_VERSION").to_owned(),
             mode: mode.to_owned(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Panics;
+    impl Collector for Panics {
+        fn name(&self) -> &'static str {
+            "panics"
+        }
+        fn collect(&mut self, _: &mut Snapshot) -> Result<(), CollectError> {
+            panic!("a bug in a collector")
+        }
+    }
+
+    struct Counts;
+    impl Collector for Counts {
+        fn name(&self) -> &'static str {
+            "counts"
+        }
+        fn collect(&mut self, s: &mut Snapshot) -> Result<(), CollectError> {
+            s.agent.tracked_processes = 3;
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_panicking_collector_fails_alone() {
+        let mut collectors: Vec<Box<dyn Collector>> = vec![Box::new(Panics), Box::new(Counts)];
+        let snapshot = gather(&mut collectors);
+        let status: Vec<(&str, bool)> = snapshot
+            .collectors
+            .iter()
+            .map(|c| (c.collector, c.success))
+            .collect();
+        assert_eq!(status, [("panics", false), ("counts", true)]);
+        assert_eq!(snapshot.agent.tracked_processes, 3);
     }
 }
