@@ -64,3 +64,46 @@ fn idle_and_trickling_connections_neither_stall_scrapes_nor_stay_open() {
     }
     assert_eq!(agent.get("/healthz").unwrap().0, 200);
 }
+
+/// 200 concurrent scrapes while /api/processes is polled every 50 ms: every request succeeds,
+/// and the CPU percent of a process burning one core is measured over its own window, not
+/// since whichever request came last.
+#[test]
+fn concurrent_scrapes_and_polling_see_stable_cpu_percent() {
+    let agent = Agent::start(&["--rescan-interval", "1h"]);
+    let burner = Proc(
+        std::process::Command::new(workload("llama-server"))
+            .args(["-m", "/models/burn.gguf"])
+            .env("LLMSCOPE_BURN", "1")
+            .spawn()
+            .unwrap(),
+    );
+    let pid = burner.pid().to_string();
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                assert_eq!(agent.get("/api/processes").unwrap().0, 200);
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        });
+        let concurrent: Vec<_> = (0..200)
+            .map(|_| s.spawn(|| agent.get("/metrics")))
+            .collect();
+        for c in concurrent {
+            let (code, _) = c.join().unwrap().expect("a concurrent scrape");
+            assert_eq!(code, 200);
+        }
+        std::thread::sleep(Duration::from_millis(1500));
+        for _ in 0..4 {
+            let cpu = agent
+                .metrics()
+                .value("llm_process_cpu_percent", &[("pid", &pid)])
+                .expect("cpu percent of the burner");
+            assert!((80.0..=120.0).contains(&cpu), "one core reads {cpu}");
+            std::thread::sleep(Duration::from_millis(1000));
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    });
+    drop(burner);
+}

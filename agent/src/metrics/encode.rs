@@ -146,7 +146,7 @@ impl Collector for SnapshotCollector {
             &mut e,
             MetricType::Gauge,
             "llm_process_cpu_percent",
-            "CPU use of the process since the previous scrape, in percent of one core.",
+            "CPU use of the process over its last window of at least 1 s between samples (not since the previous scrape), in percent of one core.",
             None,
             per_process(p, |s| s.cpu_percent),
         )?;

@@ -32,7 +32,7 @@ pub enum ProcError {
 }
 
 /// One reading of a process's resource use.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct ProcSample {
     pub ppid: u32,
     /// Start time in clock ticks since boot: with the pid, identifies a process across pid reuse.
