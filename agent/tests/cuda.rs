@@ -747,7 +747,8 @@ fn library_copies_are_detached_when_unused_so_churn_never_blinds() {
             "llmscope_uprobe_attach_failures_total",
             &[("reason", "too_many_libraries")]
         ),
-        None
+        Some(0.0),
+        "exported at 0 from start-up, and never counted"
     );
     assert_eq!(m.value("llmscope_uprobe_attachments", &[]), Some(0.0));
     let lib = copy(COPIES);

@@ -29,6 +29,19 @@ use aya::Ebpf;
 use super::library::{api_name, MappedLibrary};
 use super::symbols::{Offsets, SymbolCache};
 
+/// Every reason an attach can fail for: exported at 0 from start-up, so that `increase()`
+/// sees the first failure.
+pub const FAILURE_REASONS: &[&str] = &[
+    "process_gone",
+    "deleted_file",
+    "file_gone",
+    "unreadable",
+    "too_many_libraries",
+    "no_cuda_symbols",
+    "attach_error",
+    "launch_attach_error",
+];
+
 /// Most library files probed at once; more are refused and counted (`too_many_libraries`).
 pub const MAX_LIBRARIES: usize = 256;
 /// Most processes remembered per library; past it, liveness is confirmed from /proc maps
@@ -96,7 +109,7 @@ impl Attacher {
             ebpf,
             libraries: Vec::new(),
             symbols: SymbolCache::default(),
-            failures: BTreeMap::new(),
+            failures: FAILURE_REASONS.iter().map(|r| (*r, 0)).collect(),
             detached: 0,
             launches_attached,
             launches_since: launches_attached.then(Instant::now),
@@ -110,6 +123,7 @@ impl Attacher {
         let outcome = self.try_attach(procfs, pid, lib);
         match outcome {
             Outcome::Failed(reason) => {
+                debug_assert!(FAILURE_REASONS.contains(&reason), "{reason}");
                 *self.failures.entry(reason).or_default() += 1;
                 tracing::warn!(pid, library = %lib.path, reason, "cannot probe a CUDA library");
             }
@@ -338,6 +352,7 @@ impl AttacherStats {
 
 impl Attacher {
     fn failures_add(&mut self, reason: &'static str, n: u64) {
+        debug_assert!(FAILURE_REASONS.contains(&reason), "{reason}");
         if n > 0 {
             *self.failures.entry(reason).or_default() += n;
         }
