@@ -33,6 +33,13 @@ fn wait_series(agent: &Agent, pid: u32) -> Labels {
     })
 }
 
+/// Reads the child's next output line and checks it.
+fn expect_line(out: &mut impl std::io::BufRead, expected: &str) {
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), expected);
+}
+
 fn assert_identity(labels: &Labels, framework: &str, model: &str, role: &str) {
     let got = |k: &str| labels.get(k).map(String::as_str).unwrap_or("");
     assert_eq!(
@@ -434,9 +441,7 @@ fn a_process_outlives_its_leader_thread() {
         .unwrap();
     let pid = child.id();
     let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
-    let mut line = String::new();
-    std::io::BufRead::read_line(&mut out, &mut line).unwrap();
-    assert_eq!(line.trim(), "leader exiting");
+    expect_line(&mut out, "leader exiting");
     wait_series(&agent, pid);
     // The leader is gone (a zombie thread); the process is not.
     std::thread::sleep(Duration::from_millis(1500));
@@ -478,17 +483,13 @@ fn a_script_is_classified_when_it_maps_a_framework_library() {
         .unwrap();
     let pid = child.id();
     let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
-    let mut line = String::new();
-    std::io::BufRead::read_line(&mut out, &mut line).unwrap();
-    assert_eq!(line.trim(), "started");
+    expect_line(&mut out, "started");
     std::thread::sleep(Duration::from_millis(300));
     assert!(
         pid_series(&agent, pid).is_none(),
         "nothing says what it runs before the import"
     );
-    line.clear();
-    std::io::BufRead::read_line(&mut out, &mut line).unwrap();
-    assert_eq!(line.trim(), "imported");
+    expect_line(&mut out, "imported");
     let imported = std::time::Instant::now();
     let labels = wait_series(&agent, pid);
     let after = imported.elapsed();
