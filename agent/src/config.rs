@@ -22,6 +22,11 @@ pub struct Config {
     )]
     pub listen_address: SocketAddr,
 
+    /// TLS and basic authentication for the HTTP endpoints, in the Prometheus
+    /// exporter-toolkit web configuration format (tls_server_config, basic_auth_users).
+    #[arg(long = "web.config.file", env = "LLMSCOPE_WEB_CONFIG_FILE")]
+    pub web_config_file: Option<PathBuf>,
+
     /// Root of the proc filesystem to read (the host's /proc mounted at /host/proc in a container).
     #[arg(
         long = "path.procfs",

@@ -6,6 +6,9 @@
 //! [`REQUEST_TIMEOUT`], at most [`MAX_CONCURRENT_REQUESTS`] are served at once (the excess
 //! gets 503 at once), headers are limited to [`MAX_HEADER_BYTES`], and at most
 //! [`MAX_CONNECTIONS`] connections are open (more are closed as they are accepted).
+//!
+//! With `--web.config.file` ([`crate::web_config`]) it serves TLS and asks for basic
+//! authentication; the TLS handshake must finish within [`HEADER_READ_TIMEOUT`] too.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -21,6 +24,7 @@ use tokio::net::TcpListener;
 
 use crate::metrics::exposition::{render, Format};
 use crate::metrics::{BuildInfo, Snapshot};
+use crate::web_config::{BasicAuth, Loaded, WebConfig};
 
 /// What the HTTP surface serves. `gather` may block (it reads /proc or polls); it runs on a
 /// blocking thread, never on the async runtime.
@@ -46,13 +50,22 @@ pub const MAX_CONNECTIONS: usize = 1024;
 /// Largest request head read (hyper's minimum buffer).
 pub const MAX_HEADER_BYTES: usize = 8192;
 
-pub fn router(source: Source) -> Router {
+pub fn router(source: Source, auth: Option<Arc<BasicAuth>>) -> Router {
     let requests = Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_REQUESTS));
-    Router::new()
+    let mut protected = Router::new()
         .route("/", get(landing))
         .route("/metrics", get(metrics))
+        .route("/api/processes", get(processes));
+    if let Some(auth) = auth {
+        protected = protected.layer(axum::middleware::from_fn(
+            move |req: Request, next: Next| {
+                let auth = auth.clone();
+                async move { authenticated(auth, req, next).await }
+            },
+        ));
+    }
+    protected
         .route("/healthz", get(healthz))
-        .route("/api/processes", get(processes))
         .layer(axum::middleware::from_fn(
             move |req: Request, next: Next| {
                 let requests = requests.clone();
@@ -77,17 +90,34 @@ async fn limited(requests: Arc<tokio::sync::Semaphore>, req: Request, next: Next
     }
 }
 
+/// Only a request with a user's credentials passes; the others get 401 and a challenge.
+async fn authenticated(auth: Arc<BasicAuth>, req: Request, next: Next) -> Response {
+    let header = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    if auth.check(header).await {
+        return next.run(req).await;
+    }
+    (
+        StatusCode::UNAUTHORIZED,
+        [(header::WWW_AUTHENTICATE, "Basic realm=\"llmscope\"")],
+        "unauthorized\n",
+    )
+        .into_response()
+}
+
 /// Serves until `shutdown` completes, then stops accepting and finishes in-flight requests
 /// (the caller bounds how long it waits).
 pub async fn serve(
     listener: TcpListener,
     source: Source,
+    web: Option<Arc<WebConfig>>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    use hyper_util::rt::{TokioIo, TokioTimer};
-    use hyper_util::service::TowerToHyperService;
-
-    let app = router(source);
+    // The router of the configuration in use (its auth layer is part of it), rebuilt when
+    // the configuration is reloaded.
+    let mut cached: Option<(Option<Arc<Loaded>>, Router)> = None;
     let connections = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let mut open = tokio::task::JoinSet::new();
@@ -108,21 +138,33 @@ pub async fn serve(
         let Ok(permit) = connections.clone().try_acquire_owned() else {
             continue;
         };
-        let service = TowerToHyperService::new(app.clone());
-        let mut stopped = stopped.clone();
+        let loaded = web.as_ref().map(|w| w.current());
+        let in_use = |c: &Option<Arc<Loaded>>| match (c, &loaded) {
+            (None, None) => true,
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+            _ => false,
+        };
+        let router = match &cached {
+            Some((config, router)) if in_use(config) => router.clone(),
+            _ => {
+                let auth = loaded.as_ref().and_then(|l| l.auth.clone());
+                let router = router(source.clone(), auth);
+                cached = Some((loaded.clone(), router.clone()));
+                router
+            }
+        };
+        let tls = loaded.and_then(|l| l.tls.clone());
+        let stopped = stopped.clone();
         open.spawn(async move {
             let _permit = permit;
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_READ_TIMEOUT)
-                .max_buf_size(MAX_HEADER_BYTES)
-                .serve_connection(TokioIo::new(stream), service);
-            let mut conn = std::pin::pin!(conn);
-            tokio::select! {
-                _ = conn.as_mut() => {}
-                _ = stopped.changed() => {
-                    conn.as_mut().graceful_shutdown();
-                    let _ = conn.await;
+            match tls {
+                None => connection(stream, router, stopped).await,
+                Some(acceptor) => {
+                    match tokio::time::timeout(HEADER_READ_TIMEOUT, acceptor.accept(stream)).await {
+                        Ok(Ok(stream)) => connection(stream, router, stopped).await,
+                        Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
+                        Err(_) => tracing::debug!("TLS handshake timed out"),
+                    }
                 }
             }
         });
@@ -131,6 +173,29 @@ pub async fn serve(
     let _ = stop.send(true);
     while open.join_next().await.is_some() {}
     Ok(())
+}
+
+/// Serves one connection (plain or TLS) until it closes or the server stops.
+async fn connection<I>(io: I, router: Router, mut stopped: tokio::sync::watch::Receiver<bool>)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    use hyper_util::service::TowerToHyperService;
+
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .max_buf_size(MAX_HEADER_BYTES)
+        .serve_connection(TokioIo::new(io), TowerToHyperService::new(router));
+    let mut conn = std::pin::pin!(conn);
+    tokio::select! {
+        _ = conn.as_mut() => {}
+        _ = stopped.changed() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
+        }
+    }
 }
 
 async fn gather(source: &Source) -> Result<Snapshot, Response> {

@@ -10,7 +10,9 @@ pub mod gpuinfo;
 pub mod http;
 pub mod identity;
 pub mod metrics;
+pub mod state;
 pub mod tracker;
+pub mod web_config;
 
 #[cfg(target_os = "linux")]
 pub mod proc;

@@ -27,6 +27,10 @@ pub struct Tracked {
     pub exe: String,
     #[serde(skip)]
     pub exited_at: Option<Instant>,
+    /// When the facts this entry holds were read: a scan that read older facts does not
+    /// overwrite it, nor mark it exited.
+    #[serde(skip)]
+    pub observed_at: Instant,
 }
 
 impl Tracked {
@@ -39,8 +43,9 @@ impl Tracked {
 enum Replace {
     /// An exec: the process image changed, whatever was known about the pid goes.
     Always,
-    /// A scan: only a new identity replaces a live entry.
-    OnlyWithIdentity,
+    /// A scan, with facts read at this time: only a new identity replaces a live entry, and
+    /// never one observed after the facts were read.
+    OnlyWithIdentity(Instant),
 }
 
 /// What [`Tracker::observe`] did.
@@ -132,15 +137,17 @@ impl Tracker {
         self.observe_as(facts, start_ticks, None, Replace::Always)
     }
 
-    /// Like [`Tracker::observe`], for what a /proc scan or a re-examination finds: it adds
-    /// or re-identifies, but never removes a live process it has no new identity for (the
-    /// process did not exec; it may be a GPU user the probes reported meanwhile).
+    /// Like [`Tracker::observe`], for what a /proc scan or a re-examination finds, with
+    /// facts read at `read_at`: it adds or re-identifies, but never removes a live process it
+    /// has no new identity for (the process did not exec; it may be a GPU user the probes
+    /// reported meanwhile), and never overwrites what an event told after `read_at`.
     pub fn refresh(
         &mut self,
         facts: &ProcessFacts,
         start_ticks: impl FnOnce() -> Option<u64>,
+        read_at: Instant,
     ) -> Observed {
-        self.observe_as(facts, start_ticks, None, Replace::OnlyWithIdentity)
+        self.observe_as(facts, start_ticks, None, Replace::OnlyWithIdentity(read_at))
     }
 
     /// A process seen using the GPU: tracked with its own identity when it has one, else as
@@ -165,6 +172,19 @@ impl Tracker {
         fallback: Option<Identity>,
         replace: Replace,
     ) -> Observed {
+        let observed_at = match replace {
+            Replace::OnlyWithIdentity(read_at) => {
+                if self
+                    .procs
+                    .get(&facts.pid)
+                    .is_some_and(|t| t.observed_at > read_at)
+                {
+                    return Observed::Unchanged;
+                }
+                read_at
+            }
+            Replace::Always => Instant::now(),
+        };
         let parent = self
             .procs
             .get(&facts.ppid)
@@ -180,7 +200,7 @@ impl Tracker {
             });
         let identity = derive(facts, parent.as_ref().map(|(f, i)| (f, i))).or(fallback);
         let Some(mut identity) = identity else {
-            if replace == Replace::OnlyWithIdentity {
+            if matches!(replace, Replace::OnlyWithIdentity(_)) {
                 // The same process (same start) keeps what is known about it; a reused pid
                 // (another start) does not.
                 let start = start_ticks();
@@ -220,6 +240,7 @@ impl Tracker {
                 start_ticks,
                 exe: facts.exe.clone(),
                 exited_at: None,
+                observed_at,
             },
         );
         if capped {
@@ -239,11 +260,33 @@ impl Tracker {
         }
     }
 
+    /// A reading taken after `as_of` found the process gone, or its pid reused (another start
+    /// than `start_ticks`): marks it exited, unless the entry is newer than `as_of` (an event
+    /// replaced it meanwhile) or has another start. True when it was marked.
+    pub fn exited_as_of(
+        &mut self,
+        pid: u32,
+        start_ticks: Option<u64>,
+        as_of: Instant,
+        now: Instant,
+    ) -> bool {
+        match self.procs.get(&pid) {
+            Some(p) if p.observed_at <= as_of && p.start_ticks == start_ticks => {
+                self.exited(pid, now)
+            }
+            _ => false,
+        }
+    }
+
     /// Removes processes that exited more than `grace` ago; returns how many.
     pub fn expire(&mut self, now: Instant, grace: Duration) -> usize {
         let before = self.procs.len();
         self.procs
             .retain(|_, p| p.exited_at.is_none_or(|t| now.duration_since(t) < grace));
+        // After a burst, the table gives its memory back.
+        if self.procs.capacity() > 4 * self.procs.len() + 64 {
+            self.procs.shrink_to_fit();
+        }
         before - self.procs.len()
     }
 
@@ -420,6 +463,32 @@ mod tests {
     }
 
     #[test]
+    fn a_scan_never_overwrites_newer_event_facts() {
+        let mut t = Tracker::new(4);
+        // The scan reads /proc/30 (still the shell), then the exec event arrives.
+        let scan_read = Instant::now();
+        let shell = facts(30, 1, "/opt/llama/llama-server -m /m/stale.gguf");
+        let exec = facts(30, 1, "/opt/llama/llama-server -m /m/fresh.gguf");
+        assert!(matches!(t.observe(&exec, || Some(5)), Observed::Added(_)));
+        assert_eq!(
+            t.refresh(&shell, || Some(5), scan_read),
+            Observed::Unchanged
+        );
+        assert_eq!(t.get(30).unwrap().identity.model_name, "fresh");
+        // Nor is it marked exited by a reading taken before the event.
+        assert!(!t.exited_as_of(30, Some(5), scan_read, Instant::now()));
+        assert!(t.get(30).unwrap().is_alive());
+        // A reading of another process (pid reused) does not end the new one.
+        assert!(!t.exited_as_of(30, Some(4), Instant::now(), Instant::now()));
+        assert!(t.exited_as_of(30, Some(5), Instant::now(), Instant::now()));
+        // Facts read after the event do apply.
+        assert!(matches!(
+            t.refresh(&shell, || Some(6), Instant::now()),
+            Observed::Added(_)
+        ));
+    }
+
+    #[test]
     fn gpu_users_are_tracked_even_when_unclassified() {
         let mut t = Tracker::new(4);
         let plain = facts(20, 1, "/opt/app/bin/render-frames --fast");
@@ -433,12 +502,12 @@ mod tests {
         );
         assert_eq!(t.observe_gpu_user(&plain, || Some(1)), Observed::Unchanged);
         assert_eq!(
-            t.refresh(&plain, || Some(1)),
+            t.refresh(&plain, || Some(1), Instant::now()),
             Observed::Unchanged,
             "a scan keeps a GPU user"
         );
         assert_eq!(
-            t.refresh(&plain, || Some(9)),
+            t.refresh(&plain, || Some(9), Instant::now()),
             Observed::Removed,
             "but not across pid reuse"
         );

@@ -236,6 +236,54 @@ fn compose_file_is_valid_and_has_no_default_password() {
         !ok && out.contains("GRAFANA_ADMIN_PASSWORD"),
         "compose must refuse to run without a Grafana password:\n{out}"
     );
+    // The --web.config.file override merges into the stack and keeps every other flag.
+    let (ok, out) = run(
+        "docker-compose",
+        &[
+            "-f",
+            "docker-compose.yml",
+            "-f",
+            "docker-compose.web-config.yml",
+            "config",
+        ],
+        &dir,
+        &[("GRAFANA_ADMIN_PASSWORD", "a-password")],
+    );
+    assert!(
+        ok,
+        "docker-compose config with the web-config override:\n{out}"
+    );
+    for needle in [
+        "--web.config.file=/etc/llmscope/web/web.yml",
+        "--path.procfs=/host/proc",
+        "--gpu-info-dir=/var/run/llmscope/gpu-info",
+    ] {
+        assert!(
+            out.contains(needle),
+            "merged compose lacks {needle}:\n{out}"
+        );
+    }
+}
+
+/// The web-config component's DaemonSet patch keeps the base's flags and adds
+/// --web.config.file with the Secret it reads, and the probes speak TLS.
+#[test]
+fn kubernetes_web_config_component_matches_the_daemonset() {
+    let dir = root().join("deploy/kubernetes");
+    let check = "import sys, yaml; \
+        base = yaml.safe_load(open('daemonset.yaml'))['spec']['template']['spec']; \
+        patch = yaml.safe_load(open('web-config/daemonset-patch.yaml'))['spec']['template']['spec']; \
+        b, p = base['containers'][0], patch['containers'][0]; \
+        assert p['name'] == b['name']; \
+        assert p['args'] == b['args'] + ['--web.config.file=/etc/llmscope/web/web.yml'], p['args']; \
+        assert p['readinessProbe']['httpGet']['scheme'] == 'HTTPS'; \
+        assert p['livenessProbe']['httpGet']['scheme'] == 'HTTPS'; \
+        assert patch['volumes'][0]['secret']['secretName'] == 'llmscope-web'; \
+        c = yaml.safe_load(open('web-config/kustomization.yaml')); \
+        assert c['kind'] == 'Component'; \
+        assert [x['path'] for x in c['patches']] == ['daemonset-patch.yaml', 'servicemonitor-patch.yaml']";
+    let (ok, out) = run("python3", &["-c", check], &dir, &[]);
+    assert!(ok, "web-config component:\n{out}");
 }
 
 /// The systemd unit passes `systemd-analyze verify` with the agent binary in place.

@@ -579,3 +579,29 @@ fn a_stalled_or_dead_ring_reader_fails_health_and_the_process() {
     );
     assert!(!log.contains("did not stop within"), "{log}");
 }
+
+/// A collector that panics fails alone: its success gauge is 0, the scrape is 200, and the
+/// next scrapes work too (nothing poisoned).
+#[test]
+fn a_panicking_collector_fails_alone() {
+    let agent = Agent::start_with_env(
+        &["--rescan-interval", "1h"],
+        &[("LLMSCOPE_TEST_FAULT", "collector_panic")],
+    );
+    for _ in 0..3 {
+        let m = agent.metrics();
+        assert_eq!(
+            m.value("llmscope_collector_success", &[("collector", "fault")]),
+            Some(0.0)
+        );
+        for collector in ["process", "kernel", "cuda"] {
+            assert_eq!(
+                m.value("llmscope_collector_success", &[("collector", collector)]),
+                Some(1.0),
+                "{collector}"
+            );
+        }
+        assert_eq!(agent.get("/api/processes").unwrap().0, 200);
+    }
+    assert_eq!(agent.get("/healthz").unwrap().0, 200);
+}

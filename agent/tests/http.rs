@@ -90,20 +90,162 @@ fn concurrent_scrapes_and_polling_see_stable_cpu_percent() {
         let concurrent: Vec<_> = (0..200)
             .map(|_| s.spawn(|| agent.get("/metrics")))
             .collect();
-        for c in concurrent {
-            let (code, _) = c.join().unwrap().expect("a concurrent scrape");
-            assert_eq!(code, 200);
-        }
-        std::thread::sleep(Duration::from_millis(1500));
-        for _ in 0..4 {
-            let cpu = agent
+        let scrapes: Vec<_> = concurrent.into_iter().map(|c| c.join().unwrap()).collect();
+        // The sampler's first window of the new process closes within two seconds; then
+        // four readings a second apart.
+        let first = wait_for(Duration::from_secs(5), || {
+            agent
                 .metrics()
                 .value("llm_process_cpu_percent", &[("pid", &pid)])
-                .expect("cpu percent of the burner");
-            assert!((80.0..=120.0).contains(&cpu), "one core reads {cpu}");
+        });
+        let mut readings = vec![first];
+        for _ in 0..4 {
             std::thread::sleep(Duration::from_millis(1000));
+            readings.push(
+                agent
+                    .metrics()
+                    .value("llm_process_cpu_percent", &[("pid", &pid)]),
+            );
         }
+        // The poller stops before anything is asserted (a failed assertion here would
+        // otherwise leave it polling forever).
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for scrape in scrapes {
+            let (code, _) = scrape.expect("a concurrent scrape");
+            assert_eq!(code, 200);
+        }
+        for cpu in readings {
+            let cpu = cpu.expect("cpu percent of the burner");
+            assert!((80.0..=120.0).contains(&cpu), "one core reads {cpu}");
+        }
     });
     drop(burner);
+}
+
+/// A request with optional basic-auth credentials: (status, body).
+fn get_with_auth(addr: std::net::SocketAddr, path: &str, creds: Option<&str>) -> (u16, String) {
+    use base64::Engine;
+    let mut stream = TcpStream::connect(addr).expect("connecting");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let auth = creds
+        .map(|c| {
+            format!(
+                "Authorization: Basic {}\r\n",
+                base64::engine::general_purpose::STANDARD.encode(c)
+            )
+        })
+        .unwrap_or_default();
+    write!(stream, "GET {path} HTTP/1.0\r\n{auth}\r\n").unwrap();
+    let mut raw = String::new();
+    stream.read_to_string(&mut raw).unwrap();
+    let code = raw
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (code, raw)
+}
+
+#[test]
+fn web_config_requires_basic_auth_and_serves_tls() {
+    let dir = std::env::temp_dir().join(format!("llmscope-webcfg-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let hash = bcrypt::hash("scrape-secret", 6).unwrap();
+
+    // Basic auth alone (plain HTTP).
+    let auth_only = dir.join("auth.yml");
+    std::fs::write(
+        &auth_only,
+        format!("basic_auth_users:\n  prometheus: '{hash}'\n"),
+    )
+    .unwrap();
+    let agent = Agent::start(&["--web.config.file", auth_only.to_str().unwrap()]);
+    let (code, raw) = get_with_auth(agent.addr, "/metrics", None);
+    assert_eq!(code, 401, "{raw}");
+    assert!(
+        raw.contains("WWW-Authenticate: Basic") || raw.contains("www-authenticate: Basic"),
+        "{raw}"
+    );
+    assert_eq!(
+        get_with_auth(agent.addr, "/metrics", Some("prometheus:wrong")).0,
+        401
+    );
+    assert_eq!(
+        get_with_auth(agent.addr, "/api/processes", Some("intruder:scrape-secret")).0,
+        401
+    );
+    let (code, body) = get_with_auth(agent.addr, "/metrics", Some("prometheus:scrape-secret"));
+    assert_eq!(code, 200);
+    assert!(body.contains("llmscope_build_info"), "{body}");
+    assert_eq!(
+        get_with_auth(agent.addr, "/healthz", None).0,
+        200,
+        "liveness probes need no credentials"
+    );
+    drop(agent);
+
+    // TLS and basic auth: a certificate for 127.0.0.1, made here.
+    let (cert, key) = (dir.join("tls.crt"), dir.join("tls.key"));
+    let made = std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+        ])
+        .args(["-nodes", "-days", "1", "-subj", "/CN=llmscope-test"])
+        .args(["-addext", "subjectAltName=IP:127.0.0.1"])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .expect("running openssl");
+    assert!(made.status.success(), "{made:?}");
+    // The example the compose stack documents, with this test's hash.
+    let example = std::fs::read_to_string(
+        support::demo::root().join("deploy/compose/web-config/web.yml.example"),
+    )
+    .unwrap();
+    assert!(example.contains("$2y$10$REPLACE_WITH_YOUR_BCRYPT_HASH"));
+    let tls = dir.join("web.yml");
+    std::fs::write(
+        &tls,
+        example.replace("$2y$10$REPLACE_WITH_YOUR_BCRYPT_HASH", &format!("'{hash}'")),
+    )
+    .unwrap();
+    let curl = |addr: std::net::SocketAddr, path: &str, creds: Option<&str>| {
+        let mut cmd = std::process::Command::new("curl");
+        cmd.args(["-s", "-o", "-", "-w", "\n%{http_code}", "--max-time", "10"])
+            .arg("--cacert")
+            .arg(&cert);
+        if let Some(c) = creds {
+            cmd.args(["-u", c]);
+        }
+        let out = cmd
+            .arg(format!("https://{addr}{path}"))
+            .output()
+            .expect("running curl");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+        (code.parse::<u16>().unwrap_or(0), body.to_owned())
+    };
+    let agent = Agent::spawn(&["--web.config.file", tls.to_str().unwrap()], &[])
+        .until_healthy(|a| curl(a.addr, "/healthz", None).0 == 200);
+    assert_eq!(curl(agent.addr, "/metrics", None).0, 401);
+    let (code, body) = curl(agent.addr, "/metrics", Some("prometheus:scrape-secret"));
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("llmscope_build_info"), "{body}");
+    // Plain HTTP to the TLS port gets no answer.
+    assert!(
+        http_get(agent.addr, "/healthz", None).map_or(true, |(code, _, _)| code == 0),
+        "plain HTTP must not be served"
+    );
+    drop(agent);
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -19,6 +19,7 @@ use llmscope::config::parse_duration;
 use llmscope::gpuinfo::{scan, Limits, Processes};
 use llmscope::http::MetricsSource;
 use llmscope::metrics::{BuildInfo, Snapshot};
+use llmscope::web_config::WebConfig;
 
 use crate::poller::{Inputs, Poller};
 use crate::source::{ProcInfo, ProcessSource, SysinfoSource};
@@ -37,6 +38,10 @@ struct Config {
         default_value = "127.0.0.1:9101"
     )]
     listen_address: SocketAddr,
+    /// TLS and basic authentication for the HTTP endpoints, in the Prometheus
+    /// exporter-toolkit web configuration format (tls_server_config, basic_auth_users).
+    #[arg(long = "web.config.file", env = "LLMSCOPE_WEB_CONFIG_FILE")]
+    web_config_file: Option<PathBuf>,
     /// How often processes, gpu-info reports and nvidia-smi are read.
     #[arg(long, env = "LLMSCOPE_INTERVAL", default_value = "10s", value_parser = parse_duration)]
     interval: Duration,
@@ -211,10 +216,18 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let web = match config.web_config_file.as_deref().map(WebConfig::load) {
+        None => None,
+        Some(Ok(web)) => Some(Arc::new(web)),
+        Some(Err(e)) => {
+            eprintln!("error: --web.config.file {e}");
+            return ExitCode::from(2);
+        }
+    };
     let result = runtime.block_on(async {
         let listener = tokio::net::TcpListener::bind(config.listen_address).await?;
         tracing::info!(address = %config.listen_address, interval = ?config.interval, "serving /metrics");
-        llmscope::http::serve(listener, source, async {
+        llmscope::http::serve(listener, source, web, async {
             let _ = tokio::signal::ctrl_c().await;
         })
         .await

@@ -2,10 +2,10 @@
 //! out — classified with the agent's own code, tracked with its table (pid + start time, grace
 //! period), encoded by its metric model. Pure over its inputs, so tests drive it with fakes.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use llmscope::gpuinfo::Scan;
+use llmscope::gpuinfo::{Rejections, Scan};
 use llmscope::identity::ProcessFacts;
 use llmscope::metrics::gpu::{GpuIndex, GpuLabels, GpuSnapshot};
 use llmscope::metrics::{CollectorStatus, KindCount, ProcessLabels, ProcessSample, Snapshot};
@@ -28,7 +28,7 @@ pub struct Poller {
     /// Last reading of every tracked process: CPU-percent baseline, and the values an exited
     /// process keeps through its grace period.
     last: HashMap<u32, (ProcInfo, Instant)>,
-    rejected: BTreeMap<&'static str, u64>,
+    rejected: Rejections,
 }
 
 impl Poller {
@@ -37,7 +37,7 @@ impl Poller {
             tracker: Tracker::new(max_processes),
             grace,
             last: HashMap::new(),
-            rejected: BTreeMap::new(),
+            rejected: Rejections::default(),
         }
     }
 
@@ -54,7 +54,7 @@ impl Poller {
             }
         }
         for p in &processes {
-            self.tracker.refresh(&facts(p), || Some(p.start_time));
+            self.tracker.refresh(&facts(p), || Some(p.start_time), now);
         }
         // Whatever reports GPU use is tracked, classified or not.
         let gpu_pids: Vec<u32> = gpu_report_pids(&inputs.gpu_info, &inputs.smi);
@@ -141,9 +141,7 @@ impl Poller {
     ) -> bool {
         let ok = match scan {
             Ok(scan) => {
-                for (reason, n) in &scan.rejected {
-                    *self.rejected.entry(reason).or_default() += n;
-                }
+                self.rejected.count(&scan);
                 for info in &scan.accepted {
                     if let Some(l) = labels.get(&info.pid) {
                         g.add_report(l.clone(), info);
@@ -160,8 +158,8 @@ impl Poller {
         };
         g.info_rejected = self
             .rejected
-            .iter()
-            .map(|(&kind, &value)| KindCount { kind, value })
+            .totals()
+            .map(|(kind, value)| KindCount { kind, value })
             .collect();
         ok
     }

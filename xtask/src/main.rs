@@ -97,6 +97,9 @@ fn test(args: Vec<String>) -> Result<()> {
         ("promtool", "prometheus"),
         ("docker-compose", "docker-compose"),
         ("systemd-analyze", "systemd"),
+        ("bpftool", "bpftool"),
+        ("openssl", "openssl"),
+        ("curl", "curl"),
     ])?;
     setup::ensure_pip_packages(&[("kubernetes-validate", "kubernetes-validate")])?;
     let cudart = setup::real_libcudart()?;

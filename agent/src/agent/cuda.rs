@@ -3,14 +3,18 @@
 //! cycle. Finding and probing libraries is in `libraries.rs`.
 
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use agent_common::cuda::{AllocKey, CudaKey, FUNCTIONS, KIND_LAUNCH};
 
-use super::libraries::{track_gpu_user, AttachJob};
-use super::Shared;
+use super::libraries::AttachJob;
+use super::observe::track_gpu_user;
+use super::{CudaState, Shared};
+use crate::collectors::cuda::{CudaReading, CudaSource};
 use crate::cuda::launches::{next_duty, period, ProcessFunction};
+use crate::state::Member;
 
 /// Most retired generations waiting for their grace period; past it the oldest are removed
 /// from the maps early (their series end sooner; nothing grows without bound).
@@ -70,6 +74,11 @@ impl Retired {
                 expired.insert((tgid, generation));
             }
         }
+        if self.entries.capacity() > 4 * self.entries.len() + 64 {
+            self.entries.shrink_to_fit();
+            self.latest.shrink_to_fit();
+            self.members.shrink_to_fit();
+        }
         expired
     }
 
@@ -127,6 +136,66 @@ pub(super) fn sweep(shared: &Shared, now: Instant) {
     }
 }
 
+impl CudaSource for CudaState {
+    fn read(&self, members: &[Member]) -> CudaReading {
+        let (stats, live) = {
+            let retired = self.retired();
+            let maps = self.maps();
+            let current: HashMap<u32, u32> = maps.seen.iter().filter_map(Result::ok).collect();
+            // The one image whose counters each member shows.
+            let generation: HashMap<u32, u32> = members
+                .iter()
+                .filter_map(|m| {
+                    let g = if m.alive {
+                        current.get(&m.pid).copied()
+                    } else {
+                        retired.latest(m.pid)
+                    };
+                    g.map(|g| (m.pid, g))
+                })
+                .collect();
+            let stats: Vec<_> = maps
+                .stats
+                .iter()
+                .filter_map(Result::ok)
+                .filter(|(k, _)| generation.get(&k.tgid) == Some(&k.generation))
+                .collect();
+            // Live bytes are the current image's (the kernel drops them at exit and exec).
+            let alive: HashSet<u32> = members.iter().filter(|m| m.alive).map(|m| m.pid).collect();
+            let live: Vec<_> = maps
+                .live
+                .iter()
+                .filter_map(Result::ok)
+                .filter(|(tgid, _)| alive.contains(tgid))
+                .collect();
+            (stats, live)
+        };
+        let launches = self.launches();
+        let launch_totals = stats
+            .iter()
+            .filter_map(|(k, _)| {
+                launches
+                    .total((k.tgid, k.generation, k.function))
+                    .map(|t| ((k.tgid, k.function), t))
+            })
+            .collect();
+        CudaReading {
+            stats,
+            live,
+            launch_totals,
+            launch_mode: launches.mode,
+            duty: launches.duty,
+            period: launches.period,
+            cycle_cpu: launches.cycle_cpu,
+            cycle_wall: launches.cycle_wall,
+            attacher: self.attacher_stats(),
+            detach_backlog: self.detach_backlog.load(Ordering::Relaxed),
+            attach_requests_dropped: self.attach_requests_dropped(),
+            library_hook: self.mmap_hook.as_str(),
+        }
+    }
+}
+
 pub(super) fn on_oom(shared: &Shared, pid: u32, function: u32, code: u32, size: u64) {
     let model = shared
         .tracker()
@@ -161,11 +230,11 @@ pub(super) fn spawn_launch_sampler(
                 // launching mid-period is then mis-counted by at most half a period per edge.
                 let window = period.mul_f64(duty);
                 let gap = period.saturating_sub(window) / 2;
-                sleep_unless_stopping(&shared, gap);
+                shared.sleep(gap);
                 let attach = Cycle::measure(|| drop(shared.cuda.attacher().set_launches(true)));
                 let before = launch_counts(&shared);
                 let opened = Instant::now();
-                sleep_unless_stopping(&shared, window);
+                shared.sleep(window);
                 let after = launch_counts(&shared);
                 let observed = opened.elapsed();
                 if duty < 1.0 {
@@ -197,7 +266,7 @@ pub(super) fn spawn_launch_sampler(
                     max_rate
                 };
                 tracing::trace!(max_rate, duty, ?cycle, ?period, "launch probe window");
-                sleep_unless_stopping(&shared, period.saturating_sub(started.elapsed()));
+                shared.sleep(period.saturating_sub(started.elapsed()));
             }
             let detached = shared.cuda.attacher().set_launches(false);
             drop(detached);
@@ -235,17 +304,6 @@ fn process_cpu_time() -> Duration {
     // SAFETY: clock_gettime writes the timespec it is given.
     unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
     Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
-}
-
-pub(super) fn sleep_unless_stopping(shared: &Shared, total: Duration) {
-    let deadline = Instant::now() + total;
-    while !shared.stopping() {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return;
-        }
-        std::thread::sleep(left.min(Duration::from_millis(50)));
-    }
 }
 
 /// Raw launch counts per process image and function from the kernel's counters.

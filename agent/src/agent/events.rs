@@ -8,11 +8,13 @@ use std::time::{Duration, Instant};
 
 use aya::maps::{MapData, RingBuf};
 
-use super::{Counters, Shared, DRAIN_INTERVAL};
+use super::observe::{log_detected, observe_with_env, How};
+use super::{Shared, DRAIN_INTERVAL};
 use crate::cuda::library::classify_name;
 use crate::ebpf::perf_mmap::MmapRecords;
 use crate::ebpf::{decode, ExecRecord, KernelEvent};
-use crate::identity::{Identity, ProcessFacts, UNKNOWN};
+use crate::identity::ProcessFacts;
+use crate::state::Counters;
 use crate::tracker::Observed;
 
 /// How often exited processes past their grace period are expired.
@@ -117,7 +119,10 @@ fn run(
         }
         if last_housekeeping.elapsed() >= HOUSEKEEPING_INTERVAL {
             last_housekeeping = Instant::now();
-            shared.tracker().expire(Instant::now(), shared.grace);
+            let expired = shared.tracker().expire(Instant::now(), shared.grace);
+            if expired > 0 {
+                shared.table_changed();
+            }
         }
         if last_sweep.elapsed() >= CUDA_SWEEP_INTERVAL {
             last_sweep = Instant::now();
@@ -182,63 +187,4 @@ fn on_fork(shared: &Shared, pid: u32, ppid: u32) {
             "forked child of an LLM process"
         );
     }
-}
-
-pub(super) fn log_detected(pid: u32, id: &Identity, via: &str) {
-    tracing::info!(
-        pid,
-        framework = id.framework.as_str(),
-        model = %id.model_name,
-        role = id.role.as_str(),
-        via,
-        "LLM process detected"
-    );
-}
-
-/// What an observation stands for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum How {
-    /// An exec or fork: the process image is new; what was known about the pid is replaced.
-    New,
-    /// A scan or re-examination of a process that did not exec: it adds or re-identifies,
-    /// never removes (see [`crate::tracker::Tracker::refresh`]).
-    Refresh,
-}
-
-impl How {
-    fn observe(
-        self,
-        tracker: &mut crate::tracker::Tracker,
-        facts: &ProcessFacts,
-        start: impl FnOnce() -> Option<u64>,
-    ) -> Observed {
-        match self {
-            How::New => tracker.observe(facts, start),
-            How::Refresh => tracker.refresh(facts, start),
-        }
-    }
-}
-
-/// Classifies `facts`; when the result names no model, reads the model variables from the
-/// environment and classifies again. Keeps the kernel's tracked set in step.
-pub(super) fn observe_with_env(shared: &Shared, facts: &mut ProcessFacts, how: How) -> Observed {
-    let pid = facts.pid;
-    let start = || shared.proc.start_ticks(pid).ok();
-    let mut observed = how.observe(&mut shared.tracker(), facts, start);
-    if let Observed::Added(id) = &observed {
-        if id.model_name == UNKNOWN {
-            if let Ok(env) = shared.proc.model_env(pid) {
-                if !env.is_empty() {
-                    facts.env = env;
-                    if let Observed::Added(with_model) =
-                        how.observe(&mut shared.tracker(), facts, start)
-                    {
-                        observed = Observed::Added(with_model);
-                    }
-                }
-            }
-        }
-    }
-    shared.note(pid, &observed);
-    observed
 }

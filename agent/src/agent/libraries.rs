@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use agent_common::{LIB_CUDA_DRIVER, LIB_CUDA_RUNTIME, LIB_FRAMEWORK};
 use aya::programs::uprobe::UProbeLink;
 
-use super::events::{log_detected, observe_with_env, How};
+use super::observe::{log_detected, observe_with_env, track_gpu_user, How};
 use super::Shared;
 use crate::cuda::library::{cuda_libraries, library_api};
 use crate::ebpf::events::LibraryMap;
@@ -100,30 +100,13 @@ pub(super) fn on_library_map(shared: &Shared, map: LibraryMap) {
     }
 }
 
-/// A process that uses CUDA is always worth a series: tracked with its own identity when it
-/// has one, else as `framework="unknown"`.
-pub(super) fn track_gpu_user(shared: &Shared, pid: u32, via: &str) {
-    if shared.tracker().get(pid).is_some_and(|t| t.is_alive()) {
-        return;
-    }
-    let Ok((facts, sample)) = shared.proc.facts(pid) else {
-        return;
-    };
-    let observed = shared
-        .tracker()
-        .observe_gpu_user(&facts, || Some(sample.start_ticks));
-    shared.note(pid, &observed);
-    if let Observed::Added(id) = &observed {
-        log_detected(pid, id, via);
-    }
-}
-
 /// An interpreter no rule knows yet maps a framework's library: classify it now, from its
 /// libraries (the one being mapped, by its directory and name, and those already mapped).
 fn classify_interpreter(shared: &Shared, map: &LibraryMap) {
     if shared.tracker().get(map.pid).is_some_and(|t| t.is_alive()) {
         return;
     }
+    let read_at = Instant::now();
     let Ok((mut facts, _)) = shared.proc.facts(map.pid) else {
         return;
     };
@@ -132,7 +115,7 @@ fn classify_interpreter(shared: &Shared, map: &LibraryMap) {
     }
     facts.libraries = shared.proc.libraries(map.pid).unwrap_or_default();
     facts.libraries.push(map.short_path());
-    if let Observed::Added(id) = observe_with_env(shared, &mut facts, How::Refresh) {
+    if let Observed::Added(id) = observe_with_env(shared, &mut facts, How::Refresh(read_at)) {
         log_detected(map.pid, &id, "framework library mapped");
     }
 }

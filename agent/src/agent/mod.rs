@@ -1,5 +1,5 @@
-//! The Linux agent: kernel events and /proc scans feed the process table; collectors read it
-//! at scrape time.
+//! The Linux agent: producer threads own the state (process table, kernel maps, caches) and
+//! publish views; collectors read the views at scrape time and change nothing.
 //!
 //! ```text
 //!  sched_process_exec/exit, task_newtask ─┐
@@ -7,22 +7,31 @@
 //!                                           attach queue ◀─ CUDA library mapped ──────────────┤
 //!                                           └▶ attach thread (uprobes on, idle ones off)      │
 //!  /proc scan (start-up + every --rescan-interval) ──▶ reconcile thread ──────────────────────┤
-//!                                                                                             ▼
-//!                                                                        Tracker (Mutex, bounded)
-//!                                                                                             │
-//!  GET /metrics ──▶ collectors (process: /proc samples; kernel: loss counters; CUDA maps) ◀───┘
+//!  NVML (every --nvml-interval) ──▶ nvml thread ──▶ NvmlState ───────────────────────────┐    │
+//!                                                                                        │    ▼
+//!                                                                   Tracker (Mutex, bounded) │
+//!                                                                                        │    │
+//!  /proc reads, --gpu-info-dir (every second + on change) ◀── sampler thread ◀───────────│────┘
+//!                                                               └▶ ProcessView, GpuInfoView
+//!                                                                                        ▼
+//!  GET /metrics ──▶ collectors (read-only: views, counters, the CUDA maps) ◀──────────────┘
 //! ```
+//!
+//! Collectors import nothing from here: each takes the narrow handle it reads
+//! (`crate::state`, or a trait it defines that this module implements).
 
 mod cuda;
 mod events;
 mod health;
 mod libraries;
 mod nvml;
+mod observe;
 mod reconcile;
+mod sampler;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use crate::collectors::{
     cuda::CudaCollector, gpuinfo::GpuInfoCollector, kernel::KernelCollector, nvml::NvmlCollector,
@@ -35,7 +44,9 @@ use crate::ebpf::{CudaMaps, MmapHook, Sensor, TrackedPids};
 use crate::http::MetricsSource;
 use crate::metrics::cuda::LaunchMode;
 use crate::metrics::{gather, BuildInfo, Collector, Snapshot};
+use crate::nvml::NvmlState;
 use crate::proc::ProcRoot;
+use crate::state::{Counters, GpuInfoView, ProcessView, Published};
 use crate::tracker::{Observed, Tracker};
 
 /// How often the events thread drains the ring buffer: detection within ~10 ms without a
@@ -45,43 +56,28 @@ pub const DRAIN_INTERVAL: Duration = Duration::from_millis(10);
 /// How long each shutdown step (HTTP, threads) may take before it is cut short.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
-/// Event and repair counts, written by the events and reconcile threads.
-#[derive(Debug, Default)]
-pub struct Counters {
-    pub exec: AtomicU64,
-    pub exit: AtomicU64,
-    pub fork: AtomicU64,
-    pub library_map: AtomicU64,
-    /// Perf mmap records lost (buffer full), when that is the library hook.
-    pub library_map_lost: AtomicU64,
-    pub malformed: AtomicU64,
-    pub missed_exec: AtomicU64,
-    pub missed_exit: AtomicU64,
-}
-
-impl Counters {
-    pub fn add(counter: &AtomicU64, n: u64) {
-        counter.fetch_add(n, Ordering::Relaxed);
-    }
-}
-
-/// State shared by the threads and the scrape path.
-pub struct Shared {
+/// The producer threads' state. Only this module's threads hold it; collectors get the
+/// published views, the counters, and the CUDA state behind its read-only trait.
+struct Shared {
     tracker: Mutex<Tracker>,
     /// The kernel's copy of the tracked pids (for fork events). Lock order: tracker first.
     kernel_tracked: Mutex<TrackedPids>,
-    pub counters: Counters,
-    pub proc: ProcRoot,
-    pub grace: Duration,
-    pub stop: AtomicBool,
-    pub health: Arc<health::Health>,
-    pub cuda: CudaState,
-    nvml: Mutex<nvml::NvmlState>,
+    counters: Arc<Counters>,
+    proc: ProcRoot,
+    grace: Duration,
+    stop: AtomicBool,
+    health: Arc<health::Health>,
+    cuda: Arc<CudaState>,
+    nvml: Arc<Published<NvmlState>>,
+    processes: Arc<Published<ProcessView>>,
+    gpu_info: Arc<Published<GpuInfoView>>,
+    /// Set when the table changed; wakes the sampler.
+    changed: (Mutex<bool>, Condvar),
 }
 
 /// The CUDA probes' attachments, maps, retired generations and launch estimates. Lock order:
 /// retired before maps; otherwise never two at once.
-pub struct CudaState {
+struct CudaState {
     /// Owns the loaded eBPF object: every program and attachment lives as long as it does.
     attacher: Mutex<Attacher>,
     /// What the attacher looked like when last unlocked (what scrapes read).
@@ -91,13 +87,13 @@ pub struct CudaState {
     retired: Mutex<cuda::Retired>,
     queue: libraries::AttachQueue,
     /// Links of detached libraries not dropped yet (each drop waits for a grace period).
-    pub detach_backlog: AtomicU64,
+    detach_backlog: AtomicU64,
     /// How the kernel reports library mappings.
-    pub mmap_hook: MmapHook,
+    mmap_hook: MmapHook,
 }
 
 /// The locked attacher; unlocking it publishes its stats.
-pub struct AttacherGuard<'a> {
+struct AttacherGuard<'a> {
     attacher: MutexGuard<'a, Attacher>,
     stats: &'a Mutex<AttacherStats>,
 }
@@ -123,40 +119,40 @@ impl Drop for AttacherGuard<'_> {
 
 impl CudaState {
     /// The attacher's state as of its last unlock; never waits for an attach.
-    pub fn attacher_stats(&self) -> AttacherStats {
+    fn attacher_stats(&self) -> AttacherStats {
         self.attacher_stats
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
     }
 
-    pub fn retired(&self) -> MutexGuard<'_, cuda::Retired> {
+    fn retired(&self) -> MutexGuard<'_, cuda::Retired> {
         self.retired.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Attach requests dropped because the attach queue was full.
-    pub fn attach_requests_dropped(&self) -> u64 {
+    fn attach_requests_dropped(&self) -> u64 {
         self.queue.dropped()
     }
 
-    pub fn attacher(&self) -> AttacherGuard<'_> {
+    fn attacher(&self) -> AttacherGuard<'_> {
         AttacherGuard {
             attacher: self.attacher.lock().unwrap_or_else(|e| e.into_inner()),
             stats: &self.attacher_stats,
         }
     }
 
-    pub fn maps(&self) -> MutexGuard<'_, CudaMaps> {
+    fn maps(&self) -> MutexGuard<'_, CudaMaps> {
         self.maps.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    pub fn launches(&self) -> MutexGuard<'_, LaunchEstimates> {
+    fn launches(&self) -> MutexGuard<'_, LaunchEstimates> {
         self.launches.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
 impl Shared {
-    pub fn new(
+    fn new(
         proc: ProcRoot,
         grace: Duration,
         tracker: Tracker,
@@ -166,74 +162,120 @@ impl Shared {
         Shared {
             tracker: Mutex::new(tracker),
             kernel_tracked: Mutex::new(kernel_tracked),
-            counters: Counters::default(),
+            counters: Arc::default(),
             proc,
             grace,
             stop: AtomicBool::new(false),
             health: health::Health::new(),
-            cuda,
-            nvml: Mutex::new(nvml::NvmlState::default()),
+            cuda: Arc::new(cuda),
+            nvml: Arc::default(),
+            processes: Arc::default(),
+            gpu_info: Arc::default(),
+            changed: (Mutex::new(false), Condvar::new()),
         }
     }
 
-    /// A copy of the NVML sampler's state (the collector never holds the lock while encoding).
-    pub fn nvml_state(&self) -> nvml::NvmlState {
-        self.nvml.lock().unwrap_or_else(|e| e.into_inner()).clone()
-    }
-
-    fn nvml_state_mut(&self) -> MutexGuard<'_, nvml::NvmlState> {
-        self.nvml.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
     /// The table; a panic in another thread while holding it does not make it unusable.
-    pub fn tracker(&self) -> MutexGuard<'_, Tracker> {
+    fn tracker(&self) -> MutexGuard<'_, Tracker> {
         self.tracker.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Keeps the kernel's tracked set in step with what `observe` did.
-    pub fn note(&self, pid: u32, observed: &Observed) {
+    /// The table changed: the sampler publishes a new view soon.
+    fn table_changed(&self) {
+        let (flag, wake) = &self.changed;
+        *flag.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        wake.notify_one();
+    }
+
+    /// Waits up to `timeout` for a change to the table; true when there was one.
+    fn wait_for_change(&self, timeout: Duration) -> bool {
+        let (flag, wake) = &self.changed;
+        let guard = flag.lock().unwrap_or_else(|e| e.into_inner());
+        let (mut guard, _) = wake
+            .wait_timeout_while(guard, timeout, |changed| {
+                !*changed && !self.stop.load(Ordering::Relaxed)
+            })
+            .unwrap_or_else(|e| e.into_inner());
+        std::mem::take(&mut *guard)
+    }
+
+    /// Changes the table with `change` and the kernel's tracked set with it, under the
+    /// table's lock: another writer (an exit on the events thread) cannot slip in between and
+    /// leave the kernel tracking a process the table has ended.
+    fn observe(&self, pid: u32, change: impl FnOnce(&mut Tracker) -> Observed) -> Observed {
+        let mut tracker = self.tracker();
+        let observed = change(&mut tracker);
         let mut kernel = self
             .kernel_tracked
             .lock()
             .unwrap_or_else(|e| e.into_inner());
-        match observed {
+        match &observed {
             Observed::Added(_) => {
                 if let Err(e) = kernel.insert(pid) {
                     tracing::debug!(pid, error = %e, "cannot add to the kernel's tracked set");
                 }
             }
             Observed::Removed => kernel.remove(pid),
-            Observed::Unchanged | Observed::Ignored | Observed::Dropped => {}
+            Observed::Unchanged | Observed::Ignored | Observed::Dropped => return observed,
         }
+        drop(kernel);
+        drop(tracker);
+        self.table_changed();
+        observed
     }
 
-    /// The process exited (or was found gone): starts its grace period. True when it was
-    /// tracked and alive.
-    pub fn exited(&self, pid: u32) -> bool {
-        let was_alive = self.tracker().exited(pid, std::time::Instant::now());
-        if was_alive {
+    /// The process exited: starts its grace period. True when it was tracked and alive.
+    fn exited(&self, pid: u32) -> bool {
+        let mut tracker = self.tracker();
+        let was_alive = tracker.exited(pid, Instant::now());
+        self.forget_in_kernel(pid, was_alive)
+    }
+
+    /// A reading taken after `as_of` found the process gone (see
+    /// [`Tracker::exited_as_of`]). True when it was marked exited.
+    fn exited_as_of(&self, pid: u32, start_ticks: Option<u64>, as_of: Instant) -> bool {
+        let mut tracker = self.tracker();
+        let marked = tracker.exited_as_of(pid, start_ticks, as_of, Instant::now());
+        self.forget_in_kernel(pid, marked)
+    }
+
+    /// Called with the table locked (lock order: table, then the kernel's set).
+    fn forget_in_kernel(&self, pid: u32, exited: bool) -> bool {
+        if exited {
             self.kernel_tracked
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .remove(pid);
+            self.table_changed();
         }
-        was_alive
+        exited
     }
 
-    pub fn stopping(&self) -> bool {
+    fn stopping(&self) -> bool {
         self.stop.load(Ordering::Relaxed)
+    }
+
+    /// Sleeps `total`, or less when the agent stops meanwhile.
+    fn sleep(&self, total: Duration) {
+        let deadline = Instant::now() + total;
+        while !self.stopping() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return;
+            }
+            std::thread::sleep(left.min(Duration::from_millis(50)));
+        }
     }
 }
 
 struct AgentSource {
-    collectors: Mutex<Vec<Box<dyn Collector>>>,
-    shared: Arc<Shared>,
+    collectors: Vec<Box<dyn Collector>>,
+    health: Arc<health::Health>,
 }
 
 impl MetricsSource for AgentSource {
     fn gather(&self) -> Snapshot {
-        let mut collectors = self.collectors.lock().unwrap_or_else(|e| e.into_inner());
-        gather(&mut collectors)
+        gather(&self.collectors)
     }
 
     fn build_info(&self) -> BuildInfo {
@@ -241,7 +283,7 @@ impl MetricsSource for AgentSource {
     }
 
     fn health(&self) -> Result<(), String> {
-        self.shared.health.check()
+        self.health.check()
     }
 }
 
@@ -289,11 +331,27 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         tracked,
         cuda,
     ));
+    let web = match &config.web_config_file {
+        Some(path) => Some(Arc::new(crate::web_config::WebConfig::load(path)?)),
+        None => None,
+    };
     let listener = tokio::net::TcpListener::bind(config.listen_address)
         .await
         .with_context(|| format!("--web.listen-address {}", config.listen_address))?;
-    tracing::info!(address = %config.listen_address, "serving /metrics");
+    tracing::info!(
+        address = %config.listen_address,
+        tls = web.as_ref().is_some_and(|w| w.current().tls.is_some()),
+        basic_auth = web.as_ref().is_some_and(|w| w.current().auth.is_some()),
+        "serving /metrics"
+    );
 
+    let gpu_info = config.gpu_info_dir.clone().map(|dir| {
+        let limits = crate::gpuinfo::Limits {
+            ttl: config.gpu_info_ttl,
+            ..Default::default()
+        };
+        (dir, limits)
+    });
     let events_thread = events::spawn(shared.clone(), events, mmap_records)?;
     let reconcile_thread = reconcile::spawn(shared.clone(), config.rescan_interval)?;
     let attach_thread = libraries::spawn(
@@ -301,10 +359,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         attach_jobs,
         config.cuda_library_idle_timeout,
     )?;
+    let sampler_thread = sampler::spawn(shared.clone(), gpu_info.clone())?;
     let mut threads = vec![
         ("events", events_thread),
         ("reconcile", reconcile_thread),
         ("attach", attach_thread),
+        ("sampler", sampler_thread),
     ];
     if !config.no_nvml {
         threads.push((
@@ -328,33 +388,34 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     }
 
     let mut collectors: Vec<Box<dyn Collector>> = vec![
-        Box::new(ProcessCollector::new(shared.clone())),
-        Box::new(KernelCollector::new(shared.clone(), lost)),
-        Box::new(CudaCollector::new(shared.clone())),
+        Box::new(ProcessCollector::new(shared.processes.clone())),
+        Box::new(KernelCollector::new(shared.counters.clone(), lost)),
+        Box::new(CudaCollector::new(
+            shared.cuda.clone(),
+            shared.processes.clone(),
+        )),
     ];
     if !config.no_nvml {
         collectors.push(Box::new(NvmlCollector::new(
-            shared.clone(),
+            shared.nvml.clone(),
+            shared.processes.clone(),
             config.nvml_interval,
         )));
     }
-    if let Some(dir) = &config.gpu_info_dir {
-        let limits = crate::gpuinfo::Limits {
-            ttl: config.gpu_info_ttl,
-            ..Default::default()
-        };
-        collectors.push(Box::new(GpuInfoCollector::new(
-            shared.clone(),
-            dir.clone(),
-            limits,
-        )));
+    if gpu_info.is_some() {
+        collectors.push(Box::new(GpuInfoCollector::new(shared.gpu_info.clone())));
+    }
+    // Test-only fault injection: a collector that panics on every scrape, to see that it
+    // fails alone (the integration tests set LLMSCOPE_TEST_FAULT=collector_panic).
+    if std::env::var("LLMSCOPE_TEST_FAULT").as_deref() == Ok("collector_panic") {
+        collectors.push(Box::new(PanickingCollector));
     }
     let source = Arc::new(AgentSource {
-        collectors: Mutex::new(collectors),
-        shared: shared.clone(),
+        collectors,
+        health: shared.health.clone(),
     });
     let (stop_http, http_stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(crate::http::serve(listener, source, async {
+    let server = tokio::spawn(crate::http::serve(listener, source, web, async {
         let _ = http_stopped.await;
     }));
     // A producer thread that dies is fatal: the agent stops and exits non-zero, so that a
@@ -376,6 +437,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         Err(_) => tracing::warn!("HTTP connections still open after {SHUTDOWN_GRACE:?}: cut short"),
     }
     shared.stop.store(true, Ordering::Relaxed);
+    shared.table_changed();
     for (name, handle) in threads {
         match join_within(handle, SHUTDOWN_GRACE) {
             Ok(Ok(())) => {}
@@ -392,6 +454,18 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     match died {
         Some(name) => Err(anyhow::anyhow!("the {name} thread died")),
         None => Ok(()),
+    }
+}
+
+struct PanickingCollector;
+
+impl Collector for PanickingCollector {
+    fn name(&self) -> &'static str {
+        "fault"
+    }
+
+    fn collect(&self, _: &mut Snapshot) -> Result<(), crate::metrics::CollectError> {
+        panic!("fault injected by LLMSCOPE_TEST_FAULT=collector_panic")
     }
 }
 

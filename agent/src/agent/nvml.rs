@@ -5,18 +5,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use super::observe::track_gpu_user;
 use super::Shared;
-use crate::nvml::{init, sample, GpuSample};
-use crate::tracker::Observed;
-
-/// What the collector reads.
-#[derive(Debug, Default, Clone)]
-pub struct NvmlState {
-    pub sample: Option<GpuSample>,
-    pub last_success: Option<SystemTime>,
-    /// The current problem, when there is one.
-    pub error: Option<String>,
-}
+use crate::nvml::{init, sample, GpuSample, NvmlState};
 
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
 
@@ -44,7 +35,7 @@ pub(super) fn spawn(
                         }
                         Err(e) => {
                             report(&shared, format!("NVML unavailable: {e}"), true);
-                            super::cuda::sleep_unless_stopping(&shared, backoff);
+                            shared.sleep(backoff);
                             backoff = (backoff * 2).min(MAX_BACKOFF);
                             continue;
                         }
@@ -55,14 +46,14 @@ pub(super) fn spawn(
                     Ok(s) => {
                         track_gpu_processes(&shared, &s);
                         let reinit = s.needs_reinit;
-                        {
-                            let mut state = shared.nvml_state_mut();
-                            state.sample = Some(s);
-                            state.last_success = Some(SystemTime::now());
-                            if state.error.take().is_some() {
-                                tracing::info!("NVML sampling works again");
-                            }
+                        if shared.nvml.get().error.is_some() {
+                            tracing::info!("NVML sampling works again");
                         }
+                        shared.nvml.set(NvmlState {
+                            sample: Some(s),
+                            last_success: Some(SystemTime::now()),
+                            error: None,
+                        });
                         if reinit {
                             nvml = None;
                         }
@@ -72,40 +63,33 @@ pub(super) fn spawn(
                         nvml = None;
                     }
                 }
-                super::cuda::sleep_unless_stopping(&shared, interval);
+                shared.sleep(interval);
             }
         })
 }
 
 /// Records a problem; logs it only when it is new (not once per sample or scrape).
 fn report(shared: &Shared, message: String, clear_sample: bool) {
-    let mut state = shared.nvml_state_mut();
-    if state.error.as_deref() != Some(message.as_str()) {
+    let old = shared.nvml.get();
+    if old.error.as_deref() != Some(message.as_str()) {
         tracing::warn!(
             "{message}; GPU metrics are left out until it works (retrying with back-off)"
         );
     }
-    state.error = Some(message);
-    if clear_sample {
-        state.sample = None;
-    }
+    shared.nvml.set(NvmlState {
+        sample: if clear_sample {
+            None
+        } else {
+            old.sample.clone()
+        },
+        last_success: old.last_success,
+        error: Some(message),
+    });
 }
 
 /// Every process NVML sees on a GPU gets series, classified or not.
 fn track_gpu_processes(shared: &Shared, s: &GpuSample) {
     for p in &s.processes {
-        if shared.tracker().get(p.pid).is_some_and(|t| t.is_alive()) {
-            continue;
-        }
-        let Ok((facts, sample)) = shared.proc.facts(p.pid) else {
-            continue;
-        };
-        let observed = shared
-            .tracker()
-            .observe_gpu_user(&facts, || Some(sample.start_ticks));
-        shared.note(p.pid, &observed);
-        if let Observed::Added(id) = &observed {
-            super::events::log_detected(p.pid, id, "NVML");
-        }
+        track_gpu_user(shared, p.pid, "NVML");
     }
 }

@@ -7,9 +7,10 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::events::{log_detected, observe_with_env, How};
-use super::{Counters, Shared};
+use super::observe::{log_detected, observe_with_env, How};
+use super::Shared;
 use crate::identity::worth_rechecking;
+use crate::state::Counters;
 use crate::tracker::Observed;
 
 /// A scan of a very large /proc can take long; past this without a beat the thread is
@@ -41,6 +42,7 @@ pub(super) fn spawn(
 /// One pass over /proc; returns how many LLM processes it added. With `repair`, what it
 /// finds is counted as missed by the kernel events.
 pub(super) fn scan(shared: &Shared, repair: bool) -> usize {
+    let listed_at = Instant::now();
     let pids = match shared.proc.pids() {
         Ok(p) => p,
         Err(e) => {
@@ -51,16 +53,19 @@ pub(super) fn scan(shared: &Shared, repair: bool) -> usize {
     let present: HashSet<u32> = pids.iter().copied().collect();
 
     // A pid the events thread added after /proc was listed is not in `present` but is alive:
-    // only a pid whose /proc entry is gone now has exited.
-    let vanished: Vec<u32> = shared
+    // only an entry older than the listing whose /proc entry is gone now has exited.
+    let vanished: Vec<(u32, Option<u64>)> = shared
         .tracker()
-        .live_pids()
+        .all()
         .into_iter()
-        .filter(|pid| !present.contains(pid))
-        .filter(|pid| !shared.proc.path().join(pid.to_string()).exists())
+        .filter(|t| t.is_alive() && t.observed_at <= listed_at && !present.contains(&t.pid))
+        .map(|t| (t.pid, t.start_ticks))
         .collect();
-    for pid in vanished {
-        if shared.exited(pid) && repair {
+    for (pid, start) in vanished {
+        if shared.proc.path().join(pid.to_string()).exists() {
+            continue;
+        }
+        if shared.exited_as_of(pid, start, listed_at) && repair {
             Counters::add(&shared.counters.missed_exit, 1);
         }
     }
@@ -77,6 +82,7 @@ pub(super) fn scan(shared: &Shared, repair: bool) -> usize {
                 .filter(|t| t.is_alive())
                 .map(|t| t.start_ticks)
         };
+        let read_at = Instant::now();
         let Ok((mut facts, sample)) = shared.proc.facts(pid) else {
             continue;
         };
@@ -88,13 +94,13 @@ pub(super) fn scan(shared: &Shared, repair: bool) -> usize {
         if worth_rechecking(&facts) {
             facts.libraries = shared.proc.libraries(pid).unwrap_or_default();
         }
-        candidates.push((sample.start_ticks, facts));
+        candidates.push((sample.start_ticks, read_at, facts));
     }
-    candidates.sort_by_key(|(start, facts)| (*start, facts.pid));
+    candidates.sort_by_key(|(start, _, facts)| (*start, facts.pid));
 
     let mut added = 0;
-    for (_, mut facts) in candidates {
-        if let Observed::Added(id) = observe_with_env(shared, &mut facts, How::Refresh) {
+    for (_, read_at, mut facts) in candidates {
+        if let Observed::Added(id) = observe_with_env(shared, &mut facts, How::Refresh(read_at)) {
             log_detected(
                 facts.pid,
                 &id,

@@ -4,26 +4,54 @@
 //! nothing of another image is ever shown under its pid. Removing what ended is the events
 //! thread's job (`agent::cuda::sweep`); a scrape changes nothing.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
+use std::time::Duration;
 
 use agent_common::cuda::{
-    CUDA_OOM, DIR_D2D, DIR_D2H, DIR_DEFAULT, DIR_H2D, DIR_H2H, FUNCTIONS, KIND_ALLOC, KIND_FREE,
-    KIND_GRAPH, KIND_LAUNCH, KIND_MEMCPY, KIND_SYNC,
+    CudaKey, CudaStat, CUDA_OOM, DIR_D2D, DIR_D2H, DIR_DEFAULT, DIR_H2D, DIR_H2H, FUNCTIONS,
+    KIND_ALLOC, KIND_FREE, KIND_GRAPH, KIND_LAUNCH, KIND_MEMCPY, KIND_SYNC,
 };
 
-use crate::agent::Shared;
+use crate::cuda::attach::AttacherStats;
 use crate::cuda::library::api_name;
 use crate::metrics::cuda::{Api, ApiDirection, ApiFunction, ApiFunctionCode, LaunchMode};
 use crate::metrics::{CollectError, Collector, KindCount, ProcessLabels, Snapshot};
+use crate::state::{Member, ProcessView, Published};
+
+/// What the CUDA collector reads, and nothing more: implemented by the agent's CUDA state.
+pub trait CudaSource: Send + Sync {
+    /// The counters of the image each member shows (a live process: its current image; an
+    /// exited one: its last), and the live device bytes of the live members.
+    fn read(&self, members: &[Member]) -> CudaReading;
+}
+
+/// One read of the CUDA state.
+#[derive(Debug, Default)]
+pub struct CudaReading {
+    pub stats: Vec<(CudaKey, CudaStat)>,
+    pub live: Vec<(u32, u64)>,
+    /// Estimated launches per (tgid, function) when launches are sampled.
+    pub launch_totals: HashMap<(u32, u8), f64>,
+    pub launch_mode: LaunchMode,
+    pub duty: f64,
+    pub period: Duration,
+    pub cycle_cpu: Duration,
+    pub cycle_wall: Duration,
+    pub attacher: AttacherStats,
+    pub detach_backlog: u64,
+    pub attach_requests_dropped: u64,
+    pub library_hook: &'static str,
+}
 
 pub struct CudaCollector {
-    shared: Arc<Shared>,
+    source: Arc<dyn CudaSource>,
+    processes: Arc<Published<ProcessView>>,
 }
 
 impl CudaCollector {
-    pub fn new(shared: Arc<Shared>) -> Self {
-        CudaCollector { shared }
+    pub fn new(source: Arc<dyn CudaSource>, processes: Arc<Published<ProcessView>>) -> Self {
+        CudaCollector { source, processes }
     }
 }
 
@@ -41,72 +69,25 @@ fn direction_name(direction: u8) -> &'static str {
 /// Sums per key, in key order (stable output).
 type Sums<K> = BTreeMap<K, f64>;
 
+/// The copy directions every CUDA process shows from its first call, at 0 until it copies.
+const USUAL_DIRECTIONS: [u8; 3] = [DIR_H2D, DIR_D2H, DIR_D2D];
+
 impl Collector for CudaCollector {
     fn name(&self) -> &'static str {
         "cuda"
     }
 
-    fn collect(&mut self, snapshot: &mut Snapshot) -> Result<(), CollectError> {
-        let tracked = self.shared.tracker().all();
-        let labels: HashMap<u32, ProcessLabels> = tracked
-            .iter()
-            .map(|t| (t.pid, ProcessLabels::new(t.pid, &t.name, &t.identity)))
-            .collect();
-        let (stats, live) = {
-            let retired = self.shared.cuda.retired();
-            let maps = self.shared.cuda.maps();
-            let current: HashMap<u32, u32> = maps.seen.iter().filter_map(Result::ok).collect();
-            // The one image whose counters each tracked pid shows.
-            let generation: HashMap<u32, u32> = tracked
-                .iter()
-                .filter_map(|t| {
-                    let g = if t.is_alive() {
-                        current.get(&t.pid).copied()
-                    } else {
-                        retired.latest(t.pid)
-                    };
-                    g.map(|g| (t.pid, g))
-                })
-                .collect();
-            let stats: Vec<_> = maps
-                .stats
-                .iter()
-                .filter_map(Result::ok)
-                .filter(|(k, _)| generation.get(&k.tgid) == Some(&k.generation))
-                .collect();
-            // Live bytes are the current image's (the kernel drops them at exit and exec).
-            let alive: HashSet<u32> = tracked
-                .iter()
-                .filter(|t| t.is_alive())
-                .map(|t| t.pid)
-                .collect();
-            let live: Vec<_> = maps
-                .live
-                .iter()
-                .filter_map(Result::ok)
-                .filter(|(tgid, _)| alive.contains(tgid))
-                .collect();
-            (stats, live)
-        };
-        let (mode, duty, period, cycle_cpu, cycle_wall, launch_totals) = {
-            let launches = self.shared.cuda.launches();
-            let totals: HashMap<(u32, u8), f64> = stats
-                .iter()
-                .filter_map(|(k, _)| {
-                    launches
-                        .total((k.tgid, k.generation, k.function))
-                        .map(|t| ((k.tgid, k.function), t))
-                })
-                .collect();
-            (
-                launches.mode,
-                launches.duty,
-                launches.period,
-                launches.cycle_cpu,
-                launches.cycle_wall,
-                totals,
-            )
-        };
+    fn collect(&self, snapshot: &mut Snapshot) -> Result<(), CollectError> {
+        let view = self.processes.get();
+        let labels: HashMap<u32, &ProcessLabels> =
+            view.members.iter().map(|m| (m.pid, &m.labels)).collect();
+        let reading = self.source.read(&view.members);
+        let (stats, live, launch_totals, mode) = (
+            &reading.stats,
+            &reading.live,
+            &reading.launch_totals,
+            reading.launch_mode,
+        );
 
         let mut calls: Sums<(u32, u8)> = BTreeMap::new();
         let mut errors: Sums<(u32, u8, u16)> = BTreeMap::new();
@@ -117,13 +98,28 @@ impl Collector for CudaCollector {
         let mut graphs: Sums<(u32, u8)> = BTreeMap::new();
         let mut copies: Sums<(u32, u8, u8)> = BTreeMap::new();
         let mut syncs: Sums<(u32, u8)> = BTreeMap::new();
-        for (k, v) in &stats {
-            // Every CUDA process has an OOM counter from its first call, at 0 until an OOM:
-            // increase() cannot see growth in a series' first sample.
-            oom.entry(k.tgid).or_default();
+        for (k, v) in stats {
             let Some(f) = FUNCTIONS.get(k.function as usize) else {
                 continue;
             };
+            // Every CUDA process has its counters from its first call, at 0 until something
+            // happens (increase() cannot see growth in a series' first sample): OOMs, and per
+            // API it called, allocated bytes, frees, launches, graph launches, sync time and
+            // the usual copy directions.
+            oom.entry(k.tgid).or_default();
+            let per_api = (k.tgid, f.api);
+            for sums in [
+                &mut alloc_bytes,
+                &mut frees,
+                &mut launches,
+                &mut graphs,
+                &mut syncs,
+            ] {
+                sums.entry(per_api).or_default();
+            }
+            for d in USUAL_DIRECTIONS {
+                copies.entry((k.tgid, f.api, d)).or_default();
+            }
             if k.code != 0 {
                 *errors.entry((k.tgid, k.function, k.code)).or_default() += v.calls as f64;
                 if f.kind == KIND_ALLOC && i32::from(k.code) == CUDA_OOM {
@@ -139,7 +135,6 @@ impl Collector for CudaCollector {
                 _ => v.calls as f64,
             };
             *calls.entry((k.tgid, k.function)).or_default() += n;
-            let per_api = (k.tgid, f.api);
             match f.kind {
                 KIND_ALLOC => *alloc_bytes.entry(per_api).or_default() += v.bytes as f64,
                 KIND_FREE => *frees.entry(per_api).or_default() += n,
@@ -153,6 +148,7 @@ impl Collector for CudaCollector {
             }
         }
 
+        // Every key comes from a member (the source reads members' images only).
         let l = |tgid: &u32| labels[tgid].clone();
         let api = |a: u8| Api {
             api: api_name(a).to_owned(),
@@ -215,13 +211,13 @@ impl Collector for CudaCollector {
         // Frees subtract in two's complement; a free seen without its allocation (probes
         // attached mid-run) cannot take the total below zero.
         let mut device_memory: Vec<_> = live
-            .into_iter()
-            .map(|(tgid, bytes)| (l(&tgid), (bytes as i64).max(0) as f64))
+            .iter()
+            .map(|(tgid, bytes)| (l(tgid), (*bytes as i64).max(0) as f64))
             .collect();
         device_memory.sort_by(|a, b| a.0.pid.cmp(&b.0.pid));
         cuda.device_memory = device_memory;
 
-        let attacher = self.shared.cuda.attacher_stats();
+        let attacher = &reading.attacher;
         cuda.attachments = attacher.probes as u64;
         cuda.libraries = attacher
             .libraries
@@ -232,11 +228,7 @@ impl Collector for CudaCollector {
             })
             .collect();
         cuda.library_detaches = attacher.detached;
-        cuda.detach_backlog = self
-            .shared
-            .cuda
-            .detach_backlog
-            .load(std::sync::atomic::Ordering::Relaxed);
+        cuda.detach_backlog = reading.detach_backlog;
         cuda.launch_attached_seconds = attacher.launches_attached_seconds();
         cuda.attach_failures = attacher
             .failures
@@ -244,12 +236,12 @@ impl Collector for CudaCollector {
             .map(|(&kind, &value)| KindCount { kind, value })
             .collect();
         cuda.launch_mode = mode;
-        cuda.launch_duty = duty;
-        cuda.launch_period_seconds = period.as_secs_f64();
-        cuda.launch_cycle_cpu_seconds = cycle_cpu.as_secs_f64();
-        cuda.launch_cycle_wall_seconds = cycle_wall.as_secs_f64();
-        cuda.attach_requests_dropped = self.shared.cuda.attach_requests_dropped();
-        cuda.library_hook = self.shared.cuda.mmap_hook.as_str();
+        cuda.launch_duty = reading.duty;
+        cuda.launch_period_seconds = reading.period.as_secs_f64();
+        cuda.launch_cycle_cpu_seconds = reading.cycle_cpu.as_secs_f64();
+        cuda.launch_cycle_wall_seconds = reading.cycle_wall.as_secs_f64();
+        cuda.attach_requests_dropped = reading.attach_requests_dropped;
+        cuda.library_hook = reading.library_hook;
 
         Ok(())
     }

@@ -1,20 +1,19 @@
 //! The agent's own kernel-side health: events received and lost, repairs made.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use crate::agent::Shared;
 use crate::ebpf::LostCounters;
 use crate::metrics::{CollectError, Collector, KindCount, Snapshot};
+use crate::state::Counters;
 
 pub struct KernelCollector {
-    shared: Arc<Shared>,
+    counters: Arc<Counters>,
     lost: LostCounters,
 }
 
 impl KernelCollector {
-    pub fn new(shared: Arc<Shared>, lost: LostCounters) -> Self {
-        KernelCollector { shared, lost }
+    pub fn new(counters: Arc<Counters>, lost: LostCounters) -> Self {
+        KernelCollector { counters, lost }
     }
 }
 
@@ -23,9 +22,9 @@ impl Collector for KernelCollector {
         "kernel"
     }
 
-    fn collect(&mut self, snapshot: &mut Snapshot) -> Result<(), CollectError> {
-        let c = &self.shared.counters;
-        let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+    fn collect(&self, snapshot: &mut Snapshot) -> Result<(), CollectError> {
+        let c = &self.counters;
+        let load = Counters::get;
         let agent = &mut snapshot.agent;
         agent.events = KindCount::list(&[
             ("exec", load(&c.exec)),

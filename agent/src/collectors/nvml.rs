@@ -5,23 +5,29 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use crate::agent::Shared;
 use crate::metrics::gpu::{
     device_help, DeviceSeries, GpuIndex, GpuInfoLabels, GpuKindLabels, GpuLabels,
 };
 use crate::metrics::{CollectError, Collector, ProcessLabels, Snapshot};
-use crate::nvml::DeviceSample;
+use crate::nvml::{DeviceSample, NvmlState};
+use crate::state::{ProcessView, Published};
 
 pub struct NvmlCollector {
-    shared: Arc<Shared>,
+    state: Arc<Published<NvmlState>>,
+    processes: Arc<Published<ProcessView>>,
     /// A sample older than this fails the collector (the sampler is stuck or failing).
     stale_after: Duration,
 }
 
 impl NvmlCollector {
-    pub fn new(shared: Arc<Shared>, interval: Duration) -> Self {
+    pub fn new(
+        state: Arc<Published<NvmlState>>,
+        processes: Arc<Published<ProcessView>>,
+        interval: Duration,
+    ) -> Self {
         NvmlCollector {
-            shared,
+            state,
+            processes,
             stale_after: interval * 3 + Duration::from_secs(2),
         }
     }
@@ -57,8 +63,8 @@ impl Collector for NvmlCollector {
         "nvml"
     }
 
-    fn collect(&mut self, snapshot: &mut Snapshot) -> Result<(), CollectError> {
-        let state = self.shared.nvml_state();
+    fn collect(&self, snapshot: &mut Snapshot) -> Result<(), CollectError> {
+        let state = self.state.get();
         let g = &mut snapshot.gpu;
         g.last_success_seconds = state
             .last_success
@@ -111,13 +117,12 @@ impl Collector for NvmlCollector {
                 };
                 g.info.push((info, 1.0));
             }
-            let tracked: HashMap<u32, ProcessLabels> = self
-                .shared
-                .tracker()
-                .all()
-                .into_iter()
-                .filter(|t| t.is_alive())
-                .map(|t| (t.pid, ProcessLabels::new(t.pid, &t.name, &t.identity)))
+            let view = self.processes.get();
+            let tracked: HashMap<u32, &ProcessLabels> = view
+                .members
+                .iter()
+                .filter(|m| m.alive)
+                .map(|m| (m.pid, &m.labels))
                 .collect();
             for p in &sample.processes {
                 // The sampler tracks every GPU process (as framework="unknown" when nothing
@@ -126,7 +131,7 @@ impl Collector for NvmlCollector {
                     continue;
                 };
                 let key = (
-                    l.clone(),
+                    (*l).clone(),
                     GpuIndex {
                         gpu: p.gpu.to_string(),
                     },

@@ -11,13 +11,14 @@
 //!   pid in the name), and not older than the TTL;
 //! - at most [`Limits::max_files`] files per scan.
 //!
-//! Every refusal is counted by reason; nothing is trusted halfway.
+//! Every refused version of a file is counted once, by reason ([`Rejections`]); nothing is
+//! trusted halfway.
 
 mod schema;
 #[cfg(test)]
 mod tests;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::Read;
 use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -50,11 +51,85 @@ pub trait Processes {
     fn owner_and_start(&self, pid: u32) -> Option<(Option<u32>, f64)>;
 }
 
+/// Why a report is refused: every reason [`scan`] gives.
+pub const REASONS: &[&str] = &[
+    "invalid_value",
+    "malformed",
+    "not_a_regular_file",
+    "older_than_process",
+    "pid_mismatch",
+    "process_gone",
+    "stale",
+    "symlink",
+    "too_large",
+    "too_many_files",
+    "unreadable",
+    "unsupported_version",
+    "wrong_owner",
+];
+
+/// A file as it was when refused: (modification time, size). The same refused version is
+/// counted once, however many scans see it.
+pub type FileVersion = Option<(SystemTime, u64)>;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rejection {
+    pub file: String,
+    pub version: FileVersion,
+    pub reason: &'static str,
+}
+
 #[derive(Debug, Default, PartialEq)]
 pub struct Scan {
     pub accepted: Vec<GpuInfo>,
-    /// Refusals by reason.
-    pub rejected: BTreeMap<&'static str, u64>,
+    pub rejected: Vec<Rejection>,
+}
+
+impl Scan {
+    /// This scan's refusals by reason.
+    pub fn rejected_by_reason(&self) -> BTreeMap<&'static str, u64> {
+        let mut out = BTreeMap::new();
+        for r in &self.rejected {
+            *out.entry(r.reason).or_default() += 1;
+        }
+        out
+    }
+}
+
+/// Refusals since start, each refused file version counted once (a bad file left in place
+/// is not counted again on every scan), every reason present from 0. Remembers only the
+/// files of the last scan (bounded like the scan).
+#[derive(Debug)]
+pub struct Rejections {
+    last: HashMap<String, (FileVersion, &'static str)>,
+    totals: BTreeMap<&'static str, u64>,
+}
+
+impl Default for Rejections {
+    fn default() -> Self {
+        Rejections {
+            last: HashMap::new(),
+            totals: REASONS.iter().map(|&r| (r, 0)).collect(),
+        }
+    }
+}
+
+impl Rejections {
+    pub fn count(&mut self, scan: &Scan) {
+        let mut seen = HashMap::with_capacity(scan.rejected.len());
+        for r in &scan.rejected {
+            let now = (r.version, r.reason);
+            if self.last.get(&r.file) != Some(&now) {
+                *self.totals.entry(r.reason).or_default() += 1;
+            }
+            seen.insert(r.file.clone(), now);
+        }
+        self.last = seen;
+    }
+
+    pub fn totals(&self) -> impl Iterator<Item = (&'static str, u64)> + '_ {
+        self.totals.iter().map(|(&k, &v)| (k, v))
+    }
 }
 
 /// Reads every `gpu-info-<pid>.json` in `dir`.
@@ -72,15 +147,32 @@ pub fn scan(
         let Some(pid) = name.to_str().and_then(pid_from_name) else {
             continue;
         };
-        if considered == limits.max_files {
-            *out.rejected.entry("too_many_files").or_default() += 1;
-            continue;
-        }
-        considered += 1;
-        match read_one(&entry.path(), pid, limits, processes, now) {
-            Ok(info) => out.accepted.push(info),
-            Err(reason) => *out.rejected.entry(reason).or_default() += 1,
-        }
+        let reason = if considered == limits.max_files {
+            // Past the limit nothing is read; as many refusals are remembered as files read.
+            if out.rejected.len() >= 2 * limits.max_files {
+                continue;
+            }
+            "too_many_files"
+        } else {
+            considered += 1;
+            match read_one(&entry.path(), pid, limits, processes, now) {
+                Ok(info) => {
+                    out.accepted.push(info);
+                    continue;
+                }
+                Err(reason) => reason,
+            }
+        };
+        // Not following a symlink: the version of the entry itself.
+        let version = entry
+            .metadata()
+            .ok()
+            .and_then(|m| Some((m.modified().ok()?, m.len())));
+        out.rejected.push(Rejection {
+            file: name.to_string_lossy().into_owned(),
+            version,
+            reason,
+        });
     }
     out.accepted.sort_by_key(|i| (i.pid, i.gpu_index));
     Ok(out)

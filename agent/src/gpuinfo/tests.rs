@@ -93,7 +93,13 @@ fn every_hostile_file_is_refused_for_its_reason() {
     std::fs::write(dir.0.join("gpu-info-abc.json"), "ignored").unwrap();
     std::fs::write(dir.0.join("notes.txt"), "ignored").unwrap();
 
-    let scan = scan(&dir.0, &Limits::default(), &Fake(procs), SystemTime::now()).unwrap();
+    let scan = scan(
+        &dir.0,
+        &Limits::default(),
+        &Fake(procs.clone()),
+        SystemTime::now(),
+    )
+    .unwrap();
     assert_eq!(scan.accepted.len(), 1, "{scan:?}");
     let ok = &scan.accepted[0];
     assert_eq!(
@@ -120,7 +126,37 @@ fn every_hostile_file_is_refused_for_its_reason() {
     ]
     .into_iter()
     .collect();
-    assert_eq!(scan.rejected, expected);
+    assert_eq!(scan.rejected_by_reason(), expected);
+
+    // A refused file left in place is counted once, however many scans see it; changed, it
+    // is counted again.
+    let mut counted = Rejections::default();
+    assert!(counted.totals().all(|(_, n)| n == 0), "every reason from 0");
+    assert_eq!(counted.totals().count(), REASONS.len());
+    counted.count(&scan);
+    let again = super::scan(
+        &dir.0,
+        &Limits::default(),
+        &Fake(procs.clone()),
+        SystemTime::now(),
+    )
+    .unwrap();
+    counted.count(&again);
+    let totals: BTreeMap<&str, u64> = counted.totals().filter(|(_, n)| *n > 0).collect();
+    assert_eq!(totals, expected);
+    std::fs::write(dir.0.join("gpu-info-7.json"), "{still not json").unwrap();
+    let changed = super::scan(
+        &dir.0,
+        &Limits::default(),
+        &Fake(procs.clone()),
+        SystemTime::now(),
+    )
+    .unwrap();
+    counted.count(&changed);
+    assert_eq!(
+        counted.totals().find(|(r, _)| *r == "malformed"),
+        Some(("malformed", 4))
+    );
 }
 
 #[test]
@@ -137,7 +173,7 @@ fn files_per_scan_are_bounded() {
     };
     let scan = scan(&dir.0, &limits, &procs, SystemTime::now()).unwrap();
     assert_eq!(scan.accepted.len(), 3);
-    assert_eq!(scan.rejected.get("too_many_files"), Some(&2));
+    assert_eq!(scan.rejected_by_reason().get("too_many_files"), Some(&2));
 }
 
 #[test]

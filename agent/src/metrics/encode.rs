@@ -146,7 +146,7 @@ impl Collector for SnapshotCollector {
             &mut e,
             MetricType::Gauge,
             "llm_process_cpu_percent",
-            "CPU use of the process over its last window of at least 1 s between samples (not since the previous scrape), in percent of one core.",
+            "CPU use of the process over its last window of at least 1 s, as the agent samples it every second (not since the previous scrape), in percent of one core.",
             None,
             per_process(p, |s| s.cpu_percent),
         )?;
@@ -536,7 +536,7 @@ fn encode_gpu(e: &mut DescriptorEncoder, g: &GpuSnapshot) -> Result<(), std::fmt
             e,
             Counter,
             "llmscope_gpu_info_rejected",
-            "gpu-info files refused, by reason.",
+            "gpu-info reports refused, by reason; each version of a file is counted once.",
             None,
             by_ref(&reasons(&g.info_rejected)),
         )?;

@@ -49,7 +49,8 @@ pub struct ProcessSample {
     /// False during the grace period after exit (values are the last reading).
     pub alive: bool,
     pub cpu_seconds: f64,
-    /// CPU use since the previous reading, in percent of one core; None on the first reading.
+    /// CPU use over the last window of at least a second, in percent of one core; None
+    /// until the first window closes.
     pub cpu_percent: Option<f64>,
     pub memory_bytes: u64,
     /// None where the platform does not say (Windows): the series is left out, not 0.
@@ -111,16 +112,18 @@ pub struct CollectError(pub String);
 
 /// A source of metrics. A collector that fails never fails the scrape: it shows up as
 /// `llmscope_collector_success{collector="…"} 0`, and whatever it did fill in stays.
-pub trait Collector: Send {
+/// Collectors only read what producers published (`&self`): any number of scrapes may run
+/// at once and see the same values.
+pub trait Collector: Send + Sync {
     fn name(&self) -> &'static str;
-    fn collect(&mut self, snapshot: &mut Snapshot) -> Result<(), CollectError>;
+    fn collect(&self, snapshot: &mut Snapshot) -> Result<(), CollectError>;
 }
 
 /// Runs every collector into one snapshot, recording success and duration of each; a
 /// collector that fails or panics shows as `llmscope_collector_success{collector} 0`.
-pub fn gather(collectors: &mut [Box<dyn Collector>]) -> Snapshot {
+pub fn gather(collectors: &[Box<dyn Collector>]) -> Snapshot {
     let mut snapshot = Snapshot::default();
-    for c in collectors.iter_mut() {
+    for c in collectors {
         let started = Instant::now();
         // A collector that panics fails alone: what it filled in stays, the scrape goes on.
         let result =
@@ -168,7 +171,7 @@ mod tests {
         fn name(&self) -> &'static str {
             "panics"
         }
-        fn collect(&mut self, _: &mut Snapshot) -> Result<(), CollectError> {
+        fn collect(&self, _: &mut Snapshot) -> Result<(), CollectError> {
             panic!("a bug in a collector")
         }
     }
@@ -178,7 +181,7 @@ mod tests {
         fn name(&self) -> &'static str {
             "counts"
         }
-        fn collect(&mut self, s: &mut Snapshot) -> Result<(), CollectError> {
+        fn collect(&self, s: &mut Snapshot) -> Result<(), CollectError> {
             s.agent.tracked_processes = 3;
             Ok(())
         }
@@ -186,8 +189,8 @@ mod tests {
 
     #[test]
     fn a_panicking_collector_fails_alone() {
-        let mut collectors: Vec<Box<dyn Collector>> = vec![Box::new(Panics), Box::new(Counts)];
-        let snapshot = gather(&mut collectors);
+        let collectors: Vec<Box<dyn Collector>> = vec![Box::new(Panics), Box::new(Counts)];
+        let snapshot = gather(&collectors);
         let status: Vec<(&str, bool)> = snapshot
             .collectors
             .iter()

@@ -6,6 +6,7 @@
 //! reported as 0. `NotFound` from the process-utilisation call means "no samples".
 
 use std::path::PathBuf;
+use std::time::SystemTime;
 
 use nvml_wrapper::enum_wrappers::device::{
     Clock, EccCounter, MemoryError, PcieUtilCounter, TemperatureSensor,
@@ -14,6 +15,15 @@ use nvml_wrapper::enums::device::UsedGpuMemory;
 use nvml_wrapper::error::NvmlError;
 use nvml_wrapper::{Device, Nvml};
 use serde::Serialize;
+
+/// What the sampler publishes and the collector reads.
+#[derive(Debug, Default, Clone)]
+pub struct NvmlState {
+    pub sample: Option<GpuSample>,
+    pub last_success: Option<SystemTime>,
+    /// The current problem, when there is one.
+    pub error: Option<String>,
+}
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct DeviceSample {

@@ -36,6 +36,32 @@ impl Agent {
     }
 
     pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Agent {
+        Agent::spawn(args, env).until_healthy(|agent| {
+            agent
+                .get("/healthz")
+                .ok()
+                .is_some_and(|(code, _)| code == 200)
+        })
+    }
+
+    /// Waits until `healthy` says so (the agent must not exit meanwhile).
+    pub fn until_healthy(mut self, healthy: impl Fn(&Agent) -> bool) -> Agent {
+        let ok = wait_for(Duration::from_secs(30), || {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("llmscope exited with {status} at start-up:\n{}", self.log());
+            }
+            healthy(&self).then_some(())
+        });
+        assert!(
+            ok.is_some(),
+            "llmscope did not become healthy:\n{}",
+            self.log()
+        );
+        self
+    }
+
+    /// Starts the agent without waiting for it.
+    pub fn spawn(args: &[&str], env: &[(&str, &str)]) -> Agent {
         require_root();
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let log = std::env::temp_dir().join(format!("llmscope-test-agent-{}.log", addr.port()));
@@ -52,22 +78,7 @@ impl Agent {
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .expect("starting llmscope");
-        let mut agent = Agent { child, addr, log };
-        let healthy = wait_for(Duration::from_secs(30), || {
-            if let Ok(Some(status)) = agent.child.try_wait() {
-                panic!(
-                    "llmscope exited with {status} at start-up:\n{}",
-                    agent.log()
-                );
-            }
-            agent.get("/healthz").ok().filter(|(code, _)| *code == 200)
-        });
-        assert!(
-            healthy.is_some(),
-            "llmscope did not become healthy:\n{}",
-            agent.log()
-        );
-        agent
+        Agent { child, addr, log }
     }
 
     pub fn log(&self) -> String {

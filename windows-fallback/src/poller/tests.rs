@@ -1,6 +1,6 @@
 use std::time::{Duration, Instant};
 
-use llmscope::gpuinfo::{GpuInfo, Scan};
+use llmscope::gpuinfo::{GpuInfo, Rejection, Scan};
 
 use super::*;
 
@@ -131,7 +131,13 @@ fn gpu_reports_and_nvidia_smi_join_the_identities() {
     };
     let scan = Scan {
         accepted: vec![report(40), report(60)],
-        rejected: [("symlink", 2)].into_iter().collect(),
+        rejected: ["gpu-info-1.json", "gpu-info-2.json"]
+            .map(|file| Rejection {
+                file: file.into(),
+                version: None,
+                reason: "symlink",
+            })
+            .into(),
     };
     let gpus = vec![SmiGpu {
         index: 0,
@@ -164,12 +170,17 @@ fn gpu_reports_and_nvidia_smi_join_the_identities() {
     );
     assert_eq!(g.process_memory.len(), 1);
     assert_eq!(g.process_memory[0].0 .0.framework, "llama.cpp");
+    let rejected: Vec<(&str, u64)> = g
+        .info_rejected
+        .iter()
+        .filter(|c| c.value > 0)
+        .map(|c| (c.kind, c.value))
+        .collect();
+    assert_eq!(rejected, [("symlink", 2)]);
     assert_eq!(
-        g.info_rejected,
-        vec![KindCount {
-            kind: "symlink",
-            value: 2
-        }]
+        g.info_rejected.len(),
+        llmscope::gpuinfo::REASONS.len(),
+        "every reason from 0"
     );
     let util = g
         .devices

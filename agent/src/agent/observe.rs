@@ -1,0 +1,83 @@
+//! Writing the process table: every producer that learns of a process goes through here, so
+//! the kernel's tracked set, the log line and the sampler's wake-up follow every change.
+
+use crate::identity::{Identity, ProcessFacts, UNKNOWN};
+use crate::tracker::Observed;
+
+use super::Shared;
+
+pub(super) fn log_detected(pid: u32, id: &Identity, via: &str) {
+    tracing::info!(
+        pid,
+        framework = id.framework.as_str(),
+        model = %id.model_name,
+        role = id.role.as_str(),
+        via,
+        "LLM process detected"
+    );
+}
+
+/// What an observation stands for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum How {
+    /// An exec or fork: the process image is new; what was known about the pid is replaced.
+    New,
+    /// A scan or re-examination of a process that did not exec, with facts read at this
+    /// time: it adds or re-identifies, never removes, and never overwrites a newer event's
+    /// facts (see [`crate::tracker::Tracker::refresh`]).
+    Refresh(std::time::Instant),
+}
+
+impl How {
+    fn observe(
+        self,
+        tracker: &mut crate::tracker::Tracker,
+        facts: &ProcessFacts,
+        start: impl FnOnce() -> Option<u64>,
+    ) -> Observed {
+        match self {
+            How::New => tracker.observe(facts, start),
+            How::Refresh(read_at) => tracker.refresh(facts, start, read_at),
+        }
+    }
+}
+
+/// Classifies `facts`; when the result names no model, reads the model variables from the
+/// environment and classifies again. Keeps the kernel's tracked set in step.
+pub(super) fn observe_with_env(shared: &Shared, facts: &mut ProcessFacts, how: How) -> Observed {
+    let pid = facts.pid;
+    let start = || shared.proc.start_ticks(pid).ok();
+    let mut observed = shared.observe(pid, |t| how.observe(t, facts, start));
+    if let Observed::Added(id) = &observed {
+        if id.model_name == UNKNOWN {
+            if let Ok(env) = shared.proc.model_env(pid) {
+                if !env.is_empty() {
+                    facts.env = env;
+                    if let Observed::Added(with_model) =
+                        shared.observe(pid, |t| how.observe(t, facts, start))
+                    {
+                        observed = Observed::Added(with_model);
+                    }
+                }
+            }
+        }
+    }
+    observed
+}
+
+/// A process that uses CUDA is always worth a series: tracked with its own identity when it
+/// has one, else as `framework="unknown"`.
+pub(super) fn track_gpu_user(shared: &Shared, pid: u32, via: &str) {
+    if shared.tracker().get(pid).is_some_and(|t| t.is_alive()) {
+        return;
+    }
+    let Ok((facts, sample)) = shared.proc.facts(pid) else {
+        return;
+    };
+    let observed = shared.observe(pid, |t| {
+        t.observe_gpu_user(&facts, || Some(sample.start_ticks))
+    });
+    if let Observed::Added(id) = &observed {
+        log_detected(pid, id, via);
+    }
+}

@@ -1,0 +1,291 @@
+//! The sampler thread: the one writer of what scrapes read about processes. Every
+//! [`SAMPLE_INTERVAL`], and right after the table changes, it reads each tracked process in
+//! /proc (CPU percent over windows of at least [`CPU_WINDOW`], memory, threads), ends the
+//! processes whose exit was missed, reads `--gpu-info-dir` (tracking the processes that
+//! report), and publishes a [`ProcessView`] and a [`GpuInfoView`] for the collectors.
+
+use std::collections::HashMap;
+use std::os::unix::fs::MetadataExt;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use super::observe::track_gpu_user;
+use super::Shared;
+use crate::gpuinfo::{scan, Limits, Processes, Rejections};
+use crate::metrics::{KindCount, ProcessLabels, ProcessSample};
+use crate::proc::{ProcError, ProcRoot, ProcSample};
+use crate::state::{Counters, GpuInfoView, Member, ProcessView};
+
+/// CPU percent is measured over windows of at least this long, whatever the scrape rate.
+pub const CPU_WINDOW: Duration = Duration::from_secs(1);
+/// How often every tracked process is read, and `--gpu-info-dir` scanned.
+const SAMPLE_INTERVAL: Duration = Duration::from_secs(1);
+/// After a change to the table, how long the sampler waits for more before a pass (a burst
+/// of execs costs one pass, not one each). Such a pass reads only the processes it has no
+/// reading of; every process is read again on the next full pass.
+const COALESCE: Duration = Duration::from_millis(5);
+/// A process found gone (or its pid reused) this long ago that is still alive in the table
+/// missed its exit event; younger, its exit event may still be in the ring buffer.
+const EXIT_EVENT_SLACK: Duration = Duration::from_millis(200);
+/// Silent this long, the thread is reported stalled (a pass over a full table is far shorter).
+const STALL_LIMIT: Duration = Duration::from_secs(30);
+
+pub(super) fn spawn(
+    shared: Arc<Shared>,
+    gpu_info: Option<(PathBuf, Limits)>,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    let heartbeat = shared.health.register("sampler", Some(STALL_LIMIT));
+    std::thread::Builder::new()
+        .name("llmscope-sampler".into())
+        .spawn(move || {
+            let mut sampler = Sampler::default();
+            let mut next_full = Instant::now();
+            while !shared.stopping() {
+                heartbeat.beat();
+                let full = Instant::now() >= next_full;
+                if full {
+                    next_full = Instant::now() + SAMPLE_INTERVAL;
+                    if let Some((dir, limits)) = &gpu_info {
+                        sampler.scan_gpu_info(&shared, dir, limits);
+                    }
+                }
+                let started = Instant::now();
+                sampler.pass(&shared, started, full);
+                if full {
+                    // SAFETY: returns free heap memory to the kernel; no preconditions.
+                    unsafe { libc::malloc_trim(0) };
+                }
+                // Passes take at most a fifth of a core, however fast the table changes.
+                let pause = COALESCE.max(started.elapsed() * 4);
+                let wait = next_full.saturating_duration_since(Instant::now());
+                if shared.wait_for_change(wait) {
+                    std::thread::sleep(pause);
+                }
+            }
+        })
+}
+
+/// The last reading of a pid: the values an exited process keeps during its grace period,
+/// and the CPU window (its start, and the percent over the last completed one).
+#[derive(Clone, Copy)]
+struct Reading {
+    sample: ProcSample,
+    window_start: (u64, Instant),
+    cpu_percent: Option<f64>,
+}
+
+#[derive(Default)]
+struct Sampler {
+    last: HashMap<u32, Reading>,
+    /// Tracked live processes found gone, and since when.
+    gone: HashMap<u32, Instant>,
+    rejections: Rejections,
+    /// Accepted reports of the last gpu-info scan (labelled at each pass).
+    reports: Vec<crate::gpuinfo::GpuInfo>,
+    gpu_info_error: Option<String>,
+}
+
+impl Sampler {
+    /// A full pass reads every live process; another only those without a reading yet.
+    fn pass(&mut self, shared: &Shared, now: Instant, full: bool) {
+        let (tracked, dropped, model_names_capped) = {
+            let tracker = shared.tracker();
+            (
+                tracker.all(),
+                tracker.dropped(),
+                tracker.model_names_capped(),
+            )
+        };
+        let proc = &shared.proc;
+        let tps = proc.ticks_per_second as f64;
+        let mut view = ProcessView {
+            dropped,
+            model_names_capped,
+            ..ProcessView::default()
+        };
+        let mut failures = 0;
+        let mut last = HashMap::with_capacity(tracked.len());
+        let mut gone = HashMap::new();
+        for t in tracked {
+            let previous = self
+                .last
+                .remove(&t.pid)
+                .filter(|r| t.start_ticks.is_none_or(|st| st == r.sample.start_ticks));
+            let mut alive = t.is_alive();
+            // Processes found gone are read on every pass until their exit is settled.
+            let known = previous.is_some() && !self.gone.contains_key(&t.pid);
+            let reading = if !alive || (!full && known) {
+                previous
+            } else {
+                match proc.sample(t.pid) {
+                    Ok(s) if t.start_ticks.is_none_or(|st| st == s.start_ticks) => {
+                        Some(advance(previous, s, now, tps))
+                    }
+                    // Gone, or the pid now belongs to another process.
+                    Ok(_) | Err(ProcError::Gone(_)) => {
+                        let since = self.gone.get(&t.pid).copied().unwrap_or(now);
+                        if now.duration_since(since) >= EXIT_EVENT_SLACK {
+                            if shared.exited_as_of(t.pid, t.start_ticks, since) {
+                                Counters::add(&shared.counters.missed_exit, 1);
+                            }
+                            alive = false;
+                        } else {
+                            gone.insert(t.pid, since);
+                        }
+                        previous
+                    }
+                    Err(e) => {
+                        if failures == 0 {
+                            view.error = Some(e.to_string());
+                        }
+                        failures += 1;
+                        previous
+                    }
+                }
+            };
+            let labels = ProcessLabels::new(t.pid, &t.name, &t.identity);
+            if let Some(reading) = reading {
+                last.insert(t.pid, reading);
+                let sample = reading.sample;
+                view.samples.push(ProcessSample {
+                    labels: labels.clone(),
+                    alive,
+                    cpu_seconds: sample.cpu_ticks as f64 / tps,
+                    cpu_percent: alive.then_some(reading.cpu_percent).flatten(),
+                    memory_bytes: sample.rss_bytes,
+                    threads: Some(sample.threads),
+                    start_time_seconds: proc.boot_time_seconds as f64
+                        + sample.start_ticks as f64 / tps,
+                });
+            }
+            view.members.push(Member {
+                pid: t.pid,
+                labels,
+                alive,
+            });
+        }
+        if failures > 1 {
+            view.error = view
+                .error
+                .map(|first| format!("{failures} process(es) unreadable, first: {first}"));
+        }
+        self.last = last;
+        self.gone = gone;
+        self.publish_gpu_info(shared, &view.members);
+        shared.processes.set(view);
+    }
+
+    /// Reads the reports; a process that reports GPU use is tracked (as a GPU user).
+    fn scan_gpu_info(&mut self, shared: &Shared, dir: &std::path::Path, limits: &Limits) {
+        match scan(dir, limits, &Owners(&shared.proc), SystemTime::now()) {
+            Ok(found) => {
+                self.rejections.count(&found);
+                for info in &found.accepted {
+                    track_gpu_user(shared, info.pid, "gpu-info report");
+                }
+                self.reports = found.accepted;
+                self.gpu_info_error = None;
+            }
+            Err(e) => {
+                self.reports.clear();
+                self.gpu_info_error = Some(format!("--gpu-info-dir {}: {e}", dir.display()));
+            }
+        }
+    }
+
+    fn publish_gpu_info(&self, shared: &Shared, members: &[Member]) {
+        let live: HashMap<u32, &ProcessLabels> = members
+            .iter()
+            .filter(|m| m.alive)
+            .map(|m| (m.pid, &m.labels))
+            .collect();
+        shared.gpu_info.set(GpuInfoView {
+            reports: self
+                .reports
+                .iter()
+                .filter_map(|info| Some(((*live.get(&info.pid)?).clone(), info.clone())))
+                .collect(),
+            rejected: self
+                .rejections
+                .totals()
+                .map(|(kind, value)| KindCount { kind, value })
+                .collect(),
+            error: self.gpu_info_error.clone(),
+        });
+    }
+}
+
+/// The owner (effective uid: the owner of /proc/<pid>) and start time of live processes.
+struct Owners<'a>(&'a ProcRoot);
+
+impl Processes for Owners<'_> {
+    fn owner_and_start(&self, pid: u32) -> Option<(Option<u32>, f64)> {
+        let proc = self.0;
+        let uid = std::fs::metadata(proc.path().join(pid.to_string()))
+            .ok()?
+            .uid();
+        let sample = proc.sample(pid).ok()?;
+        Some((
+            Some(uid),
+            proc.boot_time_seconds as f64
+                + sample.start_ticks as f64 / proc.ticks_per_second as f64,
+        ))
+    }
+}
+
+/// A new sample: the CPU window closes (and its percent is computed) once it is at least
+/// [`CPU_WINDOW`] long; until then the last completed window's percent stands.
+fn advance(previous: Option<Reading>, sample: ProcSample, now: Instant, tps: f64) -> Reading {
+    let Some(prev) = previous else {
+        return Reading {
+            sample,
+            window_start: (sample.cpu_ticks, now),
+            cpu_percent: None,
+        };
+    };
+    let (start_ticks, start_at) = prev.window_start;
+    let wall = now.duration_since(start_at);
+    if wall < CPU_WINDOW {
+        return Reading { sample, ..prev };
+    }
+    let percent =
+        sample.cpu_ticks.saturating_sub(start_ticks) as f64 / tps / wall.as_secs_f64() * 100.0;
+    Reading {
+        sample,
+        window_start: (sample.cpu_ticks, now),
+        cpu_percent: Some(percent),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(cpu_ticks: u64) -> ProcSample {
+        ProcSample {
+            cpu_ticks,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn cpu_percent_is_over_windows_of_at_least_a_second() {
+        let t0 = Instant::now();
+        let ms = |n: u64| t0 + Duration::from_millis(n);
+        let r = advance(None, sample(0), t0, 100.0);
+        assert_eq!(r.cpu_percent, None);
+        // Sampled every 50 ms (a burst of changes): no window closes, nothing is computed
+        // from 50 ms.
+        let mut r = r;
+        for i in 1..20 {
+            r = advance(Some(r), sample(5 * i), ms(50 * i), 100.0);
+            assert_eq!(r.cpu_percent, None);
+        }
+        // One core for 1 s at 100 ticks/s.
+        let r = advance(Some(r), sample(100), ms(1000), 100.0);
+        assert_eq!(r.cpu_percent, Some(100.0));
+        let r = advance(Some(r), sample(102), ms(1050), 100.0);
+        assert_eq!(r.cpu_percent, Some(100.0), "the last window stands");
+    }
+}

@@ -1,0 +1,84 @@
+//! What the producer threads publish and the collectors read: the contract between the two
+//! sides, importing neither. A producer computes a whole view and swaps it in at once
+//! ([`Published::set`]); a scrape takes the current one ([`Published::get`]) and changes
+//! nothing, so any number of scrapers see the same values.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use crate::gpuinfo::GpuInfo;
+use crate::metrics::{KindCount, ProcessLabels, ProcessSample};
+
+/// The latest value a producer published.
+#[derive(Debug, Default)]
+pub struct Published<T>(Mutex<Arc<T>>);
+
+impl<T> Published<T> {
+    pub fn new(value: T) -> Self {
+        Published(Mutex::new(Arc::new(value)))
+    }
+
+    pub fn get(&self) -> Arc<T> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub fn set(&self, value: T) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Arc::new(value);
+    }
+}
+
+/// Event and repair counts, written by the events and reconcile threads.
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub exec: AtomicU64,
+    pub exit: AtomicU64,
+    pub fork: AtomicU64,
+    pub library_map: AtomicU64,
+    /// Perf mmap records lost (buffer full), when that is the library hook.
+    pub library_map_lost: AtomicU64,
+    pub malformed: AtomicU64,
+    pub missed_exec: AtomicU64,
+    pub missed_exit: AtomicU64,
+}
+
+impl Counters {
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn get(counter: &AtomicU64) -> u64 {
+        counter.load(Ordering::Relaxed)
+    }
+}
+
+/// One tracked process as of the last sampling pass.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Member {
+    pub pid: u32,
+    pub labels: ProcessLabels,
+    pub alive: bool,
+}
+
+/// The process table and each process's /proc reading, as of the sampler's last pass.
+#[derive(Debug, Default)]
+pub struct ProcessView {
+    /// Every tracked process (live, and exited within the grace period), in pid order.
+    pub members: Vec<Member>,
+    /// The readings: members read at least once (an exited one keeps its last).
+    pub samples: Vec<ProcessSample>,
+    pub dropped: u64,
+    pub model_names_capped: u64,
+    /// Processes that could not be read on the last pass (the first error).
+    pub error: Option<String>,
+}
+
+/// The `gpu-info-<pid>.json` reports as of the sampler's last scan of `--gpu-info-dir`.
+#[derive(Debug, Default)]
+pub struct GpuInfoView {
+    /// Accepted reports, joined to their process's labels.
+    pub reports: Vec<(ProcessLabels, GpuInfo)>,
+    /// Refused report versions since start, by reason (every reason, from 0).
+    pub rejected: Vec<KindCount>,
+    /// The directory could not be read.
+    pub error: Option<String>,
+}

@@ -1,0 +1,432 @@
+//! `--web.config.file`: TLS and basic authentication for the HTTP surface, in the format of
+//! the Prometheus exporter-toolkit web configuration (what node_exporter reads):
+//!
+//! ```yaml
+//! tls_server_config:
+//!   cert_file: /etc/llmscope/tls.crt
+//!   key_file: /etc/llmscope/tls.key
+//!   # client_auth_type: RequireAndVerifyClientCert   (with client_ca_file)
+//!   # min_version: TLS12 | TLS13
+//! basic_auth_users:
+//!   prometheus: $2y$10$...   # bcrypt (htpasswd -nBC 10 "" | tr -d ':\n')
+//! ```
+//!
+//! A key this reader does not implement (`cipher_suites`, `curve_preferences`,
+//! `http_server_config`, ...) is refused at start-up rather than silently ignored. The files
+//! are read again when one of them changes (checked at most once a second, on a new
+//! connection), so a rotated certificate is picked up without a restart; a change that does
+//! not load keeps the last good configuration and is logged.
+//!
+//! `/healthz` needs no credentials (liveness probes), every other path does.
+
+use std::collections::{BTreeMap, HashSet};
+use std::hash::BuildHasher;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use serde::Deserialize;
+
+#[derive(Debug, thiserror::Error)]
+pub enum WebConfigError {
+    #[error("reading {0}: {1}")]
+    Read(PathBuf, std::io::Error),
+    #[error("{0}: {1}")]
+    Parse(PathBuf, String),
+    #[error("{0}: {1}")]
+    Invalid(PathBuf, String),
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct File {
+    tls_server_config: Option<TlsFile>,
+    #[serde(default)]
+    basic_auth_users: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TlsFile {
+    cert_file: PathBuf,
+    key_file: PathBuf,
+    #[serde(default)]
+    client_auth_type: Option<String>,
+    #[serde(default)]
+    client_ca_file: Option<PathBuf>,
+    #[serde(default)]
+    min_version: Option<String>,
+    #[serde(default)]
+    max_version: Option<String>,
+}
+
+/// One loaded configuration.
+pub struct Loaded {
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
+    pub auth: Option<Arc<BasicAuth>>,
+}
+
+/// The configuration file and what it names, re-read when any of them changes.
+pub struct WebConfig {
+    path: PathBuf,
+    state: Mutex<State>,
+}
+
+struct State {
+    current: Arc<Loaded>,
+    /// (path, modified, size) of every file the configuration was loaded from.
+    versions: Vec<(PathBuf, Option<(SystemTime, u64)>)>,
+    checked: Instant,
+}
+
+/// How often, at most, the files are checked for changes.
+const RECHECK: Duration = Duration::from_secs(1);
+
+impl WebConfig {
+    /// Loads the file; any problem is an error (the agent does not start half-secured).
+    pub fn load(path: &Path) -> Result<WebConfig, WebConfigError> {
+        let (current, versions) = load(path)?;
+        Ok(WebConfig {
+            path: path.to_owned(),
+            state: Mutex::new(State {
+                current: Arc::new(current),
+                versions,
+                checked: Instant::now(),
+            }),
+        })
+    }
+
+    /// The configuration to use for a new connection: re-read when a file changed.
+    pub fn current(&self) -> Arc<Loaded> {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if state.checked.elapsed() >= RECHECK {
+            state.checked = Instant::now();
+            let changed = state
+                .versions
+                .iter()
+                .any(|(path, version)| file_version(path) != *version);
+            if changed {
+                match load(&self.path) {
+                    Ok((loaded, versions)) => {
+                        tracing::info!(file = %self.path.display(), "web configuration reloaded");
+                        state.current = Arc::new(loaded);
+                        state.versions = versions;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "web configuration changed but does not load; keeping the last good one");
+                        // Not retried until a file changes again.
+                        state.versions = state
+                            .versions
+                            .iter()
+                            .map(|(p, _)| (p.clone(), file_version(p)))
+                            .collect();
+                    }
+                }
+            }
+        }
+        state.current.clone()
+    }
+}
+
+fn file_version(path: &Path) -> Option<(SystemTime, u64)> {
+    let meta = std::fs::metadata(path).ok()?;
+    Some((meta.modified().ok()?, meta.len()))
+}
+
+type Versions = Vec<(PathBuf, Option<(SystemTime, u64)>)>;
+
+fn load(path: &Path) -> Result<(Loaded, Versions), WebConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| WebConfigError::Read(path.into(), e))?;
+    let file: File = if text.trim().is_empty() {
+        File::default()
+    } else {
+        serde_yaml_ng::from_str(&text)
+            .map_err(|e| WebConfigError::Parse(path.into(), e.to_string()))?
+    };
+    let invalid = |m: String| WebConfigError::Invalid(path.into(), m);
+    // Relative paths are relative to the configuration file (as in exporter-toolkit).
+    let base = path.parent().unwrap_or(Path::new("."));
+    let mut versions = vec![(path.to_owned(), file_version(path))];
+    let tls = match &file.tls_server_config {
+        None => None,
+        Some(t) => {
+            let resolve = |p: &Path| base.join(p);
+            let cert_file = resolve(&t.cert_file);
+            let key_file = resolve(&t.key_file);
+            let ca_file = t.client_ca_file.as_deref().map(resolve);
+            for f in [Some(&cert_file), Some(&key_file), ca_file.as_ref()]
+                .into_iter()
+                .flatten()
+            {
+                versions.push((f.clone(), file_version(f)));
+            }
+            Some(tls_acceptor(t, &cert_file, &key_file, ca_file.as_deref()).map_err(invalid)?)
+        }
+    };
+    let auth = if file.basic_auth_users.is_empty() {
+        None
+    } else {
+        for (user, hash) in &file.basic_auth_users {
+            if user.contains(':') || user.is_empty() {
+                return Err(invalid(format!(
+                    "basic_auth_users: {user:?} is not a valid user name"
+                )));
+            }
+            bcrypt::verify("", hash).map_err(|e| {
+                invalid(format!(
+                    "basic_auth_users: the hash of {user:?} is not a bcrypt hash: {e}"
+                ))
+            })?;
+        }
+        Some(Arc::new(BasicAuth::new(file.basic_auth_users)))
+    };
+    Ok((Loaded { tls, auth }, versions))
+}
+
+/// The versions rustls implements, oldest first.
+const TLS_VERSIONS: [(&str, &rustls::SupportedProtocolVersion); 2] = [
+    ("TLS12", &rustls::version::TLS12),
+    ("TLS13", &rustls::version::TLS13),
+];
+
+/// The index of a version in [`TLS_VERSIONS`].
+fn tls_version(name: &str) -> Result<usize, String> {
+    match TLS_VERSIONS.iter().position(|(n, _)| *n == name) {
+        Some(i) => Ok(i),
+        // rustls implements neither.
+        None if name == "TLS10" || name == "TLS11" => {
+            Err(format!("{name} is not supported (TLS12 and TLS13 are)"))
+        }
+        None => Err(format!("unknown TLS version {name:?} (TLS12 or TLS13)")),
+    }
+}
+
+fn tls_acceptor(
+    t: &TlsFile,
+    cert_file: &Path,
+    key_file: &Path,
+    ca_file: Option<&Path>,
+) -> Result<tokio_rustls::TlsAcceptor, String> {
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert_file)
+        .and_then(|certs| certs.collect())
+        .map_err(|e| format!("cert_file {}: {e}", cert_file.display()))?;
+    if certs.is_empty() {
+        return Err(format!(
+            "cert_file {}: no certificate in it",
+            cert_file.display()
+        ));
+    }
+    let key = PrivateKeyDer::from_pem_file(key_file)
+        .map_err(|e| format!("key_file {}: {e}", key_file.display()))?;
+    let min = tls_version(t.min_version.as_deref().unwrap_or("TLS12"))?;
+    let max = tls_version(t.max_version.as_deref().unwrap_or("TLS13"))?;
+    let versions: Vec<&'static rustls::SupportedProtocolVersion> = TLS_VERSIONS
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| (min..=max).contains(i))
+        .map(|(_, (_, v))| *v)
+        .collect();
+    if versions.is_empty() {
+        return Err("min_version is above max_version".into());
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&versions)
+        .map_err(|e| e.to_string())?;
+    let client_auth = t.client_auth_type.as_deref().unwrap_or("NoClientCert");
+    let builder = match (client_auth, ca_file) {
+        ("NoClientCert", _) => builder.with_no_client_auth(),
+        ("RequireAndVerifyClientCert" | "VerifyClientCertIfGiven", Some(ca)) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for cert in CertificateDer::pem_file_iter(ca)
+                .map_err(|e| format!("client_ca_file {}: {e}", ca.display()))?
+            {
+                let cert = cert.map_err(|e| format!("client_ca_file {}: {e}", ca.display()))?;
+                roots
+                    .add(cert)
+                    .map_err(|e| format!("client_ca_file {}: {e}", ca.display()))?;
+            }
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider,
+            );
+            let verifier = if client_auth == "VerifyClientCertIfGiven" {
+                verifier.allow_unauthenticated()
+            } else {
+                verifier
+            };
+            builder.with_client_cert_verifier(verifier.build().map_err(|e| e.to_string())?)
+        }
+        ("RequireAndVerifyClientCert" | "VerifyClientCertIfGiven", None) => {
+            return Err(format!("client_auth_type {client_auth} needs client_ca_file"))
+        }
+        (other, _) => {
+            return Err(format!(
+                "client_auth_type {other:?} is not supported (NoClientCert, VerifyClientCertIfGiven, RequireAndVerifyClientCert)"
+            ))
+        }
+    };
+    let mut config = builder
+        .with_single_cert(certs, key)
+        .map_err(|e| format!("cert_file/key_file: {e}"))?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+}
+
+/// Users and their bcrypt hashes. A bcrypt check costs tens of milliseconds by design, so
+/// credentials that passed are remembered (by a keyed hash, never in clear) and at most
+/// [`MAX_CONCURRENT_CHECKS`] checks run at once.
+pub struct BasicAuth {
+    users: BTreeMap<String, String>,
+    passed: Mutex<HashSet<u64>>,
+    /// Checked for an unknown user, so that a wrong user name takes as long as a wrong
+    /// password (same cost as the users' hashes).
+    dummy: String,
+    hasher: std::collections::hash_map::RandomState,
+    checks: tokio::sync::Semaphore,
+}
+
+/// bcrypt checks run at once; more wait (within the request timeout).
+const MAX_CONCURRENT_CHECKS: usize = 2;
+/// Credentials remembered as good.
+const MAX_REMEMBERED: usize = 64;
+
+impl BasicAuth {
+    fn new(users: BTreeMap<String, String>) -> BasicAuth {
+        let cost = users
+            .values()
+            .filter_map(|h| h.split('$').nth(2)?.parse().ok())
+            .max()
+            .unwrap_or(bcrypt::DEFAULT_COST);
+        BasicAuth {
+            dummy: bcrypt::hash("unknown user", cost).unwrap_or_default(),
+            users,
+            passed: Mutex::new(HashSet::new()),
+            hasher: std::collections::hash_map::RandomState::new(),
+            checks: tokio::sync::Semaphore::new(MAX_CONCURRENT_CHECKS),
+        }
+    }
+
+    /// Whether the `Authorization` header value names a user with the right password.
+    pub async fn check(self: &Arc<Self>, authorization: Option<&str>) -> bool {
+        use base64::Engine;
+        let Some(encoded) = authorization.and_then(|v| v.strip_prefix("Basic ")) else {
+            return false;
+        };
+        let Ok(decoded) = base64::engine::general_purpose::STANDARD.decode(encoded.trim()) else {
+            return false;
+        };
+        let Some((user, password)) = std::str::from_utf8(&decoded)
+            .ok()
+            .and_then(|s| s.split_once(':'))
+            .map(|(u, p)| (u.to_owned(), p.to_owned()))
+        else {
+            return false;
+        };
+        let key = self.hasher.hash_one((&user, &password));
+        if self
+            .passed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(&key)
+        {
+            return true;
+        }
+        let Ok(_permit) = self.checks.acquire().await else {
+            return false;
+        };
+        let this = self.clone();
+        let ok = tokio::task::spawn_blocking(move || {
+            let (hash, known) = match this.users.get(&user) {
+                Some(h) => (h.as_str(), true),
+                None => (this.dummy.as_str(), false),
+            };
+            bcrypt::verify(password, hash).unwrap_or(false) && known
+        })
+        .await
+        .unwrap_or(false);
+        if ok {
+            let mut passed = self.passed.lock().unwrap_or_else(|e| e.into_inner());
+            if passed.len() >= MAX_REMEMBERED {
+                passed.clear();
+            }
+            passed.insert(key);
+        }
+        ok
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+        let p = dir.join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    fn dir(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("llmscope-webcfg-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    #[test]
+    fn what_is_not_implemented_or_wrong_is_refused_at_load() {
+        let d = dir("refused");
+        for (yaml, says) in [
+            (
+                "tls_server_config:\n  cert_file: a\n  key_file: b\n  cipher_suites: [x]\n",
+                "cipher_suites",
+            ),
+            (
+                "http_server_config:\n  http2: false\n",
+                "http_server_config",
+            ),
+            (
+                "basic_auth_users:\n  alice: plaintext\n",
+                "not a bcrypt hash",
+            ),
+            ("basic_auth_users: [", "web.yml"),
+            (
+                "tls_server_config:\n  cert_file: missing.crt\n  key_file: missing.key\n",
+                "missing.crt",
+            ),
+        ] {
+            let p = write(&d, "web.yml", yaml);
+            let err = WebConfig::load(&p).err().expect(yaml).to_string();
+            assert!(err.contains(says), "{yaml}: {err}");
+        }
+        let p = write(&d, "web.yml", "");
+        let loaded = WebConfig::load(&p).unwrap().current();
+        assert!(loaded.tls.is_none() && loaded.auth.is_none());
+    }
+
+    #[tokio::test]
+    async fn basic_auth_checks_bcrypt_and_remembers_only_what_passed() {
+        let hash = bcrypt::hash("s3cret", 4).unwrap();
+        let auth = Arc::new(BasicAuth::new([("alice".to_owned(), hash)].into()));
+        let header = |creds: &str| {
+            use base64::Engine;
+            format!(
+                "Basic {}",
+                base64::engine::general_purpose::STANDARD.encode(creds)
+            )
+        };
+        assert!(auth.check(Some(&header("alice:s3cret"))).await);
+        assert!(
+            auth.check(Some(&header("alice:s3cret"))).await,
+            "remembered"
+        );
+        assert!(!auth.check(Some(&header("alice:wrong"))).await);
+        assert!(!auth.check(Some(&header("bob:s3cret"))).await);
+        assert!(!auth.check(Some("Basic !!!")).await);
+        assert!(!auth.check(Some("Bearer x")).await);
+        assert!(!auth.check(None).await);
+        assert_eq!(auth.passed.lock().unwrap().len(), 1);
+    }
+}
