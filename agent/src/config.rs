@@ -27,6 +27,16 @@ pub struct Config {
     #[arg(long = "web.config.file", env = "LLMSCOPE_WEB_CONFIG_FILE")]
     pub web_config_file: Option<PathBuf>,
 
+    /// Docker's API socket, asked for the name (and, for containers the kubelet started, the
+    /// pod and namespace) of the containers LLM processes run in. Empty: never asked. A
+    /// missing socket is skipped.
+    #[arg(
+        long = "container.docker-socket",
+        env = "LLMSCOPE_CONTAINER_DOCKER_SOCKET",
+        default_value = "/var/run/docker.sock"
+    )]
+    pub docker_socket: Option<PathBuf>,
+
     /// Root of the proc filesystem to read (the host's /proc mounted at /host/proc in a container).
     #[arg(
         long = "path.procfs",

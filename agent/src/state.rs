@@ -70,6 +70,8 @@ pub struct ProcessView {
     pub model_names_capped: u64,
     /// Processes that could not be read on the last pass (the first error).
     pub error: Option<String>,
+    /// Container name lookups by result (ok, not_found, error, dropped).
+    pub container_lookups: Vec<KindCount>,
 }
 
 /// The `gpu-info-<pid>.json` reports as of the sampler's last scan of `--gpu-info-dir`.

@@ -27,6 +27,9 @@ pub struct Tracked {
     pub exe: String,
     #[serde(skip)]
     pub exited_at: Option<Instant>,
+    /// The container it runs in (None: none, or not known on this platform).
+    #[serde(skip)]
+    pub container: Option<crate::identity::ContainerRef>,
     /// When the facts this entry holds were read: a scan that read older facts does not
     /// overwrite it, nor mark it exited.
     #[serde(skip)]
@@ -241,6 +244,7 @@ impl Tracker {
                 exe: facts.exe.clone(),
                 exited_at: None,
                 observed_at,
+                container: None,
             },
         );
         if capped {
@@ -257,6 +261,13 @@ impl Tracker {
                 true
             }
             _ => false,
+        }
+    }
+
+    /// Records the container a tracked process runs in.
+    pub fn set_container(&mut self, pid: u32, container: Option<crate::identity::ContainerRef>) {
+        if let Some(p) = self.procs.get_mut(&pid) {
+            p.container = container;
         }
     }
 

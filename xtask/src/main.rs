@@ -98,6 +98,7 @@ fn test(args: Vec<String>) -> Result<()> {
         ("docker-compose", "docker-compose"),
         ("systemd-analyze", "systemd"),
         ("bpftool", "bpftool"),
+        ("dockerd", "docker.io"),
         ("openssl", "openssl"),
         ("curl", "curl"),
     ])?;

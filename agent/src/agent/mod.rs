@@ -20,6 +20,7 @@
 //! Collectors import nothing from here: each takes the narrow handle it reads
 //! (`crate::state`, or a trait it defines that this module implements).
 
+mod containers;
 mod cuda;
 mod events;
 mod health;
@@ -71,6 +72,7 @@ struct Shared {
     nvml: Arc<Published<NvmlState>>,
     processes: Arc<Published<ProcessView>>,
     gpu_info: Arc<Published<GpuInfoView>>,
+    containers: containers::Containers,
     /// Set when the table changed; wakes the sampler.
     changed: (Mutex<bool>, Condvar),
 }
@@ -158,6 +160,7 @@ impl Shared {
         tracker: Tracker,
         kernel_tracked: TrackedPids,
         cuda: CudaState,
+        containers: containers::Containers,
     ) -> Self {
         Shared {
             tracker: Mutex::new(tracker),
@@ -171,6 +174,7 @@ impl Shared {
             nvml: Arc::default(),
             processes: Arc::default(),
             gpu_info: Arc::default(),
+            containers,
             changed: (Mutex::new(false), Condvar::new()),
         }
     }
@@ -214,6 +218,12 @@ impl Shared {
                 if let Err(e) = kernel.insert(pid) {
                     tracing::debug!(pid, error = %e, "cannot add to the kernel's tracked set");
                 }
+                // Its container, from its cgroup (a short read, once per tracked process).
+                let container = self.proc.container(pid).ok().flatten();
+                if let Some(c) = &container {
+                    self.containers.request(&c.id);
+                }
+                tracker.set_container(pid, container);
             }
             Observed::Removed => kernel.remove(pid),
             Observed::Unchanged | Observed::Ignored | Observed::Dropped => return observed,
@@ -311,6 +321,19 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         mmap_records,
         ..
     } = sensor;
+    let docker_socket = config
+        .docker_socket
+        .clone()
+        .filter(|p| !p.as_os_str().is_empty());
+    let docker_socket = match docker_socket {
+        Some(p) if p.exists() => Some(p),
+        Some(p) => {
+            tracing::info!(socket = %p.display(), "no Docker socket: container names are not looked up (container_id still is)");
+            None
+        }
+        None => None,
+    };
+    let (containers, container_jobs) = containers::Containers::new(docker_socket.as_ref());
     let launch_mode = crate::cuda::launches::mode(config.cuda_overhead_budget);
     let (queue, attach_jobs) = libraries::AttachQueue::new();
     let cuda = CudaState {
@@ -330,6 +353,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             .with_max_model_names(config.max_model_names as usize),
         tracked,
         cuda,
+        containers,
     ));
     let web = match &config.web_config_file {
         Some(path) => Some(Arc::new(crate::web_config::WebConfig::load(path)?)),
@@ -366,6 +390,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         ("attach", attach_thread),
         ("sampler", sampler_thread),
     ];
+    if let (Some(jobs), Some(socket)) = (container_jobs, docker_socket) {
+        threads.push((
+            "containers",
+            containers::spawn(shared.clone(), jobs, socket)?,
+        ));
+    }
     if !config.no_nvml {
         threads.push((
             "nvml",

@@ -4,7 +4,7 @@
 //! processes whose exit was missed, reads `--gpu-info-dir` (tracking the processes that
 //! report), and publishes a [`ProcessView`] and a [`GpuInfoView`] for the collectors.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -107,6 +107,10 @@ impl Sampler {
         let mut failures = 0;
         let mut last = HashMap::with_capacity(tracked.len());
         let mut gone = HashMap::new();
+        let tracked_containers: Vec<String> = tracked
+            .iter()
+            .filter_map(|t| Some(t.container.as_ref()?.id.clone()))
+            .collect();
         for t in tracked {
             let previous = self
                 .last
@@ -144,7 +148,10 @@ impl Sampler {
                     }
                 }
             };
-            let labels = ProcessLabels::new(t.pid, &t.name, &t.identity);
+            let mut labels = ProcessLabels::new(t.pid, &t.name, &t.identity);
+            if let Some(c) = &t.container {
+                labels = labels.in_container(shared.containers.labels(c));
+            }
             if let Some(reading) = reading {
                 last.insert(t.pid, reading);
                 let sample = reading.sample;
@@ -170,6 +177,11 @@ impl Sampler {
                 .error
                 .map(|first| format!("{failures} process(es) unreadable, first: {first}"));
         }
+        if full {
+            let in_use: HashSet<&str> = tracked_containers.iter().map(String::as_str).collect();
+            shared.containers.retain(&in_use);
+        }
+        view.container_lookups = shared.containers.results();
         self.last = last;
         self.gone = gone;
         self.publish_gpu_info(shared, &view.members);

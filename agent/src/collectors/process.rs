@@ -26,6 +26,7 @@ impl Collector for ProcessCollector {
         snapshot.agent.tracked_processes = view.members.len() as u64;
         snapshot.agent.tracked_dropped = view.dropped;
         snapshot.agent.model_names_capped = view.model_names_capped;
+        snapshot.agent.container_lookups = view.container_lookups.clone();
         snapshot.processes = view.samples.clone();
         match &view.error {
             None => Ok(()),

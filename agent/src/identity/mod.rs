@@ -4,12 +4,16 @@
 //! table-tested on real command lines (`tests.rs`). The agent (eBPF exec events and /proc
 //! scans) and windows-fallback (polling) both feed it.
 
+mod container;
+#[cfg(target_os = "linux")]
+pub mod docker;
 mod entry;
 mod model;
 mod sanitize;
 #[cfg(test)]
 mod tests;
 
+pub use container::{from_cgroup as container_from_cgroup, ContainerRef};
 pub use entry::FRAMEWORK_LIBRARY_PREFIXES;
 pub use model::model_family;
 pub use sanitize::{looks_like_secret, sanitize_label, MAX_LABEL_LEN};

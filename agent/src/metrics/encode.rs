@@ -245,6 +245,14 @@ impl Collector for SnapshotCollector {
             None,
             by_ref(&kinds(&s.agent.repairs)),
         )?;
+        family(
+            &mut e,
+            MetricType::Counter,
+            "llmscope_container_lookups",
+            "Container name lookups in the container runtime, by result (ok, not_found, error; dropped: the lookup queue was full).",
+            None,
+            by_ref(&kinds(&s.agent.container_lookups)),
+        )?;
         encode_cuda(&mut e, &s.cuda)?;
         encode_gpu(&mut e, &s.gpu)?;
         Ok(())

@@ -146,6 +146,7 @@ mod tests {
                     value: 0,
                 }],
                 repairs: vec![],
+                container_lookups: vec![],
             },
         }
     }

@@ -16,9 +16,7 @@ use serde::Serialize;
 use crate::identity::Identity;
 
 /// The labels of every per-process series.
-#[derive(
-    Debug, Clone, PartialEq, Eq, Hash, Serialize, prometheus_client::encoding::EncodeLabelSet,
-)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
 pub struct ProcessLabels {
     pub pid: String,
     pub name: String,
@@ -26,6 +24,24 @@ pub struct ProcessLabels {
     pub model_name: String,
     pub framework: String,
     pub role: String,
+    #[serde(flatten)]
+    pub container: ContainerLabels,
+}
+
+/// Where a process runs (the cAdvisor / kube-state-metrics label names). Empty fields are
+/// left out of the label set: a process in no container has none of them.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize)]
+pub struct ContainerLabels {
+    /// The container's id, 12 hex digits (as `docker ps` shows it).
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub container_id: String,
+    /// Its name: the Kubernetes container name, or the runtime's (Docker's) name.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub container: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub pod: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub namespace: String,
 }
 
 impl ProcessLabels {
@@ -37,7 +53,44 @@ impl ProcessLabels {
             model_name: identity.model_name.clone(),
             framework: identity.framework.as_str().to_owned(),
             role: identity.role.as_str().to_owned(),
+            container: ContainerLabels::default(),
         }
+    }
+
+    pub fn in_container(mut self, container: ContainerLabels) -> Self {
+        self.container = container;
+        self
+    }
+}
+
+impl prometheus_client::encoding::EncodeLabelSet for ProcessLabels {
+    fn encode(
+        &self,
+        encoder: &mut prometheus_client::encoding::LabelSetEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        use prometheus_client::encoding::EncodeLabel;
+        let c = &self.container;
+        let always = [
+            ("pid", &self.pid),
+            ("name", &self.name),
+            ("llm_type", &self.llm_type),
+            ("model_name", &self.model_name),
+            ("framework", &self.framework),
+            ("role", &self.role),
+        ];
+        let where_ = [
+            ("container_id", &c.container_id),
+            ("container", &c.container),
+            ("pod", &c.pod),
+            ("namespace", &c.namespace),
+        ];
+        for (key, value) in always
+            .into_iter()
+            .chain(where_.into_iter().filter(|(_, v)| !v.is_empty()))
+        {
+            (key, value.as_str()).encode(encoder.encode_label())?;
+        }
+        Ok(())
     }
 }
 
@@ -95,6 +148,8 @@ pub struct AgentStats {
     pub events_lost: Vec<KindCount>,
     /// What reconciliation repaired, by kind (missed_exec, missed_exit).
     pub repairs: Vec<KindCount>,
+    /// Container name lookups by result (ok, not_found, error, dropped).
+    pub container_lookups: Vec<KindCount>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]

@@ -20,6 +20,8 @@ pub const CMDLINE_LIMIT: usize = 64 * 1024;
 pub const ENVIRON_LIMIT: usize = 64 * 1024;
 /// Bytes of /proc/<pid>/maps read at most (a large Python process has ~3,000 lines).
 pub const MAPS_LIMIT: usize = 1024 * 1024;
+/// Most bytes of `/proc/<pid>/cgroup` read (a line per hierarchy).
+pub const CGROUP_LIMIT: usize = 16 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProcError {
@@ -156,6 +158,14 @@ impl ProcRoot {
     pub fn libraries(&self, pid: u32) -> Result<Vec<String>, ProcError> {
         let (maps, _) = self.read_bounded(pid, "maps", MAPS_LIMIT)?;
         Ok(shared_objects(&maps))
+    }
+
+    /// The container the process runs in, from its cgroup paths (None: not in one).
+    pub fn container(&self, pid: u32) -> Result<Option<crate::identity::ContainerRef>, ProcError> {
+        let (cgroup, _) = self.read_bounded(pid, "cgroup", CGROUP_LIMIT)?;
+        Ok(crate::identity::container_from_cgroup(
+            &String::from_utf8_lossy(&cgroup),
+        ))
     }
 
     pub fn start_ticks(&self, pid: u32) -> Result<u64, ProcError> {

@@ -4,6 +4,7 @@
 
 mod common;
 pub mod demo;
+pub mod docker;
 pub use common::*;
 
 use std::io::{Read, Write};

@@ -1,0 +1,193 @@
+//! The container resolver thread: names the containers tracked processes run in. The table
+//! knows a process's container id from its cgroup (read when the process is tracked); this
+//! thread asks the container runtime (Docker's API socket) for the name, image and, when the
+//! kubelet started it, pod and namespace — off the scrape path, one lookup per container,
+//! with timeouts. The sampler labels processes from the cache; a runtime that is slow or
+//! gone only leaves `container` (and `pod`, `namespace`) out, `container_id` stays.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use super::Shared;
+use crate::identity::docker::Docker;
+use crate::identity::{sanitize_label, ContainerRef};
+use crate::metrics::{ContainerLabels, KindCount};
+
+/// Lookups waiting at most; more are dropped and counted (retried on the next pass).
+const QUEUE: usize = 256;
+/// Containers remembered at most (those of tracked processes are kept; past this the cache
+/// is cleared and refilled).
+const MAX_CACHED: usize = 4096;
+/// A failed lookup is tried again after this.
+const RETRY_AFTER: Duration = Duration::from_secs(30);
+/// How long one lookup may take.
+const LOOKUP_TIMEOUT: Duration = Duration::from_secs(2);
+
+enum Entry {
+    Pending,
+    Known(ContainerLabels),
+    /// Not found, or the runtime failed: only the id is known, until `retry_at`.
+    Unknown {
+        retry_at: Instant,
+    },
+}
+
+/// What the sampler and the tracking path see of the resolver.
+pub struct Containers {
+    cache: Mutex<HashMap<String, Entry>>,
+    queue: Option<SyncSender<String>>,
+    /// Lookups by result: ok, not_found, error, dropped.
+    results: [AtomicU64; 4],
+}
+
+const RESULTS: [&str; 4] = ["ok", "not_found", "error", "dropped"];
+
+impl Containers {
+    /// A resolver asking Docker at `docker_socket` (None: names are never looked up), and the
+    /// receiving end its thread runs on.
+    pub fn new(docker_socket: Option<&PathBuf>) -> (Containers, Option<Receiver<String>>) {
+        let (queue, jobs) = match docker_socket {
+            Some(_) => {
+                let (tx, rx) = std::sync::mpsc::sync_channel(QUEUE);
+                (Some(tx), Some(rx))
+            }
+            None => (None, None),
+        };
+        (
+            Containers {
+                cache: Mutex::new(HashMap::new()),
+                queue,
+                results: Default::default(),
+            },
+            jobs,
+        )
+    }
+
+    fn cache(&self) -> std::sync::MutexGuard<'_, HashMap<String, Entry>> {
+        self.cache.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Asks for the container's name unless it is known, pending, or failed recently.
+    pub fn request(&self, id: &str) {
+        let Some(queue) = &self.queue else { return };
+        let mut cache = self.cache();
+        let due = match cache.get(id) {
+            None => true,
+            Some(Entry::Unknown { retry_at }) => Instant::now() >= *retry_at,
+            Some(_) => false,
+        };
+        if !due {
+            return;
+        }
+        if cache.len() >= MAX_CACHED {
+            cache.clear();
+        }
+        match queue.try_send(id.to_owned()) {
+            Ok(()) => {
+                cache.insert(id.to_owned(), Entry::Pending);
+            }
+            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
+                self.results[3].fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// The labels of a process in `container`: the id always, the rest once known.
+    pub fn labels(&self, container: &ContainerRef) -> ContainerLabels {
+        let known = match self.cache().get(&container.id) {
+            Some(Entry::Known(labels)) => Some(labels.clone()),
+            _ => None,
+        };
+        let mut labels = known.unwrap_or_default();
+        labels.container_id = container.short_id().to_owned();
+        labels
+    }
+
+    /// Forgets the containers no tracked process runs in.
+    pub fn retain(&self, in_use: &std::collections::HashSet<&str>) {
+        self.cache().retain(|id, _| in_use.contains(id.as_str()));
+    }
+
+    pub fn results(&self) -> Vec<KindCount> {
+        RESULTS
+            .iter()
+            .zip(&self.results)
+            .map(|(&kind, n)| KindCount {
+                kind,
+                value: n.load(Ordering::Relaxed),
+            })
+            .collect()
+    }
+}
+
+pub(super) fn spawn(
+    shared: Arc<Shared>,
+    jobs: Receiver<String>,
+    docker_socket: PathBuf,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    // Beats between lookups; a lookup is bounded by its timeout.
+    let heartbeat = shared
+        .health
+        .register("containers", Some(LOOKUP_TIMEOUT * 10));
+    std::thread::Builder::new()
+        .name("llmscope-containers".into())
+        .spawn(move || {
+            let docker = Docker::new(&docker_socket, LOOKUP_TIMEOUT);
+            let mut warned = false;
+            while !shared.stopping() {
+                heartbeat.beat();
+                let id = match jobs.recv_timeout(Duration::from_millis(200)) {
+                    Ok(id) => id,
+                    Err(RecvTimeoutError::Timeout) => continue,
+                    Err(RecvTimeoutError::Disconnected) => return,
+                };
+                let containers = &shared.containers;
+                let (entry, result) = match docker.inspect(&id) {
+                    Ok(Some(c)) => {
+                        let name = if c.kubernetes_container.is_empty() {
+                            c.name
+                        } else {
+                            c.kubernetes_container
+                        };
+                        let labels = ContainerLabels {
+                            container_id: String::new(),
+                            container: sanitize_label(&name),
+                            pod: sanitize_label(&c.pod),
+                            namespace: sanitize_label(&c.namespace),
+                        };
+                        (Entry::Known(labels), 0)
+                    }
+                    Ok(None) => (
+                        Entry::Unknown {
+                            retry_at: Instant::now() + RETRY_AFTER,
+                        },
+                        1,
+                    ),
+                    Err(e) => {
+                        if !warned {
+                            tracing::warn!(error = %e, "cannot ask Docker for container names; container_id stays, names are left out (retrying)");
+                            warned = true;
+                        }
+                        (
+                            Entry::Unknown {
+                                retry_at: Instant::now() + RETRY_AFTER,
+                            },
+                            2,
+                        )
+                    }
+                };
+                containers.results[result].fetch_add(1, Ordering::Relaxed);
+                let mut cache = containers.cache();
+                // Forgotten meanwhile (its processes are gone): nothing to record.
+                if cache.contains_key(&id) {
+                    cache.insert(id, entry);
+                }
+                drop(cache);
+                shared.table_changed();
+            }
+        })
+}

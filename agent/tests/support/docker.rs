@@ -1,0 +1,135 @@
+//! A real Docker engine for the container tests: Debian's docker.io, started here when no
+//! daemon answers, and images made locally from files of this machine (no registry).
+
+use std::hash::{Hash, Hasher};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use super::wait_for;
+
+fn docker(args: &[&str]) -> std::process::Output {
+    Command::new("docker")
+        .args(args)
+        .output()
+        .expect("running docker (cargo xtask test installs docker.io)")
+}
+
+/// Makes sure a Docker daemon answers; starts `dockerd` (no bridge, no iptables: the test
+/// containers run without a network) when none does.
+pub fn require_docker() {
+    static READY: OnceLock<()> = OnceLock::new();
+    READY.get_or_init(|| {
+        if docker(&["info"]).status.success() {
+            return;
+        }
+        let log = std::env::temp_dir().join("llmscope-test-dockerd.log");
+        // The daemon outlives this test binary (the next one uses it too): never waited for.
+        #[allow(clippy::zombie_processes)]
+        Command::new("dockerd")
+            .args(["--iptables=false", "--bridge=none"])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("starting dockerd (cargo xtask test installs docker.io)");
+        let up = wait_for(Duration::from_secs(60), || {
+            docker(&["info"]).status.success().then_some(())
+        });
+        assert!(
+            up.is_some(),
+            "dockerd did not start:\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+    });
+}
+
+/// An image holding `files` (host path → path in the image) and the shared libraries they
+/// need, made with `docker import`; tagged by a hash of its inputs, so it is made once.
+pub fn image(name: &str, files: &[(&Path, &str)]) -> String {
+    require_docker();
+    let mut all: Vec<(PathBuf, String)> = files
+        .iter()
+        .map(|(h, c)| (h.to_path_buf(), c.to_string()))
+        .collect();
+    for (host, _) in files {
+        let ldd = Command::new("ldd").arg(host).output().expect("running ldd");
+        for lib in String::from_utf8_lossy(&ldd.stdout)
+            .split_whitespace()
+            .filter(|w| w.starts_with('/'))
+        {
+            all.push((PathBuf::from(lib), lib.to_owned()));
+        }
+    }
+    all.sort();
+    all.dedup();
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    for (host, inside) in &all {
+        inside.hash(&mut hasher);
+        std::fs::read(host).unwrap().hash(&mut hasher);
+    }
+    let tag = format!("llmscope-test/{name}:{:016x}", hasher.finish());
+    if docker(&["image", "inspect", &tag]).status.success() {
+        return tag;
+    }
+    let root = std::env::temp_dir().join(format!("llmscope-image-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    for (host, inside) in &all {
+        let dest = root.join(inside.trim_start_matches('/'));
+        std::fs::create_dir_all(dest.parent().unwrap()).unwrap();
+        std::fs::copy(host, &dest).unwrap();
+    }
+    std::fs::create_dir_all(root.join("tmp")).unwrap();
+    let tar = root.with_extension("tar");
+    let ok = Command::new("tar")
+        .arg("-C")
+        .arg(&root)
+        .arg("-cf")
+        .arg(&tar)
+        .arg(".")
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    let out = docker(&["import", tar.to_str().unwrap(), &tag]);
+    assert!(out.status.success(), "docker import: {out:?}");
+    let _ = std::fs::remove_dir_all(&root);
+    let _ = std::fs::remove_file(&tar);
+    tag
+}
+
+/// A running container, removed when dropped.
+pub struct Container {
+    pub name: String,
+    pub id: String,
+}
+
+impl Container {
+    /// `docker run -d` of `image` running `argv`, without a network.
+    pub fn run(name: &str, image: &str, env: &[(&str, &str)], argv: &[&str]) -> Container {
+        let name = format!("llmscope-test-{name}-{}", std::process::id());
+        let _ = docker(&["rm", "-f", &name]);
+        let mut args = vec!["run", "-d", "--network", "none", "--name", &name];
+        let env: Vec<String> = env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        for e in &env {
+            args.extend(["-e", e.as_str()]);
+        }
+        args.push(image);
+        args.extend(argv);
+        let out = docker(&args);
+        assert!(out.status.success(), "docker run: {out:?}");
+        let id = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        Container { name, id }
+    }
+
+    /// The host pid of its main process.
+    pub fn pid(&self) -> u32 {
+        let out = docker(&["inspect", "-f", "{{.State.Pid}}", &self.id]);
+        String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+    }
+}
+
+impl Drop for Container {
+    fn drop(&mut self) {
+        let _ = docker(&["rm", "-f", &self.id]);
+    }
+}
