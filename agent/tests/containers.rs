@@ -100,3 +100,74 @@ fn containerized_processes_carry_their_container() {
     drop(server);
     drop(worker);
 }
+
+/// A containerized process (pid 1 in its own namespace, as a container's main process is)
+/// writes its gpu-info report with its own pid and start time: joined to its host pid and to
+/// no other; a report whose pid and start time match no process is refused and counted.
+#[test]
+fn gpu_info_reports_from_inside_a_container_join_the_right_process() {
+    let writer = gpuinfo_writer();
+    let image = image("gpuinfo", &[(&writer, "/bin/gpu-reporter")]);
+    let dir = std::env::temp_dir().join(format!("llmscope-gpuinfo-ns-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    // Like /tmp: any process may write its own report, none another's.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o1777)).unwrap();
+    let agent = Agent::start(&[
+        "--rescan-interval",
+        "1h",
+        "--gpu-info-dir",
+        dir.to_str().unwrap(),
+    ]);
+    let mount = format!("{}:/gpu-info", dir.display());
+    let reporter = Container::run_with(
+        "reporter",
+        &image,
+        &["-v", &mount],
+        &[("GPU_INFO_DIR", "/gpu-info")],
+        &["/bin/gpu-reporter"],
+    );
+    let host_pid = reporter.pid();
+    assert!(
+        wait_for(Duration::from_secs(10), || dir
+            .join("gpu-info-1.json")
+            .exists()
+            .then_some(()))
+        .is_some(),
+        "the container wrote no report as pid 1"
+    );
+    let labels = series_of(
+        &agent,
+        "llm_process_gpu_memory_allocated_bytes",
+        host_pid,
+        &[],
+    );
+    assert_eq!(labels["container_id"], reporter.id[..12], "{labels:?}");
+    let m = agent.metrics();
+    assert_eq!(
+        m.find("llm_process_gpu_memory_allocated_bytes", &[("pid", "1")]),
+        vec![],
+        "joined to the host's pid 1"
+    );
+
+    // Same pid inside, a start time no process has: refused.
+    let forged = Container::run_with(
+        "forged",
+        &image,
+        &["-v", &mount],
+        &[("GPU_INFO_DIR", "/gpu-info"), ("FAKE_START", "12345")],
+        &["/bin/gpu-reporter"],
+    );
+    let refused = wait_for(Duration::from_secs(10), || {
+        let n = agent.metrics().value(
+            "llmscope_gpu_info_rejected_total",
+            &[("reason", "no_matching_process")],
+        )?;
+        (n >= 1.0).then_some(n)
+    });
+    assert!(refused.is_some(), "{}", agent.metrics().0);
+    drop(forged);
+    drop(reporter);
+    let _ = std::fs::remove_dir_all(&dir);
+}

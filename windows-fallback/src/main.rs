@@ -110,6 +110,16 @@ impl Processes for Polled<'_> {
         let p = self.0.iter().find(|p| p.pid == pid)?;
         Some((owner(pid), p.start_time as f64))
     }
+
+    /// No PID namespaces here: the process with this pid, if it started then (its creation
+    /// time in Unix seconds).
+    fn find(&self, pid: u32, start_time_ticks: u64) -> Vec<u32> {
+        self.0
+            .iter()
+            .filter(|p| p.pid == pid && p.start_time == start_time_ticks)
+            .map(|p| p.pid)
+            .collect()
+    }
 }
 
 #[cfg(unix)]

@@ -190,7 +190,7 @@ impl Sampler {
 
     /// Reads the reports; a process that reports GPU use is tracked (as a GPU user).
     fn scan_gpu_info(&mut self, shared: &Shared, dir: &std::path::Path, limits: &Limits) {
-        match scan(dir, limits, &Owners(&shared.proc), SystemTime::now()) {
+        match scan(dir, limits, &Owners::new(&shared.proc), SystemTime::now()) {
             Ok(found) => {
                 self.rejections.count(&found);
                 for info in &found.accepted {
@@ -228,12 +228,45 @@ impl Sampler {
     }
 }
 
-/// The owner (effective uid: the owner of /proc/<pid>) and start time of live processes.
-struct Owners<'a>(&'a ProcRoot);
+/// The owner (effective uid: the owner of /proc/<pid>) and start time of live processes, and
+/// the writers of reports from other PID namespaces.
+struct Owners<'a> {
+    proc: &'a ProcRoot,
+    /// Live pids by start time, listed once per scan when a report asks.
+    by_start: std::cell::OnceCell<HashMap<u64, Vec<u32>>>,
+}
+
+impl<'a> Owners<'a> {
+    fn new(proc: &'a ProcRoot) -> Self {
+        Owners {
+            proc,
+            by_start: std::cell::OnceCell::new(),
+        }
+    }
+}
 
 impl Processes for Owners<'_> {
+    fn find(&self, pid: u32, start_time_ticks: u64) -> Vec<u32> {
+        let by_start = self.by_start.get_or_init(|| {
+            let mut by_start: HashMap<u64, Vec<u32>> = HashMap::new();
+            for p in self.proc.pids().unwrap_or_default() {
+                if let Ok(start) = self.proc.start_ticks(p) {
+                    by_start.entry(start).or_default().push(p);
+                }
+            }
+            by_start
+        });
+        by_start
+            .get(&start_time_ticks)
+            .into_iter()
+            .flatten()
+            .copied()
+            .filter(|&host| self.proc.ns_pid(host).ok() == Some(pid))
+            .collect()
+    }
+
     fn owner_and_start(&self, pid: u32) -> Option<(Option<u32>, f64)> {
-        let proc = self.0;
+        let proc = self.proc;
         let uid = std::fs::metadata(proc.path().join(pid.to_string()))
             .ok()?
             .uid();

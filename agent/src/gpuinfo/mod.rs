@@ -5,8 +5,11 @@
 //! - opened without following symlinks (`O_NOFOLLOW`) and without blocking (`O_NONBLOCK`: a
 //!   FIFO cannot stall the agent), and only a regular file is read;
 //! - at most [`Limits::max_bytes`] bytes (a 1 GiB sparse file is refused by its size);
-//! - owned by the uid of the process it names, modified after that process started (a file
-//!   left by an earlier process with the same pid is not believed), for a live process;
+//! - joined to its writer: with `start_time_ticks`, the one live process that has the
+//!   report's pid in its own PID namespace and that start time (a report from inside a
+//!   container names the pid the container sees); none or several: refused;
+//! - owned by the uid of that process, modified after it started (a file left by an earlier
+//!   process with the same pid is not believed);
 //! - parsed into a fixed schema (types, finite and in-range values, the pid inside matching the
 //!   pid in the name), and not older than the TTL;
 //! - at most [`Limits::max_files`] files per scan.
@@ -49,12 +52,19 @@ pub trait Processes {
     /// None where owners are not uids (Windows: there the directory's ACL must keep other
     /// users from writing reports).
     fn owner_and_start(&self, pid: u32) -> Option<(Option<u32>, f64)>;
+
+    /// The pids (as the agent sees them) of the live processes whose pid in their own PID
+    /// namespace is `pid` and whose start time is `start_time_ticks` (see
+    /// [`GpuInfo::start_time_ticks`]).
+    fn find(&self, pid: u32, start_time_ticks: u64) -> Vec<u32>;
 }
 
 /// Why a report is refused: every reason [`scan`] gives.
 pub const REASONS: &[&str] = &[
+    "ambiguous_process",
     "invalid_value",
     "malformed",
+    "no_matching_process",
     "not_a_regular_file",
     "older_than_process",
     "pid_mismatch",
@@ -191,7 +201,6 @@ fn read_one(
     processes: &dyn Processes,
     now: SystemTime,
 ) -> Result<GpuInfo, &'static str> {
-    let (uid, started) = processes.owner_and_start(pid).ok_or("process_gone")?;
     let file = open_untrusted(path)?;
     let meta = file.metadata().map_err(|_| "unreadable")?;
     if !meta.is_file() {
@@ -200,6 +209,27 @@ fn read_one(
     if meta.len() > limits.max_bytes {
         return Err("too_large");
     }
+    let mut text = Vec::with_capacity(meta.len() as usize);
+    file.take(limits.max_bytes + 1)
+        .read_to_end(&mut text)
+        .map_err(|_| "unreadable")?;
+    if text.len() as u64 > limits.max_bytes {
+        return Err("too_large");
+    }
+    let mut info = schema::parse(&text)?;
+    if info.pid != pid {
+        return Err("pid_mismatch");
+    }
+    // The writer, as the agent sees it.
+    let writer = match info.start_time_ticks {
+        None => pid,
+        Some(ticks) => match processes.find(pid, ticks)[..] {
+            [one] => one,
+            [] => return Err("no_matching_process"),
+            _ => return Err("ambiguous_process"),
+        },
+    };
+    let (uid, started) = processes.owner_and_start(writer).ok_or("process_gone")?;
     if let Some(uid) = uid {
         check_owner(&meta, uid)?;
     }
@@ -211,17 +241,7 @@ fn read_one(
     if modified + 1.0 < started {
         return Err("older_than_process");
     }
-    let mut text = Vec::with_capacity(meta.len() as usize);
-    file.take(limits.max_bytes + 1)
-        .read_to_end(&mut text)
-        .map_err(|_| "unreadable")?;
-    if text.len() as u64 > limits.max_bytes {
-        return Err("too_large");
-    }
-    let info = schema::parse(&text)?;
-    if info.pid != pid {
-        return Err("pid_mismatch");
-    }
+    info.pid = writer;
     let now = now
         .duration_since(UNIX_EPOCH)
         .map_or(0.0, |d| d.as_secs_f64());

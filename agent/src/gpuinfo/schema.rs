@@ -10,7 +10,15 @@ pub struct GpuInfo {
     /// Absent in files written by the original monitor: version 1.
     #[serde(default = "default_version")]
     pub version: u32,
+    /// The writer's pid as it sees it (in its own PID namespace, inside a container).
     pub pid: u32,
+    /// The writer's start time: on Linux field 22 of `/proc/self/stat` (clock ticks since
+    /// boot, the same in every PID namespace); on Windows the process creation time in Unix
+    /// seconds. With it, a report is joined to the one process with this pid in its own
+    /// namespace and this start time; without it (older writers), `pid` must be the pid the
+    /// agent sees.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_time_ticks: Option<u64>,
     /// Bytes the framework has allocated (PyTorch: `torch.cuda.memory_allocated()`).
     pub gpu_memory_allocated_bytes: f64,
     /// Bytes the framework has reserved from the driver (`torch.cuda.memory_reserved()`).

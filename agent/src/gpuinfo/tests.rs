@@ -9,6 +9,15 @@ impl Processes for Fake {
     fn owner_and_start(&self, pid: u32) -> Option<(Option<u32>, f64)> {
         self.0.get(&pid).map(|&(uid, start)| (Some(uid), start))
     }
+
+    /// Every process is in our namespace; start ticks are the start seconds.
+    fn find(&self, pid: u32, start_time_ticks: u64) -> Vec<u32> {
+        self.0
+            .get(&pid)
+            .filter(|&&(_, start)| start as u64 == start_time_ticks)
+            .map(|_| vec![pid])
+            .unwrap_or_default()
+    }
 }
 
 fn uid() -> u32 {
@@ -189,4 +198,60 @@ fn the_original_monitors_files_without_version_are_read() {
     ] {
         assert_eq!(pid_from_name(bad), None, "{bad}");
     }
+}
+
+/// Processes in other PID namespaces: (pid inside, start) → host pids.
+struct Namespaced(HashMap<(u32, u64), Vec<u32>>, HashMap<u32, (u32, f64)>);
+
+impl Processes for Namespaced {
+    fn owner_and_start(&self, pid: u32) -> Option<(Option<u32>, f64)> {
+        self.1.get(&pid).map(|&(uid, start)| (Some(uid), start))
+    }
+
+    fn find(&self, pid: u32, start_time_ticks: u64) -> Vec<u32> {
+        self.0
+            .get(&(pid, start_time_ticks))
+            .cloned()
+            .unwrap_or_default()
+    }
+}
+
+#[test]
+fn reports_from_other_pid_namespaces_join_their_one_writer() {
+    let dir = Dir::new("namespaces");
+    let t = now();
+    let with_start = |pid: u32, ticks: u64| {
+        report(pid, t).replace(
+            "\"pid\": ",
+            &format!("\"start_time_ticks\": {ticks}, \"pid\": "),
+        )
+    };
+    // pid 1 in two containers, told apart by start time; pid 7 with a start no one has;
+    // pid 9 matching two processes.
+    std::fs::write(dir.file(1), with_start(1, 500)).unwrap();
+    std::fs::write(dir.file(7), with_start(7, 999)).unwrap();
+    std::fs::write(dir.file(9), with_start(9, 600)).unwrap();
+    let procs = Namespaced(
+        [
+            ((1, 500), vec![4242]),
+            ((1, 501), vec![5353]),
+            ((9, 600), vec![6000, 6001]),
+        ]
+        .into(),
+        [
+            (4242, (uid(), t - 10.0)),
+            (5353, (uid(), t - 10.0)),
+            (6000, (uid(), t - 10.0)),
+            (6001, (uid(), t - 10.0)),
+        ]
+        .into(),
+    );
+    let scan = scan(&dir.0, &Limits::default(), &procs, SystemTime::now()).unwrap();
+    let accepted: Vec<u32> = scan.accepted.iter().map(|i| i.pid).collect();
+    assert_eq!(accepted, [4242], "joined to the host pid of its writer");
+    let refused: BTreeMap<&str, u64> = scan.rejected_by_reason();
+    assert_eq!(
+        refused,
+        [("ambiguous_process", 1), ("no_matching_process", 1)].into()
+    );
 }

@@ -6,7 +6,7 @@
 
 mod parse;
 
-pub use parse::{parse_cmdline, parse_environ_selected, shared_objects};
+pub use parse::{parse_cmdline, parse_environ_selected, parse_ns_pid, shared_objects};
 
 use std::fs::File;
 use std::io::{self, Read};
@@ -166,6 +166,16 @@ impl ProcRoot {
         Ok(crate::identity::container_from_cgroup(
             &String::from_utf8_lossy(&cgroup),
         ))
+    }
+
+    /// The process's pid in its own (innermost) PID namespace: the last `NSpid` entry of
+    /// its status (the pid itself when it is in ours).
+    pub fn ns_pid(&self, pid: u32) -> Result<u32, ProcError> {
+        let (status, _) = self.read_bounded(pid, "status", 16 * 1024)?;
+        parse_ns_pid(&String::from_utf8_lossy(&status)).ok_or_else(|| ProcError::Parse {
+            path: self.pid_path(pid, "status"),
+            reason: "no NSpid line".into(),
+        })
     }
 
     pub fn start_ticks(&self, pid: u32) -> Result<u64, ProcError> {

@@ -108,3 +108,15 @@ fn reads_through_a_configurable_root() {
     assert!(matches!(root.facts(4243), Err(ProcError::Gone(4243))));
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn innermost_pid_from_nspid() {
+    let host = "Name:\tllama-server\nPid:\t4242\nNSpid:\t4242\n";
+    let container = "Name:\tpython3\nTgid:\t9000\nNSpid:\t9000\t1\nPPid:\t8990\n";
+    let nested = "NSpid:\t9000\t57\t3\n";
+    assert_eq!(parse_ns_pid(host), Some(4242));
+    assert_eq!(parse_ns_pid(container), Some(1));
+    assert_eq!(parse_ns_pid(nested), Some(3));
+    assert_eq!(parse_ns_pid("Name:\tx\n"), None);
+    assert_eq!(parse_ns_pid("NSpid:\t\n"), None);
+}

@@ -106,9 +106,21 @@ pub struct Container {
 impl Container {
     /// `docker run -d` of `image` running `argv`, without a network.
     pub fn run(name: &str, image: &str, env: &[(&str, &str)], argv: &[&str]) -> Container {
+        Container::run_with(name, image, &[], env, argv)
+    }
+
+    /// [`Container::run`] with more `docker run` options.
+    pub fn run_with(
+        name: &str,
+        image: &str,
+        options: &[&str],
+        env: &[(&str, &str)],
+        argv: &[&str],
+    ) -> Container {
         let name = format!("llmscope-test-{name}-{}", std::process::id());
         let _ = docker(&["rm", "-f", &name]);
         let mut args = vec!["run", "-d", "--network", "none", "--name", &name];
+        args.extend(options);
         let env: Vec<String> = env.iter().map(|(k, v)| format!("{k}={v}")).collect();
         for e in &env {
             args.extend(["-e", e.as_str()]);

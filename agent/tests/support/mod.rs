@@ -213,6 +213,11 @@ pub fn workload(name: &str) -> PathBuf {
     )
 }
 
+/// Writes gpu-info reports with the pid and start time it sees (tests/fixtures/gpuinfo_writer.c).
+pub fn gpuinfo_writer() -> PathBuf {
+    compiled("gpuinfo-writer", "gpuinfo_writer.c", &["-O2"])
+}
+
 /// The CUDA workload (tests/fixtures/cuda/workload.c) under any program name.
 pub fn cuda_workload(name: &str) -> PathBuf {
     named(

@@ -123,6 +123,7 @@ fn gpu_reports_and_nvidia_smi_join_the_identities() {
     let report = |pid: u32| GpuInfo {
         version: 1,
         pid,
+        start_time_ticks: None,
         gpu_memory_allocated_bytes: 3e9,
         gpu_memory_reserved_bytes: 4e9,
         gpu_utilization: Some(55.0),
