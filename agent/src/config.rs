@@ -7,6 +7,11 @@ use std::time::Duration;
 
 use clap::Parser;
 
+/// A path, or "" for "do not use".
+fn path_or_empty(s: &str) -> Result<PathBuf, String> {
+    Ok(PathBuf::from(s))
+}
+
 #[derive(Debug, Clone, Parser)]
 #[command(
     name = "llmscope",
@@ -33,9 +38,30 @@ pub struct Config {
     #[arg(
         long = "container.docker-socket",
         env = "LLMSCOPE_CONTAINER_DOCKER_SOCKET",
-        default_value = "/var/run/docker.sock"
+        default_value = "/var/run/docker.sock",
+        value_parser = path_or_empty
     )]
     pub docker_socket: Option<PathBuf>,
+
+    /// containerd's state directory, where its CRI plugin writes each container's bundle
+    /// with the pod, namespace and container name. Empty: not read; missing: skipped.
+    #[arg(
+        long = "container.containerd-state",
+        env = "LLMSCOPE_CONTAINER_CONTAINERD_STATE",
+        default_value = "/run/containerd",
+        value_parser = path_or_empty
+    )]
+    pub containerd_state: Option<PathBuf>,
+
+    /// CRI-O's storage run directory (bundles with the same names). Empty: not read;
+    /// missing: skipped.
+    #[arg(
+        long = "container.crio-storage",
+        env = "LLMSCOPE_CONTAINER_CRIO_STORAGE",
+        default_value = "/run/containers/storage",
+        value_parser = path_or_empty
+    )]
+    pub crio_storage: Option<PathBuf>,
 
     /// Root of the proc filesystem to read (the host's /proc mounted at /host/proc in a container).
     #[arg(

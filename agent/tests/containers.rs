@@ -7,7 +7,7 @@ mod support;
 
 use std::time::Duration;
 
-use support::docker::{image, Container};
+use support::docker::{have_image, image, Container, PodContainer, CONTAINERD_STATE};
 use support::*;
 
 /// The series of `family` for `pid`, once there is one.
@@ -170,4 +170,198 @@ fn gpu_info_reports_from_inside_a_container_join_the_right_process() {
     drop(forged);
     drop(reporter);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A capability set of a process, from its status.
+fn capabilities(set: &str, pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{set}:")))
+        .map(|v| u64::from_str_radix(v.trim(), 16).unwrap())
+        .unwrap()
+}
+
+/// Capabilities containerd grants by default, all dropped (with `--cap-drop ALL`, ctr would
+/// also drop those added).
+const DEFAULT_CAPABILITIES: &[&str] = &[
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_FSETID",
+    "CAP_FOWNER",
+    "CAP_MKNOD",
+    "CAP_NET_RAW",
+    "CAP_SETGID",
+    "CAP_SETUID",
+    "CAP_SETFCAP",
+    "CAP_SETPCAP",
+    "CAP_NET_BIND_SERVICE",
+    "CAP_SYS_CHROOT",
+    "CAP_KILL",
+    "CAP_AUDIT_WRITE",
+];
+
+/// `llmscope:dev` (built from source by `cargo xtask image`, which `cargo xtask test` runs
+/// first), run by containerd — what the kubelet runs pods with — with the DaemonSet's
+/// security context: not privileged, only the DaemonSet's capabilities, read-only root, host PID
+/// namespace, host /proc at /host/proc, tracefs, BTF and Docker's socket read-only, no
+/// seccomp filter. (Docker 20.10 cannot: it does not know CAP_BPF and CAP_PERFMON.) It
+/// detects a containerized LLM process, with its container's labels, and a host process.
+#[test]
+fn the_image_detects_processes_with_the_daemonsets_security_context() {
+    assert!(
+        have_image("llmscope:dev"),
+        "no llmscope:dev image: run cargo xtask image (cargo xtask test does)"
+    );
+    let daemonset = std::fs::read_to_string(
+        support::demo::root().join("deploy/kubernetes/base/daemonset.yaml"),
+    )
+    .unwrap();
+    for needle in [
+        "privileged: false",
+        "readOnlyRootFilesystem: true",
+        "drop: [\"ALL\"]",
+        "add: [\"BPF\", \"PERFMON\", \"SYS_PTRACE\", \"DAC_READ_SEARCH\", \"SYS_RESOURCE\"]",
+        "hostPID: true",
+        "type: Unconfined",
+        "path: /var/run/docker.sock",
+    ] {
+        assert!(
+            daemonset.contains(needle),
+            "the DaemonSet no longer has {needle}: update this test"
+        );
+    }
+    let sleeper = workload("llama-server");
+    let image = image("llm", &[(&sleeper, "/bin/llama-server")]);
+    let server = Container::run(
+        "imaged-server",
+        &image,
+        &[],
+        &["/bin/llama-server", "-m", "/models/in-a-container.gguf"],
+    );
+    let host = spawn(&sleeper, &["-m", "/models/on-the-host.gguf"]);
+
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let log = std::env::temp_dir().join(format!("llmscope-image-agent-{}.log", addr.port()));
+    let mut options: Vec<String> = vec![
+        "--net-host".into(),
+        // The host's PID namespace (this test's: pid 1's is not readable on every machine).
+        "--with-ns".into(),
+        format!("pid:/proc/{}/ns/pid", std::process::id()),
+        "--read-only".into(),
+        "--log-uri".into(),
+        format!("file://{}", log.display()),
+    ];
+    for cap in DEFAULT_CAPABILITIES {
+        options.extend(["--cap-drop".into(), (*cap).into()]);
+    }
+    // What this test may grant: a capability outside its own bounding set cannot be (on
+    // the development machines CAP_SYS_RESOURCE is not in it; the agent needs it only for
+    // the memlock limit of kernels before 5.11).
+    let bounding = capabilities("CapBnd", std::process::id());
+    let granted: Vec<(&str, u32)> = [
+        ("BPF", 39),
+        ("PERFMON", 38),
+        ("SYS_PTRACE", 19),
+        ("DAC_READ_SEARCH", 2),
+        ("SYS_RESOURCE", 24),
+    ]
+    .into_iter()
+    .filter(|(_, bit)| bounding & (1 << bit) != 0)
+    .collect();
+    for (cap, _) in &granted {
+        options.extend(["--cap-add".into(), format!("CAP_{cap}")]);
+    }
+    for (src, dst) in [
+        ("/proc", "/host/proc"),
+        ("/sys/kernel/tracing", "/sys/kernel/tracing"),
+        ("/sys/kernel/btf", "/sys/kernel/btf"),
+        ("/var/run/docker.sock", "/var/run/docker.sock"),
+    ] {
+        options.extend([
+            "--mount".into(),
+            format!("type=bind,src={src},dst={dst},options=rbind:ro"),
+        ]);
+    }
+    let listen = format!("--web.listen-address={addr}");
+    let agent = PodContainer::start(
+        "llmscope:dev",
+        1,
+        &options,
+        &[
+            "/usr/local/bin/llmscope",
+            &listen,
+            "--path.procfs=/host/proc",
+            "--no-nvml",
+        ],
+    );
+    // Exactly those capabilities, nothing else.
+    let effective = capabilities("CapEff", agent.pid());
+    let want = granted.iter().fold(0, |m, (_, bit)| m | (1u64 << bit));
+    assert_eq!(effective, want, "effective capabilities {effective:#x}");
+    let both = wait_for(Duration::from_secs(30), || {
+        let (code, _, body) = http_get(addr, "/metrics", None).ok()?;
+        let m = Exposition(body);
+        let contained = m
+            .find(
+                "llm_process_memory_bytes",
+                &[("pid", &server.pid().to_string())],
+            )
+            .into_iter()
+            .next()?;
+        let on_host = m
+            .find(
+                "llm_process_memory_bytes",
+                &[("pid", &host.pid().to_string())],
+            )
+            .into_iter()
+            .next()?;
+        (code == 200).then_some((contained.0, on_host.0))
+    });
+    let Some((contained, on_host)) = both else {
+        panic!(
+            "the containerized agent did not see both:\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+    };
+    assert_eq!(contained["container_id"], server.id[..12], "{contained:?}");
+    assert_eq!(contained["container"], server.name, "{contained:?}");
+    assert!(!on_host.contains_key("container_id"), "{on_host:?}");
+    drop(agent);
+    let _ = std::fs::remove_file(&log);
+}
+
+/// A pod's container as containerd's CRI plugin runs it (its bundle annotated with the pod,
+/// namespace and container name the kubelet gave): labelled with all three.
+#[test]
+fn a_pods_container_under_containerd_carries_pod_and_namespace() {
+    let sleeper = workload("llama-server");
+    let image = image("llm", &[(&sleeper, "/bin/llama-server")]);
+    let agent = Agent::start(&[
+        "--rescan-interval",
+        "1h",
+        "--container.containerd-state",
+        CONTAINERD_STATE,
+        "--container.docker-socket",
+        "",
+    ]);
+    let pod = PodContainer::run(
+        &image,
+        "qwen-7b-0",
+        "inference",
+        "server",
+        &[
+            "/bin/llama-server",
+            "-m",
+            "/models/qwen2.5-7b-instruct.gguf",
+        ],
+    );
+    let want = [
+        ("pod", "qwen-7b-0"),
+        ("namespace", "inference"),
+        ("container", "server"),
+    ];
+    let labels = series_of(&agent, "llm_process_memory_bytes", pod.pid(), &want);
+    assert_eq!(labels["container_id"], pod.id[..12], "{labels:?}");
+    drop(pod);
 }

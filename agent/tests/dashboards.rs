@@ -68,7 +68,7 @@ fn no_query_adds_the_runtime_and_driver_layers() {
     for file in [
         "deploy/prometheus/rules/llmscope-recording.yml",
         "deploy/prometheus/rules/llmscope-alerts.yml",
-        "deploy/kubernetes/prometheusrule.yaml",
+        "deploy/kubernetes/base/prometheusrule.yaml",
     ] {
         let text = std::fs::read_to_string(root().join(file)).unwrap();
         exprs.extend(

@@ -1,6 +1,7 @@
 //! `cargo xtask build-ebpf | run | test`: every set-up step a fresh machine needs, said out loud.
 
 mod ebpf;
+mod image;
 mod setup;
 
 use std::process::Command;
@@ -35,6 +36,9 @@ enum Task {
     /// A whole llmscope environment without a GPU (agent, CUDA and NVML test doubles,
     /// workloads, a stand-in inference server, Prometheus on :9090) to look at every metric.
     Demo,
+    /// Build the agent's image from source (deploy/docker/Dockerfile) as llmscope:dev, with
+    /// Debian's docker.io; base images are made locally when no registry can be reached.
+    Image,
     /// Run every test: unit tests and the privileged integration tests (needs root).
     Test {
         /// Extra arguments for `cargo test` (e.g. a test name filter).
@@ -50,6 +54,7 @@ fn main() -> Result<()> {
         Task::Test { args } => test(args),
         Task::Bench { name } => bench(name),
         Task::Demo => demo(),
+        Task::Image => image::build(),
     }
 }
 
@@ -117,6 +122,8 @@ fn test(args: Vec<String>) -> Result<()> {
         "warnings",
     ])?;
     let fallback_exe = windows_fallback()?;
+    // The container tests run the image built from source.
+    image::build()?;
     // Integration tests start agents and process storms: one at a time, so they do not
     // compete for this machine's two cores.
     let mut cargo_args = vec!["test", "--workspace", "--exclude", "agent-ebpf"];

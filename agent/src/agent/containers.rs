@@ -1,8 +1,9 @@
 //! The container resolver thread: names the containers tracked processes run in. The table
 //! knows a process's container id from its cgroup (read when the process is tracked); this
-//! thread asks the container runtime (Docker's API socket) for the name, image and, when the
-//! kubelet started it, pod and namespace — off the scrape path, one lookup per container,
-//! with timeouts. The sampler labels processes from the cache; a runtime that is slow or
+//! thread finds the names — off the scrape path, one lookup per container, with timeouts:
+//! the Kubernetes pod, namespace and container name from the OCI bundle containerd's CRI
+//! plugin or CRI-O wrote, else Docker's name for it (and the kubelet's labels, for
+//! cri-dockerd) from Docker's API socket. The sampler labels processes from the cache; a runtime that is slow or
 //! gone only leaves `container` (and `pod`, `namespace`) out, `container_id` stays.
 
 use std::collections::HashMap;
@@ -14,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use super::Shared;
 use crate::identity::docker::Docker;
+use crate::identity::oci::Bundles;
 use crate::identity::{sanitize_label, ContainerRef};
 use crate::metrics::{ContainerLabels, KindCount};
 
@@ -47,15 +49,14 @@ pub struct Containers {
 const RESULTS: [&str; 4] = ["ok", "not_found", "error", "dropped"];
 
 impl Containers {
-    /// A resolver asking Docker at `docker_socket` (None: names are never looked up), and the
-    /// receiving end its thread runs on.
-    pub fn new(docker_socket: Option<&PathBuf>) -> (Containers, Option<Receiver<String>>) {
-        let (queue, jobs) = match docker_socket {
-            Some(_) => {
-                let (tx, rx) = std::sync::mpsc::sync_channel(QUEUE);
-                (Some(tx), Some(rx))
-            }
-            None => (None, None),
+    /// A resolver (`enabled`: some runtime can be asked; otherwise names are never looked
+    /// up), and the receiving end its thread runs on.
+    pub fn new(enabled: bool) -> (Containers, Option<Receiver<String>>) {
+        let (queue, jobs) = if enabled {
+            let (tx, rx) = std::sync::mpsc::sync_channel(QUEUE);
+            (Some(tx), Some(rx))
+        } else {
+            (None, None)
         };
         (
             Containers {
@@ -124,10 +125,24 @@ impl Containers {
     }
 }
 
+/// Where names are looked for.
+pub struct Sources {
+    pub bundles: Bundles,
+    pub docker_socket: Option<PathBuf>,
+}
+
+impl Sources {
+    pub fn any(&self) -> bool {
+        self.bundles.containerd.is_some()
+            || self.bundles.crio.is_some()
+            || self.docker_socket.is_some()
+    }
+}
+
 pub(super) fn spawn(
     shared: Arc<Shared>,
     jobs: Receiver<String>,
-    docker_socket: PathBuf,
+    sources: Sources,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     // Beats between lookups; a lookup is bounded by its timeout.
     let heartbeat = shared
@@ -136,7 +151,10 @@ pub(super) fn spawn(
     std::thread::Builder::new()
         .name("llmscope-containers".into())
         .spawn(move || {
-            let docker = Docker::new(&docker_socket, LOOKUP_TIMEOUT);
+            let docker = sources
+                .docker_socket
+                .as_deref()
+                .map(|s| Docker::new(s, LOOKUP_TIMEOUT));
             let mut warned = false;
             while !shared.stopping() {
                 heartbeat.beat();
@@ -146,21 +164,33 @@ pub(super) fn spawn(
                     Err(RecvTimeoutError::Disconnected) => return,
                 };
                 let containers = &shared.containers;
-                let (entry, result) = match docker.inspect(&id) {
-                    Ok(Some(c)) => {
-                        let name = if c.kubernetes_container.is_empty() {
-                            c.name
-                        } else {
-                            c.kubernetes_container
-                        };
-                        let labels = ContainerLabels {
-                            container_id: String::new(),
-                            container: sanitize_label(&name),
-                            pod: sanitize_label(&c.pod),
-                            namespace: sanitize_label(&c.namespace),
-                        };
-                        (Entry::Known(labels), 0)
-                    }
+                let from_bundle = sources.bundles.names(&id).map(|k| ContainerLabels {
+                    container_id: String::new(),
+                    container: sanitize_label(&k.container),
+                    pod: sanitize_label(&k.pod),
+                    namespace: sanitize_label(&k.namespace),
+                });
+                let asked = match (from_bundle, &docker) {
+                    (Some(labels), _) => Ok(Some(labels)),
+                    (None, Some(docker)) => docker.inspect(&id).map(|found| {
+                        found.map(|c| {
+                            let name = if c.kubernetes_container.is_empty() {
+                                c.name
+                            } else {
+                                c.kubernetes_container
+                            };
+                            ContainerLabels {
+                                container_id: String::new(),
+                                container: sanitize_label(&name),
+                                pod: sanitize_label(&c.pod),
+                                namespace: sanitize_label(&c.namespace),
+                            }
+                        })
+                    }),
+                    (None, None) => Ok(None),
+                };
+                let (entry, result) = match asked {
+                    Ok(Some(labels)) => (Entry::Known(labels), 0),
                     Ok(None) => (
                         Entry::Unknown {
                             retry_at: Instant::now() + RETRY_AFTER,

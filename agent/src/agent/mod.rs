@@ -321,19 +321,24 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         mmap_records,
         ..
     } = sensor;
-    let docker_socket = config
-        .docker_socket
-        .clone()
-        .filter(|p| !p.as_os_str().is_empty());
-    let docker_socket = match docker_socket {
-        Some(p) if p.exists() => Some(p),
-        Some(p) => {
-            tracing::info!(socket = %p.display(), "no Docker socket: container names are not looked up (container_id still is)");
+    // Where container names come from: each source is used when its path exists.
+    let present = |p: &Option<std::path::PathBuf>, what: &str| {
+        let p = p.clone().filter(|p| !p.as_os_str().is_empty())?;
+        if p.exists() {
+            Some(p)
+        } else {
+            tracing::info!(path = %p.display(), "no {what} here: not used for container names");
             None
         }
-        None => None,
     };
-    let (containers, container_jobs) = containers::Containers::new(docker_socket.as_ref());
+    let sources = containers::Sources {
+        bundles: crate::identity::oci::Bundles {
+            containerd: present(&config.containerd_state, "containerd state"),
+            crio: present(&config.crio_storage, "CRI-O storage"),
+        },
+        docker_socket: present(&config.docker_socket, "Docker socket"),
+    };
+    let (containers, container_jobs) = containers::Containers::new(sources.any());
     let launch_mode = crate::cuda::launches::mode(config.cuda_overhead_budget);
     let (queue, attach_jobs) = libraries::AttachQueue::new();
     let cuda = CudaState {
@@ -390,10 +395,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         ("attach", attach_thread),
         ("sampler", sampler_thread),
     ];
-    if let (Some(jobs), Some(socket)) = (container_jobs, docker_socket) {
+    if let Some(jobs) = container_jobs {
         threads.push((
             "containers",
-            containers::spawn(shared.clone(), jobs, socket)?,
+            containers::spawn(shared.clone(), jobs, sources)?,
         ));
     }
     if !config.no_nvml {

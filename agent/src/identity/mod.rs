@@ -9,6 +9,7 @@ mod container;
 pub mod docker;
 mod entry;
 mod model;
+pub mod oci;
 mod sanitize;
 #[cfg(test)]
 mod tests;

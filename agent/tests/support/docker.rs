@@ -97,6 +97,12 @@ pub fn image(name: &str, files: &[(&Path, &str)]) -> String {
     tag
 }
 
+/// Whether the image exists locally.
+pub fn have_image(tag: &str) -> bool {
+    require_docker();
+    docker(&["image", "inspect", tag]).status.success()
+}
+
 /// A running container, removed when dropped.
 pub struct Container {
     pub name: String,
@@ -119,7 +125,10 @@ impl Container {
     ) -> Container {
         let name = format!("llmscope-test-{name}-{}", std::process::id());
         let _ = docker(&["rm", "-f", &name]);
-        let mut args = vec!["run", "-d", "--network", "none", "--name", &name];
+        let mut args = vec!["run", "-d", "--name", &name];
+        if !options.contains(&"--network") {
+            args.extend(["--network", "none"]);
+        }
         args.extend(options);
         let env: Vec<String> = env.iter().map(|(k, v)| format!("{k}={v}")).collect();
         for e in &env {
@@ -133,6 +142,16 @@ impl Container {
         Container { name, id }
     }
 
+    /// What it wrote to its standard output and error.
+    pub fn logs(&self) -> String {
+        let out = docker(&["logs", &self.id]);
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    }
+
     /// The host pid of its main process.
     pub fn pid(&self) -> u32 {
         let out = docker(&["inspect", "-f", "{{.State.Pid}}", &self.id]);
@@ -143,5 +162,104 @@ impl Container {
 impl Drop for Container {
     fn drop(&mut self) {
         let _ = docker(&["rm", "-f", &self.id]);
+    }
+}
+
+/// The containerd that dockerd runs (Debian's docker.io manages its own).
+pub const CONTAINERD_SOCKET: &str = "/var/run/docker/containerd/containerd.sock";
+/// Its state directory, where it keeps each container's OCI bundle.
+pub const CONTAINERD_STATE: &str = "/var/run/docker/containerd/daemon";
+
+fn ctr(args: &[&str]) -> std::process::Output {
+    Command::new("ctr")
+        .args(["--address", CONTAINERD_SOCKET, "--namespace", "k8s.io"])
+        .args(args)
+        .output()
+        .expect("running ctr (cargo xtask test installs docker.io, which brings containerd)")
+}
+
+/// A container run by containerd directly, in the `k8s.io` namespace, with the annotations
+/// containerd's CRI plugin writes for a pod's container; removed when dropped.
+pub struct PodContainer {
+    pub id: String,
+}
+
+impl PodContainer {
+    /// `image` (made with [`image`]) running `argv` as container `container` of pod
+    /// `namespace/pod`.
+    pub fn run(
+        image: &str,
+        pod: &str,
+        namespace: &str,
+        container: &str,
+        argv: &[&str],
+    ) -> PodContainer {
+        let options: Vec<String> = [
+            "io.kubernetes.cri.container-type=container".to_owned(),
+            format!("io.kubernetes.cri.container-name={container}"),
+            format!("io.kubernetes.cri.sandbox-name={pod}"),
+            format!("io.kubernetes.cri.sandbox-namespace={namespace}"),
+        ]
+        .into_iter()
+        .flat_map(|a| ["--annotation".to_owned(), a])
+        .collect();
+        PodContainer::start(image, 0xc0ffee, &options, argv)
+    }
+
+    /// `ctr run -d` of a Docker image (imported into containerd once) with more options;
+    /// `n` tells this test binary's containers apart.
+    pub fn start(image: &str, n: u64, options: &[String], argv: &[&str]) -> PodContainer {
+        let reference = if image.contains('/') {
+            format!("docker.io/{image}")
+        } else {
+            format!("docker.io/library/{image}")
+        };
+        let mut save = Command::new("docker")
+            .args(["save", image])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let out = Command::new("ctr")
+            .args(["--address", CONTAINERD_SOCKET, "--namespace", "k8s.io"])
+            .args(["images", "import", "-"])
+            .stdin(save.stdout.take().unwrap())
+            .output()
+            .unwrap();
+        assert!(save.wait().unwrap().success(), "docker save {image}");
+        assert!(out.status.success(), "ctr images import: {out:?}");
+        let id = format!(
+            "{:064x}",
+            (u128::from(std::process::id()) << 64) | u128::from(n)
+        );
+        let _ = ctr(&["task", "kill", "-s", "KILL", &id]);
+        let _ = ctr(&["task", "delete", "-f", &id]);
+        let _ = ctr(&["container", "delete", &id]);
+        let mut args: Vec<&str> = vec!["run", "-d"];
+        args.extend(options.iter().map(String::as_str));
+        args.extend([reference.as_str(), id.as_str()]);
+        args.extend(argv);
+        let out = ctr(&args);
+        assert!(out.status.success(), "ctr run: {out:?}");
+        PodContainer { id }
+    }
+
+    /// The host pid of its main process.
+    pub fn pid(&self) -> u32 {
+        let out = ctr(&["task", "ls"]);
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .find(|l| l.starts_with(&self.id))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("no task {}: {out:?}", self.id))
+    }
+}
+
+impl Drop for PodContainer {
+    fn drop(&mut self) {
+        let _ = ctr(&["task", "kill", "-s", "KILL", &self.id]);
+        std::thread::sleep(Duration::from_millis(200));
+        let _ = ctr(&["task", "delete", "-f", &self.id]);
+        let _ = ctr(&["container", "delete", &self.id]);
     }
 }
