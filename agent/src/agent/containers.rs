@@ -72,7 +72,8 @@ impl Containers {
         self.cache.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Asks for the container's name unless it is known, pending, or failed recently.
+    /// Asks for the container's name unless it is known, pending, or failed recently (the
+    /// sampler asks again for every container in use once a second).
     pub fn request(&self, id: &str) {
         let Some(queue) = &self.queue else { return };
         let mut cache = self.cache();

@@ -180,6 +180,10 @@ impl Sampler {
         if full {
             let in_use: HashSet<&str> = tracked_containers.iter().map(String::as_str).collect();
             shared.containers.retain(&in_use);
+            // Lookups that failed are retried when due, and dropped ones asked again.
+            for id in &in_use {
+                shared.containers.request(id);
+            }
         }
         view.container_lookups = shared.containers.results();
         self.last = last;
