@@ -63,6 +63,11 @@ pub struct Config {
     )]
     pub crio_storage: Option<PathBuf>,
 
+    /// The host Prometheus should use for an inference server listening on all addresses
+    /// (`GET /api/sd`); by default 127.0.0.1 (Prometheus on the same machine).
+    #[arg(long = "sd.advertise-host", env = "LLMSCOPE_SD_ADVERTISE_HOST")]
+    pub sd_advertise_host: Option<String>,
+
     /// Root of the proc filesystem to read (the host's /proc mounted at /host/proc in a container).
     #[arg(
         long = "path.procfs",

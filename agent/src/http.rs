@@ -33,6 +33,17 @@ pub trait MetricsSource: Send + Sync + 'static {
     fn build_info(&self) -> BuildInfo;
     /// `Err(reason)` when the agent cannot do its job (e.g. its event reader stopped).
     fn health(&self) -> Result<(), String>;
+    /// Inference servers' metrics endpoints, for Prometheus HTTP service discovery.
+    fn service_discovery(&self) -> Vec<SdTarget> {
+        Vec::new()
+    }
+}
+
+/// One entry of Prometheus's `http_sd_configs` format.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct SdTarget {
+    pub targets: Vec<String>,
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 type Source = Arc<dyn MetricsSource>;
@@ -55,7 +66,8 @@ pub fn router(source: Source, auth: Option<Arc<BasicAuth>>) -> Router {
     let mut protected = Router::new()
         .route("/", get(landing))
         .route("/metrics", get(metrics))
-        .route("/api/processes", get(processes));
+        .route("/api/processes", get(processes))
+        .route("/api/sd", get(service_discovery));
     if let Some(auth) = auth {
         protected = protected.layer(axum::middleware::from_fn(
             move |req: Request, next: Next| {
@@ -226,6 +238,10 @@ async fn processes(State(source): State<Source>) -> Response {
         Ok(s) => Json(s.processes).into_response(),
         Err(r) => r,
     }
+}
+
+async fn service_discovery(State(source): State<Source>) -> Response {
+    Json(source.service_discovery()).into_response()
 }
 
 async fn healthz(State(source): State<Source>) -> Response {

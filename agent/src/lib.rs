@@ -16,6 +16,8 @@ pub mod web_config;
 
 #[cfg(target_os = "linux")]
 pub mod proc;
+#[cfg(target_os = "linux")]
+pub mod servers;
 
 #[cfg(all(target_os = "linux", feature = "ebpf"))]
 pub mod agent;

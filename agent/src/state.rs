@@ -84,3 +84,14 @@ pub struct GpuInfoView {
     /// The directory could not be read.
     pub error: Option<String>,
 }
+
+/// An inference server's own metrics endpoint, as the discovery thread last found it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Endpoint {
+    pub labels: ProcessLabels,
+    /// `host:port` for Prometheus.
+    pub target: String,
+    pub path: &'static str,
+    /// False: the server answers there, without metrics (llama.cpp without `--metrics`).
+    pub metrics: bool,
+}

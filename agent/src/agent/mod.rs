@@ -30,6 +30,7 @@ mod nvml;
 mod observe;
 mod reconcile;
 mod sampler;
+mod servers;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -37,7 +38,7 @@ use std::time::{Duration, Instant};
 
 use crate::collectors::{
     cuda::CudaCollector, gpuinfo::GpuInfoCollector, kernel::KernelCollector, nvml::NvmlCollector,
-    process::ProcessCollector,
+    process::ProcessCollector, servers::ServersCollector,
 };
 use crate::config::Config;
 use crate::cuda::attach::{Attacher, AttacherStats};
@@ -48,7 +49,7 @@ use crate::metrics::cuda::LaunchMode;
 use crate::metrics::{gather, BuildInfo, Collector, Snapshot};
 use crate::nvml::NvmlState;
 use crate::proc::ProcRoot;
-use crate::state::{Counters, GpuInfoView, ProcessView, Published};
+use crate::state::{Counters, Endpoint, GpuInfoView, ProcessView, Published};
 use crate::tracker::{Observed, Tracker};
 
 /// How often the events thread drains the ring buffer: detection within ~10 ms without a
@@ -73,6 +74,7 @@ struct Shared {
     nvml: Arc<Published<NvmlState>>,
     processes: Arc<Published<ProcessView>>,
     gpu_info: Arc<Published<GpuInfoView>>,
+    endpoints: Arc<Published<Vec<Endpoint>>>,
     containers: containers::Containers,
     /// Set when the table changed; wakes the sampler.
     changed: (Mutex<bool>, Condvar),
@@ -175,6 +177,7 @@ impl Shared {
             nvml: Arc::default(),
             processes: Arc::default(),
             gpu_info: Arc::default(),
+            endpoints: Arc::default(),
             containers,
             changed: (Mutex::new(false), Condvar::new()),
         }
@@ -282,6 +285,7 @@ impl Shared {
 struct AgentSource {
     collectors: Vec<Box<dyn Collector>>,
     health: Arc<health::Health>,
+    endpoints: Arc<Published<Vec<Endpoint>>>,
 }
 
 impl MetricsSource for AgentSource {
@@ -295,6 +299,10 @@ impl MetricsSource for AgentSource {
 
     fn health(&self) -> Result<(), String> {
         self.health.check()
+    }
+
+    fn service_discovery(&self) -> Vec<crate::http::SdTarget> {
+        crate::collectors::servers::sd_targets(&self.endpoints.get())
     }
 }
 
@@ -390,11 +398,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         config.cuda_library_idle_timeout,
     )?;
     let sampler_thread = sampler::spawn(shared.clone(), gpu_info.clone())?;
+    let servers_thread = servers::spawn(shared.clone(), config.sd_advertise_host.clone())?;
     let mut threads = vec![
         ("events", events_thread),
         ("reconcile", reconcile_thread),
         ("attach", attach_thread),
         ("sampler", sampler_thread),
+        ("servers", servers_thread),
     ];
     if let Some(jobs) = container_jobs {
         threads.push((
@@ -430,6 +440,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             shared.cuda.clone(),
             shared.processes.clone(),
         )),
+        Box::new(ServersCollector::new(shared.endpoints.clone())),
     ];
     if !config.no_nvml {
         collectors.push(Box::new(NvmlCollector::new(
@@ -449,6 +460,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let source = Arc::new(AgentSource {
         collectors,
         health: shared.health.clone(),
+        endpoints: shared.endpoints.clone(),
     });
     let (stop_http, http_stopped) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(crate::http::serve(listener, source, web, async {

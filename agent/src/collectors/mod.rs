@@ -5,3 +5,4 @@ pub mod gpuinfo;
 pub mod kernel;
 pub mod nvml;
 pub mod process;
+pub mod servers;

@@ -253,6 +253,26 @@ impl Collector for SnapshotCollector {
             None,
             by_ref(&kinds(&s.agent.container_lookups)),
         )?;
+        let endpoints: Vec<((ProcessLabels, EndpointLabels), f64)> = s
+            .server_endpoints
+            .iter()
+            .map(|(labels, target, metrics)| {
+                let state = if *metrics { "metrics" } else { "disabled" };
+                let extra = EndpointLabels {
+                    endpoint: target.clone(),
+                    state: state.to_owned(),
+                };
+                ((labels.clone(), extra), 1.0)
+            })
+            .collect();
+        family(
+            &mut e,
+            MetricType::Gauge,
+            "llm_server_metrics_endpoint",
+            "An inference server's own metrics endpoint (1), by address; state=\"disabled\": the server answers there without metrics (llama.cpp without --metrics). Published for Prometheus at /api/sd.",
+            None,
+            by_ref(&endpoints),
+        )?;
         encode_cuda(&mut e, &s.cuda)?;
         encode_gpu(&mut e, &s.gpu)?;
         Ok(())
@@ -441,6 +461,12 @@ fn encode_cuda(e: &mut DescriptorEncoder, c: &CudaSnapshot) -> Result<(), std::f
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct HookLabel {
     hook: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct EndpointLabels {
+    endpoint: String,
+    state: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]

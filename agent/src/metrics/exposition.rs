@@ -100,6 +100,7 @@ mod tests {
         };
         let cuda_labels = ProcessLabels::new(10, "python3", &id);
         Snapshot {
+            server_endpoints: vec![],
             cuda: CudaSnapshot {
                 calls: vec![(
                     (

@@ -156,6 +156,8 @@ pub struct AgentStats {
 pub struct Snapshot {
     pub processes: Vec<ProcessSample>,
     pub cuda: cuda::CudaSnapshot,
+    /// Inference servers' own metrics endpoints: (process, `host:port`, metrics enabled).
+    pub server_endpoints: Vec<(ProcessLabels, String, bool)>,
     pub gpu: gpu::GpuSnapshot,
     pub collectors: Vec<CollectorStatus>,
     pub agent: AgentStats,

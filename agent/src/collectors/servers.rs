@@ -1,0 +1,65 @@
+//! Inference servers' own metrics endpoints, as the discovery thread last found them
+//! (`agent::servers`): `llm_server_metrics_endpoint`, and the targets of `GET /api/sd`.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use crate::http::SdTarget;
+use crate::metrics::{CollectError, Collector, Snapshot};
+use crate::state::{Endpoint, Published};
+
+pub struct ServersCollector {
+    endpoints: Arc<Published<Vec<Endpoint>>>,
+}
+
+impl ServersCollector {
+    pub fn new(endpoints: Arc<Published<Vec<Endpoint>>>) -> Self {
+        ServersCollector { endpoints }
+    }
+}
+
+impl Collector for ServersCollector {
+    fn name(&self) -> &'static str {
+        "servers"
+    }
+
+    fn collect(&self, snapshot: &mut Snapshot) -> Result<(), CollectError> {
+        snapshot.server_endpoints = self
+            .endpoints
+            .get()
+            .iter()
+            .map(|e| (e.labels.clone(), e.target.clone(), e.metrics))
+            .collect();
+        Ok(())
+    }
+}
+
+/// Prometheus HTTP service discovery: one target per endpoint with metrics, labelled with
+/// its process's labels (container ones included) and `__metrics_path__`.
+pub fn sd_targets(endpoints: &[Endpoint]) -> Vec<SdTarget> {
+    endpoints
+        .iter()
+        .filter(|e| e.metrics)
+        .map(|e| {
+            let l = &e.labels;
+            let labels: BTreeMap<String, String> = [
+                ("__metrics_path__", e.path),
+                ("pid", l.pid.as_str()),
+                ("framework", l.framework.as_str()),
+                ("model_name", l.model_name.as_str()),
+                ("container_id", l.container.container_id.as_str()),
+                ("container", l.container.container.as_str()),
+                ("pod", l.container.pod.as_str()),
+                ("namespace", l.container.namespace.as_str()),
+            ]
+            .into_iter()
+            .filter(|(_, v)| !v.is_empty())
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect();
+            SdTarget {
+                targets: vec![e.target.clone()],
+                labels,
+            }
+        })
+        .collect()
+}
