@@ -2,6 +2,7 @@
 
 mod ebpf;
 mod image;
+mod llama;
 mod setup;
 
 use std::process::Command;
@@ -122,8 +123,10 @@ fn test(args: Vec<String>) -> Result<()> {
         "warnings",
     ])?;
     let fallback_exe = windows_fallback()?;
-    // The container tests run the image built from source.
+    // The container tests run the image built from source; the server tests a real
+    // llama.cpp server.
     image::build()?;
+    let (llama_server, llama_model) = llama::fixture()?;
     // Integration tests start agents and process storms: one at a time, so they do not
     // compete for this machine's two cores.
     let mut cargo_args = vec!["test", "--workspace", "--exclude", "agent-ebpf"];
@@ -137,6 +140,8 @@ fn test(args: Vec<String>) -> Result<()> {
         &[
             ("LLMSCOPE_REAL_CUDART", cudart.as_os_str()),
             ("LLMSCOPE_FALLBACK_EXE", fallback_exe.as_os_str()),
+            ("LLMSCOPE_LLAMA_SERVER", llama_server.as_os_str()),
+            ("LLMSCOPE_LLAMA_MODEL", llama_model.as_os_str()),
         ],
     )
 }

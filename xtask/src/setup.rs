@@ -117,6 +117,19 @@ pub fn ensure_pip_packages(needed: &[(&str, &str)]) -> Result<()> {
         .args(&missing))
 }
 
+/// Installs a PyPI package when python3 cannot import `module`.
+pub fn ensure_python_module(module: &str, package: &str) -> Result<()> {
+    let present = Command::new("python3")
+        .args(["-c", &format!("import {module}")])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if present {
+        return Ok(());
+    }
+    println!("xtask: installing the PyPI package {package} for the tests");
+    run(Command::new("python3").args(["-m", "pip", "install", "--quiet", package]))
+}
+
 /// Installs the Debian packages whose command is missing: (command, package).
 pub fn ensure_debian_packages(needed: &[(&str, &str)]) -> Result<()> {
     let missing = missing(needed);

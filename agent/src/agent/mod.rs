@@ -14,6 +14,7 @@
 //!  /proc reads, --gpu-info-dir (every second + on change) ◀── sampler thread ◀───────────│────┘
 //!                                                               └▶ ProcessView, GpuInfoView
 //!  CRI bundles, Docker's API (container names) ◀── containers thread ──▶ name cache ──▶ sampler
+//!  servers' sockets and metrics paths ◀── servers thread ──▶ endpoints (GET /api/sd)
 //!                                                                                        ▼
 //!  GET /metrics ──▶ collectors (read-only: views, counters, the CUDA maps) ◀──────────────┘
 //! ```
