@@ -406,6 +406,30 @@ mod tests {
         assert!(loaded.tls.is_none() && loaded.auth.is_none());
     }
 
+    #[test]
+    fn a_changed_file_is_reloaded_and_a_broken_change_keeps_the_last_good_one() {
+        let d = dir("reload");
+        let hash = bcrypt::hash("pw", 4).unwrap();
+        let p = write(&d, "web.yml", "");
+        let config = WebConfig::load(&p).unwrap();
+        let first = config.current();
+        assert!(first.auth.is_none());
+        write(
+            &d,
+            "web.yml",
+            &format!("basic_auth_users:\n  alice: '{hash}'\n"),
+        );
+        std::thread::sleep(RECHECK + Duration::from_millis(100));
+        let second = config.current();
+        assert!(second.auth.is_some(), "reloaded");
+        write(&d, "web.yml", "basic_auth_users: [");
+        std::thread::sleep(RECHECK + Duration::from_millis(100));
+        assert!(
+            Arc::ptr_eq(&config.current(), &second),
+            "a change that does not load keeps the last good configuration"
+        );
+    }
+
     #[tokio::test]
     async fn basic_auth_checks_bcrypt_and_remembers_only_what_passed() {
         let hash = bcrypt::hash("s3cret", 4).unwrap();
