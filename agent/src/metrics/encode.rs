@@ -562,7 +562,7 @@ fn encode_gpu(e: &mut DescriptorEncoder, g: &GpuSnapshot) -> Result<(), std::fmt
         scalar(
             e,
             "llmscope_gpu_info_reports",
-            "gpu-info files accepted on this scrape.",
+            "gpu-info reports accepted on the last scan of --gpu-info-dir (once a second).",
             Gauge,
             n,
         )?;
