@@ -54,7 +54,7 @@ pub struct GpuSnapshot {
     /// From gpu-info reports: what the framework allocated / reserved.
     pub process_allocated: ProcessGpuSeries,
     pub process_reserved: ProcessGpuSeries,
-    /// gpu-info reports accepted on this scrape (None without --gpu-info-dir).
+    /// gpu-info reports accepted on the last scan (None without --gpu-info-dir).
     pub info_reports: Option<f64>,
     pub info_rejected: Vec<super::KindCount>,
     /// Unix time of the last successful NVML sample, when there was one.
