@@ -222,54 +222,101 @@ def gpus():
     ])
 
 
+SERVER = 'instance=~"$instance",model_name=~"$model_name"'
+SERVER_METRICS = "vllm:num_requests_running|sglang:num_running_reqs|tgi_queue_size|llamacpp:requests_processing|trtllm_num_requests_running"
+
+
 def inference():
+    """The servers' own metrics, names as each project's source has them (README, "Inference
+    servers"): vLLM V1 with V0's names as `or` fallbacks, SGLang, TGI, llama.cpp, TensorRT-LLM.
+    Prometheus finds the servers through llmscope's /api/sd, whose target labels (model_name,
+    framework, pid) win over the servers' own, so every server is broken down by model_name and
+    instance and sits beside llmscope's view of the same model."""
     l = Layout()
-    q = lambda quantile, metric: f"histogram_quantile({quantile}, sum by (le) (rate({metric}_bucket{{{MODEL}}}[$__rate_interval])))"
-    latency = [target(q(v, "vllm:e2e_request_latency_seconds"), f"P{name}", ref) for v, name, ref in [(0.5, "50", "A"), (0.95, "95", "B"), (0.99, "99", "C"), (0.999, "99.9", "D")]]
-    variables = [DATASOURCE_VARIABLE, variable("model_name", "Model", "label_values(vllm:num_requests_running, model_name)")]
-    return dashboard("llmscope-inference", "llmscope / Inference servers", "What vLLM, SGLang, TGI and llama.cpp servers report about themselves (Prometheus scrapes their own /metrics).", [
-        panel(l, "timeseries", "vLLM request rate", target(f"sum by (finished_reason) (rate(vllm:request_success_total{{{MODEL}}}[$__rate_interval]))", "{{finished_reason}}"), "reqps"),
-        panel(l, "stat", "vLLM success rate", target(f'sum(rate(vllm:request_success_total{{{MODEL},finished_reason!="abort"}}[$__rate_interval])) / sum(rate(vllm:request_success_total{{{MODEL}}}[$__rate_interval]))'), "percentunit", w=12, h=8, extra={"fieldConfig": {"defaults": {"unit": "percentunit", "color": {"mode": "thresholds"}, "thresholds": {"mode": "absolute", "steps": [{"color": RED, "value": None}, {"color": YELLOW, "value": 0.95}, {"color": GREEN, "value": 0.99}]}}, "overrides": []}}),
-        panel(l, "timeseries", "vLLM end-to-end latency", latency, "s", warn=2),
-        panel(l, "timeseries", "vLLM time to first token", [target(q(0.5, "vllm:time_to_first_token_seconds"), "P50", "A"), target(q(0.99, "vllm:time_to_first_token_seconds"), "P99", "B")], "s", warn=1),
-        panel(l, "timeseries", "vLLM time per output token", [target(q(0.5, "vllm:time_per_output_token_seconds"), "P50", "A"), target(q(0.99, "vllm:time_per_output_token_seconds"), "P99", "B")], "s"),
+    by = "instance, model_name"
+    legend = "{{model_name}} · {{instance}}"
+
+    def quantiles(metric, qs, fallback=None):
+        rate = f"rate({metric}_bucket{{{SERVER}}}[$__rate_interval])"
+        if fallback:
+            rate += f" or rate({fallback}_bucket{{{SERVER}}}[$__rate_interval])"
+        refs = "ABCD"
+        return [target(f"histogram_quantile({q}, sum by (le, {by}) ({rate}))", f"P{name} {legend}", refs[i]) for i, (q, name) in enumerate(qs)]
+
+    p50_99 = [(0.5, "50"), (0.99, "99")]
+    variables = [
+        DATASOURCE_VARIABLE,
+        variable("instance", "Server", f'label_values({{__name__=~"{SERVER_METRICS}"}}, instance)'),
+        variable("model_name", "Model", f'label_values({{__name__=~"{SERVER_METRICS}"}}, model_name)'),
+    ]
+    return dashboard("llmscope-inference", "llmscope / Inference servers", "What vLLM, SGLang, TGI, llama.cpp and TensorRT-LLM servers report about themselves (Prometheus finds them through llmscope's /api/sd), beside what llmscope sees of the same models.", [
+        # vLLM (V1 engine; V0 names as fallbacks)
+        panel(l, "timeseries", "vLLM request rate", target(f"sum by ({by}, finished_reason) (rate(vllm:request_success_total{{{SERVER}}}[$__rate_interval]))", legend + " · {{finished_reason}}"), "reqps"),
+        panel(l, "stat", "vLLM success rate", target(f'sum(rate(vllm:request_success_total{{{SERVER},finished_reason!="abort"}}[$__rate_interval])) / sum(rate(vllm:request_success_total{{{SERVER}}}[$__rate_interval]))'), "percentunit", w=12, h=8, extra={"fieldConfig": {"defaults": {"unit": "percentunit", "color": {"mode": "thresholds"}, "thresholds": {"mode": "absolute", "steps": [{"color": RED, "value": None}, {"color": YELLOW, "value": 0.95}, {"color": GREEN, "value": 0.99}]}}, "overrides": []}}),
+        panel(l, "timeseries", "vLLM end-to-end latency", quantiles("vllm:e2e_request_latency_seconds", [(0.5, "50"), (0.95, "95"), (0.99, "99"), (0.999, "99.9")]), "s", warn=2),
+        panel(l, "timeseries", "vLLM time to first token", quantiles("vllm:time_to_first_token_seconds", p50_99), "s", warn=1),
+        panel(l, "timeseries", "vLLM inter-token latency", quantiles("vllm:inter_token_latency_seconds", p50_99, fallback="vllm:time_per_output_token_seconds"), "s", description="vllm:inter_token_latency_seconds (V1); vllm:time_per_output_token_seconds where a server still exports only that."),
+        panel(l, "timeseries", "vLLM queue time", quantiles("vllm:request_queue_time_seconds", p50_99), "s", warn=1),
         panel(l, "timeseries", "vLLM tokens per second", [
-            target(f"sum(rate(vllm:generation_tokens_total{{{MODEL}}}[$__rate_interval]))", "generated", "A"),
-            target(f"sum(rate(vllm:prompt_tokens_total{{{MODEL}}}[$__rate_interval]))", "prompt", "B"),
+            target(f"sum by ({by}) (rate(vllm:generation_tokens_total{{{SERVER}}}[$__rate_interval]))", "generated " + legend, "A"),
+            target(f"sum by ({by}) (rate(vllm:prompt_tokens_total{{{SERVER}}}[$__rate_interval]))", "prompt " + legend, "B"),
         ], "short"),
-        panel(l, "timeseries", "vLLM requests running / waiting / swapped", [
-            target(f"sum(vllm:num_requests_running{{{MODEL}}})", "running", "A"),
-            target(f"sum(vllm:num_requests_waiting{{{MODEL}}})", "waiting", "B"),
-            target(f"sum(vllm:num_requests_swapped{{{MODEL}}})", "swapped", "C"),
+        panel(l, "timeseries", "vLLM requests running / waiting", [
+            target(f"sum by ({by}) (vllm:num_requests_running{{{SERVER}}})", "running " + legend, "A"),
+            target(f"sum by ({by}) (vllm:num_requests_waiting{{{SERVER}}})", "waiting " + legend, "B"),
         ], "short", warn=5, crit=10, decimals=0),
-        panel(l, "timeseries", "vLLM KV-cache usage", target(f"max by (model_name) (vllm:kv_cache_usage_perc{{{MODEL}}} or vllm:gpu_cache_usage_perc{{{MODEL}}})", "{{model_name}}"), "percentunit", warn=0.7, crit=0.9),
-        panel(l, "timeseries", "vLLM preemptions", target(f"sum(rate(vllm:num_preemptions_total{{{MODEL}}}[$__rate_interval]))", "preemptions"), "ops", warn=0.1),
+        panel(l, "timeseries", "vLLM KV-cache usage", target(f"max by ({by}) (vllm:kv_cache_usage_perc{{{SERVER}}} or vllm:gpu_cache_usage_perc{{{SERVER}}})", legend), "percentunit", warn=0.7, crit=0.9),
+        panel(l, "timeseries", "vLLM preemptions", target(f"sum by ({by}) (rate(vllm:num_preemptions_total{{{SERVER}}}[$__rate_interval]))", legend), "ops", warn=0.1),
+        # SGLang
         panel(l, "timeseries", "SGLang requests running / queued", [
-            target("sum(sglang:num_running_reqs)", "running", "A"),
-            target("sum(sglang:num_queue_reqs)", "queued", "B"),
+            target(f"sum by ({by}) (sglang:num_running_reqs{{{SERVER}}})", "running " + legend, "A"),
+            target(f"sum by ({by}) (sglang:num_queue_reqs{{{SERVER}}})", "queued " + legend, "B"),
         ], "short", warn=5, crit=10, decimals=0),
-        panel(l, "timeseries", "SGLang generation throughput", [
-            target("sum(sglang:gen_throughput)", "tokens/s", "A"),
+        panel(l, "timeseries", "SGLang generation throughput and KV use", [
+            target(f"sum by ({by}) (sglang:gen_throughput{{{SERVER}}})", "tokens/s " + legend, "A"),
+            target(f"max by ({by}) (sglang:token_usage{{{SERVER}}})", "KV use " + legend, "B"),
         ], "short"),
-        panel(l, "timeseries", "SGLang latency P99 / TTFT P99", [
-            target("histogram_quantile(0.99, sum by (le) (rate(sglang:e2e_request_latency_seconds_bucket[$__rate_interval])))", "e2e P99", "A"),
-            target("histogram_quantile(0.99, sum by (le) (rate(sglang:time_to_first_token_seconds_bucket[$__rate_interval])))", "TTFT P99", "B"),
+        panel(l, "timeseries", "SGLang latency", [
+            *quantiles("sglang:e2e_request_latency_seconds", [(0.99, "99 e2e")]),
+            *[dict(t, refId=r) for t, r in zip(quantiles("sglang:time_to_first_token_seconds", [(0.99, "99 TTFT")]) + quantiles("sglang:inter_token_latency_seconds", [(0.99, "99 ITL")]), "BC")],
         ], "s", warn=2),
-        panel(l, "timeseries", "TGI requests and queue", [
-            target("sum(rate(tgi_request_count[$__rate_interval]))", "requests/s", "A"),
-            target("sum(tgi_queue_size)", "queue", "B"),
-            target("sum(tgi_batch_current_size)", "batch", "C"),
+        # TGI
+        panel(l, "timeseries", "TGI requests, queue and batch", [
+            target(f"sum by ({by}) (rate(tgi_request_count{{{SERVER}}}[$__rate_interval]))", "requests/s " + legend, "A"),
+            target(f"sum by ({by}) (tgi_queue_size{{{SERVER}}})", "queue " + legend, "B"),
+            target(f"sum by ({by}) (tgi_batch_current_size{{{SERVER}}})", "batch " + legend, "C"),
         ], "short"),
-        panel(l, "timeseries", "TGI request latency P99", target("histogram_quantile(0.99, sum by (le) (rate(tgi_request_duration_bucket[$__rate_interval])))", "P99"), "s", warn=2),
+        panel(l, "timeseries", "TGI latency", [
+            *quantiles("tgi_request_duration", [(0.99, "99 request")]),
+            *[dict(t, refId="B") for t in quantiles("tgi_request_mean_time_per_token_duration", [(0.99, "99 per token")])],
+        ], "s", warn=2),
+        # llama.cpp server (checked on a real llama-server in the tests)
         panel(l, "timeseries", "llama.cpp tokens per second", [
-            target("sum(llamacpp:predicted_tokens_seconds)", "generation", "A"),
-            target("sum(llamacpp:prompt_tokens_seconds)", "prompt", "B"),
+            target(f"sum by ({by}) (rate(llamacpp:tokens_predicted_total{{{SERVER}}}[$__rate_interval]))", "generated " + legend, "A"),
+            target(f"sum by ({by}) (rate(llamacpp:prompt_tokens_total{{{SERVER}}}[$__rate_interval]))", "prompt " + legend, "B"),
         ], "short"),
-        panel(l, "timeseries", "llama.cpp requests and KV cache", [
-            target("sum(llamacpp:requests_processing)", "processing", "A"),
-            target("sum(llamacpp:requests_deferred)", "deferred", "B"),
-            target("max(llamacpp:kv_cache_usage_ratio)", "KV cache ratio", "C"),
+        panel(l, "timeseries", "llama.cpp requests processing / deferred", [
+            target(f"sum by ({by}) (llamacpp:requests_processing{{{SERVER}}})", "processing " + legend, "A"),
+            target(f"sum by ({by}) (llamacpp:requests_deferred{{{SERVER}}})", "deferred " + legend, "B"),
+        ], "short", warn=5, crit=10, decimals=0),
+        panel(l, "timeseries", "llama.cpp generation speed", target(f"max by ({by}) (llamacpp:predicted_tokens_seconds{{{SERVER}}})", legend), "short", description="Average generation throughput the server reports, tokens per second."),
+        panel(l, "timeseries", "llama.cpp decode calls and busy slots", [
+            target(f"sum by ({by}) (rate(llamacpp:n_decode_total{{{SERVER}}}[$__rate_interval]))", "decode calls/s " + legend, "A"),
+            target(f"max by ({by}) (llamacpp:n_busy_slots_per_decode{{{SERVER}}})", "busy slots per decode " + legend, "B"),
         ], "short"),
+        # TensorRT-LLM (trtllm-serve's /prometheus/metrics)
+        panel(l, "timeseries", "TensorRT-LLM requests running / waiting", [
+            target(f"sum by ({by}) (trtllm_num_requests_running{{{SERVER}}})", "running " + legend, "A"),
+            target(f"sum by ({by}) (trtllm_num_requests_waiting{{{SERVER}}})", "waiting " + legend, "B"),
+        ], "short", warn=5, crit=10, decimals=0),
+        panel(l, "timeseries", "TensorRT-LLM time to first token", quantiles("trtllm_time_to_first_token_seconds", p50_99), "s", warn=1),
+        # Ollama, as llmscope reads its /api/ps
+        panel(l, "timeseries", "Ollama models loaded (GPU memory)", target(f"sum by (instance, model_name) (llm_ollama_model_vram_bytes{{{MODEL}}})", legend), "bytes", description="From llmscope: Ollama has no Prometheus endpoint; llmscope reads each server's /api/ps."),
+        panel(l, "timeseries", "Ollama models: time until unloaded", target(f"llm_ollama_model_expiry_timestamp_seconds{{{MODEL}}} - time()", legend), "s"),
+        # The same models, as llmscope sees their processes
+        panel(l, "timeseries", "GPU memory by model (llmscope, NVML)", target(f"sum by (model_name) (llm_process_gpu_memory_bytes{{{MODEL}}})", "{{model_name}}"), "bytes", w=8),
+        panel(l, "timeseries", "CUDA OOMs by model (llmscope)", target(f"sum by (model_name, api) (increase(llm_process_cuda_oom_total{{{MODEL}}}[$__rate_interval]))", "{{model_name}} · {{api}}"), "short", w=8, warn=1, crit=1, decimals=0),
+        panel(l, "timeseries", "CPU by model (llmscope)", target(f"sum by (model_name) (llm_process_cpu_percent{{{MODEL}}})", "{{model_name}}"), "percent", w=8, description="Percent of one core, all of the model's processes."),
     ], variables)
 
 

@@ -41,7 +41,7 @@ fn main() {
         "\nllmscope demo is running for {seconds} s (Ctrl-C stops it):\n\
          \n  agent metrics     http://{}/metrics\n  agent processes   http://{}/api/processes\n  inference server  http://{}/metrics\n  Prometheus        http://{}  (try: llm_process_cuda_kernel_launches_total)\n\
          \nGrafana: add a Prometheus data source at http://{} and import dashboards/*.json.",
-        demo.agent.addr, demo.agent.addr, demo.server, demo.prometheus, demo.prometheus
+        demo.agent.addr, demo.agent.addr, demo.server, demo.prometheus.addr, demo.prometheus.addr
     );
     let started = Instant::now();
     while !STOP.load(Ordering::Relaxed)

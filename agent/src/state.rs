@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 
 use crate::gpuinfo::GpuInfo;
 use crate::metrics::{KindCount, ProcessLabels, ProcessSample};
+use crate::servers::Answer;
 
 /// The latest value a producer published.
 #[derive(Debug, Default)]
@@ -85,13 +86,20 @@ pub struct GpuInfoView {
     pub error: Option<String>,
 }
 
-/// An inference server's own metrics endpoint, as the discovery thread last found it.
+/// An inference server's own endpoint, as the discovery thread last found it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Endpoint {
     pub labels: ProcessLabels,
     /// `host:port` for Prometheus.
     pub target: String,
     pub path: &'static str,
-    /// False: the server answers there, without metrics (llama.cpp without `--metrics`).
-    pub metrics: bool,
+    pub answer: Answer,
+}
+
+/// What the server discovery thread publishes.
+#[derive(Debug, Default)]
+pub struct ServersView {
+    pub endpoints: Vec<Endpoint>,
+    /// Probes since start, by outcome (every outcome, from 0).
+    pub probes: Vec<KindCount>,
 }

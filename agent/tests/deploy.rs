@@ -189,7 +189,7 @@ fn kubernetes_manifests_validate() {
     let dir = root().join("deploy/kubernetes");
     let rendered = std::env::temp_dir().join(format!("llmscope-k8s-{}", std::process::id()));
     std::fs::create_dir_all(&rendered).unwrap();
-    let variants: [(&str, &[&str]); 3] = [
+    let variants: [(&str, &[&str]); 4] = [
         ("gpu", &["overlays/gpu/daemonset-patch.yaml"]),
         ("cpu", &["overlays/cpu/daemonset-patch.yaml"]),
         (
@@ -199,10 +199,18 @@ fn kubernetes_manifests_validate() {
                 "components/web-config/daemonset-patch.yaml",
             ],
         ),
+        (
+            "gpu-server-scrape",
+            &[
+                "overlays/gpu/daemonset-patch.yaml",
+                "components/server-scrape/daemonset-patch.yaml",
+            ],
+        ),
     ];
     let mut files: Vec<String> = ["namespace.yaml", "daemonset.yaml", "service.yaml"]
         .iter()
         .map(|f| format!("base/{f}"))
+        .chain(["components/server-scrape/configmap.yaml".to_owned()])
         .collect();
     for (name, patches) in variants {
         let out = rendered.join(format!("daemonset-{name}.yaml"));
@@ -261,6 +269,39 @@ fn kubernetes_manifests_validate() {
             "--path.procfs=/host/proc",
         ],
     );
+    check(
+        "gpu-server-scrape",
+        &[
+            "- --agent",
+            "fieldPath: spec.nodeName",
+            "name: llmscope-server-scrape",
+            "--path.procfs=/host/proc",
+            "NVIDIA_VISIBLE_DEVICES",
+        ],
+    );
+    // The agent-mode Prometheus's configuration is one promtool accepts, and it reads the
+    // /api/sd of the llmscope container beside it.
+    let config = rendered.join("server-scrape.yml");
+    let (ok, out) = run(
+        "python3",
+        &[
+            "-c",
+            "import sys, yaml; open(sys.argv[2], 'w').write(yaml.safe_load(open(sys.argv[1]))['data']['prometheus.yml'])",
+            "components/server-scrape/configmap.yaml",
+            config.to_str().unwrap(),
+        ],
+        &dir,
+        &[],
+    );
+    assert!(ok, "{out}");
+    let (ok, out) = promtool(
+        &["check", "config", "--agent", config.to_str().unwrap()],
+        None,
+    );
+    assert!(ok, "promtool check config --agent:\n{out}");
+    assert!(std::fs::read_to_string(&config)
+        .unwrap()
+        .contains("url: http://127.0.0.1:9101/api/sd"));
     let _ = std::fs::remove_dir_all(&rendered);
     // Every manifest of the base is in its kustomization.
     let kustomization = std::fs::read_to_string(dir.join("base/kustomization.yaml")).unwrap();

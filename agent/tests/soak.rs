@@ -16,16 +16,6 @@ const PROCESSES: usize = 10_000;
 /// Processes running at once.
 const PARALLEL: usize = 8;
 
-fn rss_bytes(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .expect("VmRSS")
-        * 1024
-}
-
 /// Entries of each of the agent's kernel maps that hold per-process state, by name.
 fn kernel_map_entries(agent_pid: u32) -> Vec<(String, usize)> {
     const PER_PROCESS: &[&str] = &[

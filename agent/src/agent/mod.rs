@@ -50,7 +50,7 @@ use crate::metrics::cuda::LaunchMode;
 use crate::metrics::{gather, BuildInfo, Collector, Snapshot};
 use crate::nvml::NvmlState;
 use crate::proc::ProcRoot;
-use crate::state::{Counters, Endpoint, GpuInfoView, ProcessView, Published};
+use crate::state::{Counters, GpuInfoView, ProcessView, Published, ServersView};
 use crate::tracker::{Observed, Tracker};
 
 /// How often the events thread drains the ring buffer: detection within ~10 ms without a
@@ -75,7 +75,7 @@ struct Shared {
     nvml: Arc<Published<NvmlState>>,
     processes: Arc<Published<ProcessView>>,
     gpu_info: Arc<Published<GpuInfoView>>,
-    endpoints: Arc<Published<Vec<Endpoint>>>,
+    servers: Arc<Published<ServersView>>,
     containers: containers::Containers,
     /// Set when the table changed; wakes the sampler.
     changed: (Mutex<bool>, Condvar),
@@ -178,7 +178,7 @@ impl Shared {
             nvml: Arc::default(),
             processes: Arc::default(),
             gpu_info: Arc::default(),
-            endpoints: Arc::default(),
+            servers: Arc::default(),
             containers,
             changed: (Mutex::new(false), Condvar::new()),
         }
@@ -286,7 +286,7 @@ impl Shared {
 struct AgentSource {
     collectors: Vec<Box<dyn Collector>>,
     health: Arc<health::Health>,
-    endpoints: Arc<Published<Vec<Endpoint>>>,
+    servers: Arc<Published<ServersView>>,
 }
 
 impl MetricsSource for AgentSource {
@@ -303,7 +303,7 @@ impl MetricsSource for AgentSource {
     }
 
     fn service_discovery(&self) -> Vec<crate::http::SdTarget> {
-        crate::collectors::servers::sd_targets(&self.endpoints.get())
+        crate::collectors::servers::sd_targets(&self.servers.get().endpoints)
     }
 }
 
@@ -441,7 +441,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             shared.cuda.clone(),
             shared.processes.clone(),
         )),
-        Box::new(ServersCollector::new(shared.endpoints.clone())),
+        Box::new(ServersCollector::new(shared.servers.clone())),
     ];
     if !config.no_nvml {
         collectors.push(Box::new(NvmlCollector::new(
@@ -461,7 +461,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let source = Arc::new(AgentSource {
         collectors,
         health: shared.health.clone(),
-        endpoints: shared.endpoints.clone(),
+        servers: shared.servers.clone(),
     });
     let (stop_http, http_stopped) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(crate::http::serve(listener, source, web, async {

@@ -1,9 +1,10 @@
 //! The server discovery thread: every [`INTERVAL`], for each live tracked inference server
-//! whose framework has Prometheus metrics, the TCP ports it listens on, and — when they
-//! changed, or every [`REPROBE`] — a probe of the framework's metrics path on each. What
-//! answers is published for `GET /api/sd` and `llm_server_metrics_endpoint`. Only servers in
-//! the agent's network namespace are probed (a server in a pod's namespace is reached at the
-//! pod's address, which the agent does not know).
+//! whose framework llmscope queries, the TCP ports it listens on, and — when they changed, or
+//! every [`REPROBE`] (every pass for Ollama, whose loaded models change) — a probe of the
+//! framework's API path on each. What answers is published for `GET /api/sd`,
+//! `llm_server_metrics_endpoint` and the Ollama families. A server in the agent's network
+//! namespace is reached through loopback; one in another namespace (a pod, a container with
+//! its own network) at that namespace's own addresses, read from `/proc/<pid>/net`.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -11,8 +12,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::Shared;
-use crate::servers::{listening, metrics_path, probe, Probe};
-use crate::state::Endpoint;
+use crate::metrics::KindCount;
+use crate::servers::{api, listening, local_addresses, probe, Api, Outcome};
+use crate::state::{Endpoint, ServersView};
 
 const INTERVAL: Duration = Duration::from_secs(2);
 /// A server's endpoints are probed again after this even when its sockets did not change.
@@ -36,6 +38,7 @@ pub(super) fn spawn(
         .spawn(move || {
             let own_netns = std::fs::read_link("/proc/self/ns/net").ok();
             let mut known: HashMap<(u32, Option<u64>), Probed> = HashMap::new();
+            let mut probes: HashMap<&'static str, u64> = HashMap::new();
             while !shared.stopping() {
                 heartbeat.beat();
                 let servers: Vec<_> = shared
@@ -43,38 +46,52 @@ pub(super) fn spawn(
                     .all()
                     .into_iter()
                     .filter(|t| t.is_alive())
-                    .filter_map(|t| Some((metrics_path(t.identity.framework)?, t)))
+                    .filter_map(|t| Some((api(t.identity.framework)?, t)))
                     .take(MAX_SERVERS)
                     .collect();
                 let view = shared.processes.get();
+                let proc = shared.proc.path();
                 let mut next = HashMap::with_capacity(servers.len());
                 let mut published = Vec::new();
-                for (metrics, t) in servers {
-                    let path = shared.proc.path();
-                    let same_netns =
-                        std::fs::read_link(path.join(format!("{}/ns/net", t.pid))).ok();
-                    if same_netns.is_none() || same_netns != own_netns {
+                for (api, t) in servers {
+                    let Ok(netns) = std::fs::read_link(proc.join(format!("{}/ns/net", t.pid)))
+                    else {
                         continue;
-                    }
+                    };
                     let Some(member) = view.members.iter().find(|m| m.pid == t.pid) else {
                         continue;
                     };
-                    let addrs = listening(path, t.pid);
+                    let addrs = listening(proc, t.pid);
                     let key = (t.pid, t.start_ticks);
                     let endpoints = match known.remove(&key) {
-                        Some((was, at, endpoints)) if was == addrs && at.elapsed() < REPROBE => {
+                        Some((was, at, endpoints))
+                            if was == addrs
+                                && at.elapsed() < REPROBE
+                                && matches!(api, Api::Metrics { .. }) =>
+                        {
                             (was, at, endpoints)
                         }
                         _ => {
+                            let place = if own_netns.as_ref() == Some(&netns) {
+                                Place::Here(advertise.as_deref())
+                            } else {
+                                Place::Elsewhere(local_addresses(proc, t.pid))
+                            };
                             let endpoints = addrs
                                 .iter()
                                 .filter_map(|a| {
-                                    let state = probe(reachable(*a), metrics);
-                                    (state != Probe::NotMetrics).then(|| Endpoint {
-                                        labels: member.labels.clone(),
-                                        target: advertised(*a, advertise.as_deref()),
-                                        path: metrics.path,
-                                        metrics: state == Probe::Metrics,
+                                    place.candidates(*a).into_iter().find_map(|(at, target)| {
+                                        let outcome = probe(at, api);
+                                        *probes.entry(outcome.kind()).or_default() += 1;
+                                        let Outcome::Answered(answer) = outcome else {
+                                            return None;
+                                        };
+                                        Some(Endpoint {
+                                            labels: member.labels.clone(),
+                                            target,
+                                            path: api.path(),
+                                            answer,
+                                        })
                                     })
                                 })
                                 .collect();
@@ -85,10 +102,49 @@ pub(super) fn spawn(
                     next.insert(key, endpoints);
                 }
                 known = next;
-                shared.endpoints.set(published);
+                shared.servers.set(ServersView {
+                    endpoints: published,
+                    probes: Outcome::KINDS
+                        .iter()
+                        .map(|k| KindCount {
+                            kind: k,
+                            value: probes.get(k).copied().unwrap_or(0),
+                        })
+                        .collect(),
+                });
                 shared.sleep(INTERVAL);
             }
         })
+}
+
+/// Where a server runs, seen from the agent.
+enum Place<'a> {
+    /// In the agent's network namespace: `--sd.advertise-host`, if given.
+    Here(Option<&'a str>),
+    /// In another network namespace, with these addresses.
+    Elsewhere(Vec<IpAddr>),
+}
+
+impl Place<'_> {
+    /// Where to probe a listening address, and the target Prometheus is told, in the order
+    /// to try them.
+    fn candidates(&self, addr: SocketAddr) -> Vec<(SocketAddr, String)> {
+        match self {
+            Place::Here(host) => vec![(reachable(addr), advertised(addr, *host))],
+            // Loopback inside another namespace cannot be reached from outside it.
+            Place::Elsewhere(_) if addr.ip().is_loopback() => vec![],
+            Place::Elsewhere(locals) if addr.ip().is_unspecified() => locals
+                .iter()
+                // A wildcard IPv6 listener is dual-stack by default.
+                .filter(|ip| addr.is_ipv6() || ip.is_ipv4())
+                .map(|ip| {
+                    let at = SocketAddr::new(*ip, addr.port());
+                    (at, at.to_string())
+                })
+                .collect(),
+            Place::Elsewhere(_) => vec![(addr, addr.to_string())],
+        }
+    }
 }
 
 /// Where the agent connects: a wildcard listener through loopback.
@@ -116,6 +172,33 @@ fn advertised(addr: SocketAddr, host: Option<&str>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_server_in_another_namespace_is_reached_at_its_own_addresses() {
+        let pod = Place::Elsewhere(vec![
+            "10.244.1.17".parse().unwrap(),
+            "fd00::11".parse().unwrap(),
+        ]);
+        let at = |s: &str| -> Vec<String> {
+            pod.candidates(s.parse().unwrap())
+                .into_iter()
+                .map(|(a, t)| {
+                    assert_eq!(a.to_string(), t);
+                    t
+                })
+                .collect()
+        };
+        assert_eq!(at("0.0.0.0:8000"), ["10.244.1.17:8000"]);
+        assert_eq!(at("[::]:8000"), ["10.244.1.17:8000", "[fd00::11]:8000"]);
+        assert_eq!(at("10.244.1.17:9000"), ["10.244.1.17:9000"]);
+        assert!(at("127.0.0.1:8000").is_empty());
+        let here = Place::Here(Some("node-1"));
+        let any: SocketAddr = "0.0.0.0:8080".parse().unwrap();
+        assert_eq!(
+            here.candidates(any),
+            vec![("127.0.0.1:8080".parse().unwrap(), "node-1:8080".to_owned())]
+        );
+    }
 
     #[test]
     fn advertised_addresses() {

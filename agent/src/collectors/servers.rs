@@ -1,20 +1,22 @@
-//! Inference servers' own metrics endpoints, as the discovery thread last found them
-//! (`agent::servers`): `llm_server_metrics_endpoint`, and the targets of `GET /api/sd`.
+//! Inference servers' own endpoints, as the discovery thread last found them
+//! (`agent::servers`): `llm_server_metrics_endpoint`, the models Ollama servers have loaded,
+//! the probe counts, and the targets of `GET /api/sd`.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use crate::http::SdTarget;
 use crate::metrics::{CollectError, Collector, Snapshot};
-use crate::state::{Endpoint, Published};
+use crate::servers::Answer;
+use crate::state::{Endpoint, Published, ServersView};
 
 pub struct ServersCollector {
-    endpoints: Arc<Published<Vec<Endpoint>>>,
+    servers: Arc<Published<ServersView>>,
 }
 
 impl ServersCollector {
-    pub fn new(endpoints: Arc<Published<Vec<Endpoint>>>) -> Self {
-        ServersCollector { endpoints }
+    pub fn new(servers: Arc<Published<ServersView>>) -> Self {
+        ServersCollector { servers }
     }
 }
 
@@ -24,12 +26,30 @@ impl Collector for ServersCollector {
     }
 
     fn collect(&self, snapshot: &mut Snapshot) -> Result<(), CollectError> {
-        snapshot.server_endpoints = self
+        let view = self.servers.get();
+        snapshot.server_endpoints = view
             .endpoints
-            .get()
             .iter()
-            .map(|e| (e.labels.clone(), e.target.clone(), e.metrics))
+            .map(|e| (e.labels.clone(), e.target.clone(), e.answer.state()))
             .collect();
+        snapshot.ollama_models = view
+            .endpoints
+            .iter()
+            .flat_map(|e| {
+                match &e.answer {
+                    Answer::Ollama(models) => models.as_slice(),
+                    _ => &[],
+                }
+                .iter()
+                .map(|m| {
+                    // The loaded model is the model: `ollama serve` names none itself.
+                    let mut labels = e.labels.clone();
+                    labels.model_name = m.name.clone();
+                    (labels, m.clone())
+                })
+            })
+            .collect();
+        snapshot.agent.server_probes = view.probes.clone();
         Ok(())
     }
 }
@@ -39,7 +59,7 @@ impl Collector for ServersCollector {
 pub fn sd_targets(endpoints: &[Endpoint]) -> Vec<SdTarget> {
     endpoints
         .iter()
-        .filter(|e| e.metrics)
+        .filter(|e| e.answer == Answer::Metrics)
         .map(|e| {
             let l = &e.labels;
             let labels: BTreeMap<String, String> = [

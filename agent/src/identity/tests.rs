@@ -84,6 +84,8 @@ fn command_lines() {
         ("llama-quantize in.gguf out.gguf Q4_K_M", None),
         // Ollama
         ("/usr/local/bin/ollama serve", Some(("ollama", "unknown", "server"))),
+        // An executable script named ollama (the tests' stand-in) is what it names.
+        ("/usr/bin/python3 /opt/fixtures/ollama serve", Some(("ollama", "unknown", "server"))),
         ("/usr/lib/ollama/ollama runner --model /root/.ollama/models/blobs/sha256-6a0746a1ec1aef3e7ec53868f220ff6e389f6f8ef87a01d77c96807de94ca2aa --ctx-size 8192 --port 40417", Some(("ollama", "sha256-6a0746a1ec1a", "worker"))),
         ("/tmp/ollama123/runners/cuda_v12/ollama_llama_server --model /usr/share/ollama/.ollama/models/blobs/sha256-8eeb52dfb3bb --port 36245", Some(("ollama", "sha256-8eeb52dfb3bb", "worker"))),
         ("ollama run llama3.2", None),

@@ -253,14 +253,21 @@ impl Collector for SnapshotCollector {
             None,
             by_ref(&kinds(&s.agent.container_lookups)),
         )?;
+        family(
+            &mut e,
+            MetricType::Counter,
+            "llmscope_server_probes",
+            "Probes of inference servers' API paths, by outcome (metrics, disabled, ollama; refused, timeout, too_large, wrong_content_type, other: not a target).",
+            None,
+            by_ref(&kinds(&s.agent.server_probes)),
+        )?;
         let endpoints: Vec<((ProcessLabels, EndpointLabels), f64)> = s
             .server_endpoints
             .iter()
-            .map(|(labels, target, metrics)| {
-                let state = if *metrics { "metrics" } else { "disabled" };
+            .map(|(labels, target, state)| {
                 let extra = EndpointLabels {
                     endpoint: target.clone(),
-                    state: state.to_owned(),
+                    state: (*state).to_owned(),
                 };
                 ((labels.clone(), extra), 1.0)
             })
@@ -269,9 +276,33 @@ impl Collector for SnapshotCollector {
             &mut e,
             MetricType::Gauge,
             "llm_server_metrics_endpoint",
-            "An inference server's own metrics endpoint (1), by address; state=\"disabled\": the server answers there without metrics (llama.cpp without --metrics). Published for Prometheus at /api/sd.",
+            "An inference server's own endpoint (1), by address; state=\"metrics\": published for Prometheus at /api/sd; \"disabled\": the server answers there without metrics (llama.cpp without --metrics); \"ollama_api\": Ollama's /api/ps (no Prometheus metrics; see llm_ollama_*).",
             None,
             by_ref(&endpoints),
+        )?;
+        let ollama =
+            |value: fn(&crate::servers::LoadedModel) -> Option<f64>| -> Vec<(ProcessLabels, f64)> {
+                s.ollama_models
+                    .iter()
+                    .filter_map(|(labels, m)| Some((labels.clone(), value(m)?)))
+                    .collect()
+            };
+        family(&mut e, MetricType::Gauge, "llm_ollama_model_size_bytes", "Size of a model an Ollama server has loaded (GET /api/ps), bytes; model_name is the loaded model.", None, by_ref(&ollama(|m| Some(m.size_bytes as f64))))?;
+        family(
+            &mut e,
+            MetricType::Gauge,
+            "llm_ollama_model_vram_bytes",
+            "Part of a loaded Ollama model held in GPU memory (GET /api/ps), bytes.",
+            None,
+            by_ref(&ollama(|m| Some(m.vram_bytes as f64))),
+        )?;
+        family(
+            &mut e,
+            MetricType::Gauge,
+            "llm_ollama_model_expiry_timestamp_seconds",
+            "When Ollama unloads a model unless it is used again (GET /api/ps), Unix seconds.",
+            None,
+            by_ref(&ollama(|m| m.expires_at)),
         )?;
         encode_cuda(&mut e, &s.cuda)?;
         encode_gpu(&mut e, &s.gpu)?;

@@ -101,6 +101,7 @@ mod tests {
         let cuda_labels = ProcessLabels::new(10, "python3", &id);
         Snapshot {
             server_endpoints: vec![],
+            ollama_models: vec![],
             cuda: CudaSnapshot {
                 calls: vec![(
                     (
@@ -148,6 +149,7 @@ mod tests {
                 }],
                 repairs: vec![],
                 container_lookups: vec![],
+                server_probes: vec![],
             },
         }
     }

@@ -150,14 +150,18 @@ pub struct AgentStats {
     pub repairs: Vec<KindCount>,
     /// Container name lookups by result (ok, not_found, error, dropped).
     pub container_lookups: Vec<KindCount>,
+    /// Probes of inference servers' endpoints, by outcome.
+    pub server_probes: Vec<KindCount>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct Snapshot {
     pub processes: Vec<ProcessSample>,
     pub cuda: cuda::CudaSnapshot,
-    /// Inference servers' own metrics endpoints: (process, `host:port`, metrics enabled).
-    pub server_endpoints: Vec<(ProcessLabels, String, bool)>,
+    /// Inference servers' own endpoints: (process, `host:port`, state).
+    pub server_endpoints: Vec<(ProcessLabels, String, &'static str)>,
+    /// Models Ollama servers have loaded (`model_name`: the loaded model).
+    pub ollama_models: Vec<(ProcessLabels, crate::servers::LoadedModel)>,
     pub gpu: gpu::GpuSnapshot,
     pub collectors: Vec<CollectorStatus>,
     pub agent: AgentStats,

@@ -1,28 +1,21 @@
 //! A whole llmscope environment without a GPU, for the dashboards test and `cargo xtask
 //! demo`: the agent with the CUDA and NVML test doubles, a vLLM-shaped process (GPU memory in
 //! NVML, a gpu-info report), CUDA workloads (launching, holding memory, hitting OOM), a
-//! stand-in inference server with vLLM's, SGLang's, TGI's and llama.cpp's metric names, and
-//! Debian's Prometheus scraping the agent and the server every second with llmscope's rules.
+//! stand-in inference server with vLLM's, SGLang's, TGI's, llama.cpp's and TensorRT-LLM's
+//! metric names, an Ollama stand-in, and Debian's Prometheus scraping the agent and the server
+//! every second with llmscope's rules.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
+use super::prometheus::{Killed, Prometheus};
 use super::*;
-
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 pub struct Demo {
     pub agent: Agent,
-    pub prometheus: SocketAddr,
+    pub prometheus: Prometheus,
     pub server: SocketAddr,
     // Dropped in declaration order after the fields above: processes, then the work dir.
     _children: Vec<Killed>,
@@ -33,19 +26,34 @@ pub struct Demo {
     work: PathBuf,
 }
 
-pub fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+/// Grafana's variables and macros, as "everything" would expand them.
+pub fn expand(expr: &str) -> String {
+    expr.replace("$instance", ".*")
+        .replace("$framework", ".*")
+        .replace("$model_name", ".*")
+        .replace("$pid", ".*")
+        .replace("$__rate_interval", "1m")
+        .replace("$__range", "5m")
 }
 
-fn percent_encode(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
+/// Every query of a dashboard (`dashboards/<file>`): (panel title, expanded expression).
+pub fn panel_queries(file: &str) -> Vec<(String, String)> {
+    let text = std::fs::read_to_string(root().join("dashboards").join(file)).unwrap();
+    let dashboard: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let mut queries = Vec::new();
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for t in panel["targets"].as_array().into_iter().flatten() {
+            queries.push((
+                panel["title"].as_str().unwrap_or("").to_owned(),
+                expand(t["expr"].as_str().unwrap_or("")),
+            ));
+        }
+    }
+    queries
+}
+
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
 impl Demo {
@@ -146,6 +154,15 @@ impl Demo {
                 .spawn()
                 .unwrap(),
         );
+        // An Ollama server: llmscope reads its /api/ps.
+        let ollama = Killed(
+            Command::new(root().join("agent/tests/fixtures/ollama/ollama"))
+                .arg("serve")
+                .env("OLLAMA_HOST", format!("127.0.0.1:{}", free_port()))
+                .env("OLLAMA_TEST_MODELS", "llama3.2:1b:2019393189:2019393189")
+                .spawn()
+                .unwrap(),
+        );
         let rules = root().join("deploy/prometheus/rules");
         let config = format!(
             "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n  - {}\n  - {}\nscrape_configs:\n  - job_name: llmscope\n    static_configs:\n      - targets: [\"{}\"]\n  - job_name: inference\n    static_configs:\n      - targets: [\"127.0.0.1:{server_port}\"]\n",
@@ -153,28 +170,11 @@ impl Demo {
             rules.join("llmscope-alerts.yml").display(),
             agent.addr
         );
-        std::fs::write(work.join("prometheus.yml"), config).unwrap();
-        let prometheus_process = Killed(
-            Command::new("prometheus")
-                .arg(format!(
-                    "--config.file={}",
-                    work.join("prometheus.yml").display()
-                ))
-                .arg(format!(
-                    "--storage.tsdb.path={}",
-                    work.join("data").display()
-                ))
-                .arg(format!("--web.listen-address=127.0.0.1:{prometheus_port}"))
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("starting prometheus (cargo xtask installs Debian's prometheus package)"),
-        );
         let demo = Demo {
             agent,
-            prometheus: format!("127.0.0.1:{prometheus_port}").parse().unwrap(),
+            prometheus: Prometheus::start_on(prometheus_port, &config),
             server: format!("127.0.0.1:{server_port}").parse().unwrap(),
-            _children: vec![prometheus_process, server],
+            _children: vec![server, ollama],
             _workloads: vec![oom, holding],
             _vllm: vllm,
             launching: Some(launching),
@@ -198,13 +198,7 @@ impl Demo {
 
     /// Evaluates `expr` now; None while Prometheus does not answer.
     pub fn query(&self, expr: &str) -> Option<serde_json::Value> {
-        let (_, _, body) = http_get(
-            self.prometheus,
-            &format!("/api/v1/query?query={}", percent_encode(expr)),
-            None,
-        )
-        .ok()?;
-        serde_json::from_str(&body).ok()
+        self.prometheus.query(expr)
     }
 }
 

@@ -5,6 +5,7 @@
 mod common;
 pub mod demo;
 pub mod docker;
+pub mod prometheus;
 pub use common::*;
 
 use std::io::{Read, Write};
