@@ -1,7 +1,8 @@
 //! llmscope: a Linux node agent that sees every LLM / inference process the moment it execs
 //! and exports what it uses to Prometheus.
 //!
-//! Portable modules (classification, process table, metric model, HTTP) build everywhere and
+//! Portable modules (classification, process table, metric model, HTTP, the inference-server
+//! probes) build everywhere and
 //! are shared with windows-fallback; the eBPF sensor, the /proc reader and the agent runtime
 //! are Linux-only.
 
@@ -10,14 +11,13 @@ pub mod gpuinfo;
 pub mod http;
 pub mod identity;
 pub mod metrics;
+pub mod servers;
 pub mod state;
 pub mod tracker;
 pub mod web_config;
 
 #[cfg(target_os = "linux")]
 pub mod proc;
-#[cfg(target_os = "linux")]
-pub mod servers;
 
 #[cfg(all(target_os = "linux", feature = "ebpf"))]
 pub mod agent;
