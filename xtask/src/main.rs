@@ -1,6 +1,8 @@
-//! `cargo xtask build-ebpf | run | test`: every set-up step a fresh machine needs, said out loud.
+//! `cargo xtask build-ebpf | run | test | bench | demo | image | gpu-check`: every set-up step a
+//! fresh machine needs, said out loud.
 
 mod ebpf;
+mod gpu_check;
 mod image;
 mod llama;
 mod setup;
@@ -37,6 +39,13 @@ enum Task {
     /// A whole llmscope environment without a GPU (agent, CUDA and NVML test doubles,
     /// workloads, a stand-in inference server, Prometheus on :9090) to look at every metric.
     Demo,
+    /// Validate the CUDA and NVML paths on a real NVIDIA GPU (report in
+    /// target/gpu-check/bundle/out/report.md); without a GPU, the same checks against the
+    /// test doubles. `--bundle`: only build the bundle to copy to a GPU machine.
+    GpuCheck {
+        #[arg(long)]
+        bundle: bool,
+    },
     /// Build the agent's image from source (deploy/docker/Dockerfile) as llmscope:dev, with
     /// Debian's docker.io; base images are made locally when no registry can be reached.
     Image,
@@ -56,6 +65,7 @@ fn main() -> Result<()> {
         Task::Bench { name } => bench(name),
         Task::Demo => demo(),
         Task::Image => image::build(),
+        Task::GpuCheck { bundle } => gpu_check::run(bundle),
     }
 }
 
@@ -107,6 +117,9 @@ fn test(args: Vec<String>) -> Result<()> {
         ("dockerd", "docker.io"),
         ("openssl", "openssl"),
         ("curl", "curl"),
+        ("ip", "iproute2"),
+        ("prometheus-alertmanager", "prometheus-alertmanager"),
+        ("victoria-metrics", "victoria-metrics"),
     ])?;
     setup::ensure_pip_packages(&[("kubernetes-validate", "kubernetes-validate")])?;
     let cudart = setup::real_libcudart()?;
