@@ -154,6 +154,11 @@ def overview():
                 {"matcher": {"id": "byName", "options": "CPU %"}, "properties": [{"id": "unit", "value": "percent"}]},
             ]},
         }),
+        # Fleet: every node the variable selects, side by side (Prometheus or a fleet-scale
+        # store such as VictoriaMetrics behind the data source).
+        panel(l, "bargauge", "Fleet: top models by GPU memory", target(f"topk(10, sum by (model_name) (llm_process_gpu_memory_bytes{{{NODE}}}))", "{{model_name}}", instant=True), "bytes", w=8, h=8, extra={"options": {"orientation": "horizontal", "displayMode": "gradient", "reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False}}}),
+        panel(l, "bargauge", "Fleet: CUDA OOMs per node (range)", target(f"sum by (instance) (increase(llm_process_cuda_oom_total{{{NODE}}}[$__range]))", "{{instance}}", instant=True), "short", w=8, h=8, warn=1, crit=1, decimals=0, extra={"options": {"orientation": "horizontal", "displayMode": "gradient", "reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False}}}),
+        panel(l, "timeseries", "Fleet: GPU memory used per node", target(f"sum by (instance) (nvidia_gpu_memory_used_bytes{{{NODE}}})", "{{instance}}"), "bytes", w=8, h=8),
         panel(l, "timeseries", "LLM processes by framework", target(f'sum by (framework) (llm_process_count{{instance=~"$instance",framework=~"$framework",model_name=~"$model_name"}})', "{{framework}}"), "short", decimals=0),
         panel(l, "timeseries", "GPU memory by model", target(f"sum by (model_name) (llm_process_gpu_memory_bytes{{{PROC}}})", "{{model_name}}"), "bytes"),
     ])

@@ -139,6 +139,16 @@ pub struct Config {
     /// Log level or tracing filter (error, warn, info, debug, trace, or e.g. "llmscope=debug").
     #[arg(long, env = "LLMSCOPE_LOG_LEVEL", default_value = "info")]
     pub log_level: String,
+
+    /// Log format: text (for people; coloured only on a terminal), logfmt or json (one object
+    /// per line), for log systems. Operator events carry a stable `event` field.
+    #[arg(
+        long = "log.format",
+        env = "LLMSCOPE_LOG_FORMAT",
+        value_enum,
+        default_value_t
+    )]
+    pub log_format: crate::logging::LogFormat,
 }
 
 impl Config {

@@ -10,6 +10,7 @@ pub mod config;
 pub mod gpuinfo;
 pub mod http;
 pub mod identity;
+pub mod logging;
 pub mod metrics;
 pub mod servers;
 pub mod state;

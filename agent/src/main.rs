@@ -13,11 +13,7 @@ fn main() -> ExitCode {
         return ExitCode::from(2);
     }
     bounded_malloc_arenas();
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new(&config.log_level))
-        .with_target(false)
-        .with_writer(std::io::stderr)
-        .init();
+    llmscope::logging::init(&config.log_level, config.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("llmscope-http")

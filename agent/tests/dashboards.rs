@@ -228,3 +228,127 @@ fn check_metric_reference(exposition: &str) {
     }
     panic!("README.md's metric reference differs from the exposition; run LLMSCOPE_BLESS=1 cargo xtask test and review the diff. Generated:\n{table}");
 }
+
+/// Debian's VictoriaMetrics, for one test: its own storage, on a free port.
+struct VictoriaMetrics {
+    addr: std::net::SocketAddr,
+    _process: support::prometheus::Killed,
+    dir: std::path::PathBuf,
+}
+
+impl VictoriaMetrics {
+    fn start() -> VictoriaMetrics {
+        let port = free_port();
+        let dir = std::env::temp_dir().join(format!("llmscope-vm-{port}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        let process = support::prometheus::Killed(
+            Command::new("victoria-metrics")
+                .arg(format!("-httpListenAddr=127.0.0.1:{port}"))
+                .arg(format!("-storageDataPath={}", dir.display()))
+                .arg("-retentionPeriod=1d")
+                // Answer with what was written a second ago, not 30 s ago (the default).
+                .arg("-search.latencyOffset=1s")
+                .arg("-search.disableCache")
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .expect("starting victoria-metrics (cargo xtask test installs Debian's package)"),
+        );
+        let vm = VictoriaMetrics {
+            addr: format!("127.0.0.1:{port}").parse().unwrap(),
+            _process: process,
+            dir,
+        };
+        let up = wait_for(Duration::from_secs(30), || {
+            http_get(vm.addr, "/health", None)
+                .ok()
+                .filter(|(code, _, _)| *code == 200)
+        });
+        assert!(up.is_some(), "victoria-metrics did not start");
+        vm
+    }
+
+    /// The result of `expr` through VictoriaMetrics' Prometheus-compatible query API.
+    fn query(&self, expr: &str) -> serde_json::Value {
+        let path = format!(
+            "/api/v1/query?query={}",
+            support::prometheus::percent_encode(expr)
+        );
+        let (_, _, body) = http_get(self.addr, &path, None).unwrap();
+        serde_json::from_str(&body).unwrap_or(serde_json::Value::Null)
+    }
+}
+
+impl Drop for VictoriaMetrics {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Fleet scale on an existing engine: Prometheus scrapes the agent and remote-writes to
+/// VictoriaMetrics, and every dashboard query and every recording rule's expression returns
+/// data from VictoriaMetrics.
+#[test]
+fn every_query_and_recording_rule_works_on_victoria_metrics_through_remote_write() {
+    let vm = VictoriaMetrics::start();
+    let _demo = Demo::start_with(
+        free_port(),
+        20,
+        &format!(
+            "remote_write:\n  - url: http://{}/api/v1/write\n    queue_config:\n      batch_send_deadline: 1s\n",
+            vm.addr
+        ),
+    );
+    let mut exprs: Vec<(String, String)> = Vec::new();
+    for file in [
+        "overview.json",
+        "processes.json",
+        "cuda.json",
+        "gpu-devices.json",
+        "inference-servers.json",
+    ] {
+        exprs.extend(
+            support::demo::panel_queries(file)
+                .into_iter()
+                .map(|(title, expr)| (format!("{file} / {title}"), expr)),
+        );
+    }
+    let rules: serde_yaml_ng::Value = serde_yaml_ng::from_str(
+        &std::fs::read_to_string(root().join("deploy/prometheus/rules/llmscope-recording.yml"))
+            .unwrap(),
+    )
+    .unwrap();
+    let mut recording = 0;
+    for rule in rules["groups"][0]["rules"].as_sequence().unwrap() {
+        recording += 1;
+        exprs.push((
+            format!("recording rule {}", rule["record"].as_str().unwrap()),
+            rule["expr"].as_str().unwrap().to_owned(),
+        ));
+    }
+    assert_eq!(recording, 8);
+    // What Prometheus has scraped reaches VictoriaMetrics within a few seconds.
+    let arrived = wait_for(Duration::from_secs(60), || {
+        let r = vm.query("count_over_time(llmscope_build_info[1m]) >= 10");
+        (!r["data"]["result"].as_array()?.is_empty()).then_some(())
+    });
+    assert!(
+        arrived.is_some(),
+        "no remote-written data in VictoriaMetrics"
+    );
+    let failures: Vec<String> = exprs
+        .iter()
+        .filter_map(|(what, expr)| {
+            let r = vm.query(expr);
+            let empty = r["data"]["result"].as_array().is_none_or(|a| a.is_empty());
+            (r["status"] != "success" || empty).then(|| format!("{what}: {expr}\n  → {r}"))
+        })
+        .collect();
+    assert!(
+        failures.is_empty(),
+        "{} of {} queries returned no data from VictoriaMetrics:\n{}",
+        failures.len(),
+        exprs.len(),
+        failures.join("\n")
+    );
+}

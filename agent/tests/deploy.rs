@@ -382,10 +382,107 @@ fn compose_file_is_valid_and_has_no_default_password() {
         "--web.config.file=/etc/llmscope/web/web.yml",
         "--path.procfs=/host/proc",
         "--gpu-info-dir=/var/run/llmscope/gpu-info",
+        "--log.format=json",
     ] {
         assert!(
             out.contains(needle),
             "merged compose lacks {needle}:\n{out}"
+        );
+    }
+    // The fleet-store and logs overrides merge too, and bring what they promise.
+    for (file, needles) in [
+        (
+            "docker-compose.victoria-metrics.yml",
+            &["victoria-metrics:", "prometheus.victoria-metrics.yml"][..],
+        ),
+        (
+            "docker-compose.logs.yml",
+            &["loki:", "promtail-compose.yml", "--log.format=json"][..],
+        ),
+    ] {
+        let (ok, out) = run(
+            "docker-compose",
+            &["-f", "docker-compose.yml", "-f", file, "config"],
+            &dir,
+            &[("GRAFANA_ADMIN_PASSWORD", "a-password")],
+        );
+        assert!(ok, "docker-compose config with {file}:\n{out}");
+        for needle in needles {
+            assert!(
+                out.contains(needle),
+                "{file}: merged compose lacks {needle}:\n{out}"
+            );
+        }
+    }
+}
+
+/// Every Prometheus configuration shipped for the stacks passes promtool, and the
+/// Alertmanager configuration passes amtool; the Promtail snippets read llmscope's JSON log
+/// and label it by event (no Promtail binary here: checked as YAML).
+#[test]
+fn alerting_fleet_and_log_configurations_are_valid() {
+    let compose = root().join("deploy/compose");
+    let web = std::fs::read_to_string(compose.join("web-config/prometheus.yml")).unwrap();
+    assert!(
+        web.contains("alertmanager:9093"),
+        "web-config/prometheus.yml sends no alerts"
+    );
+    for config in ["prometheus.yml", "prometheus.victoria-metrics.yml"] {
+        let text = std::fs::read_to_string(compose.join(config)).unwrap();
+        assert!(
+            text.contains("alertmanager:9093"),
+            "{config} sends no alerts"
+        );
+        // The rule files are mounted beside it in the stack: check it with them there.
+        let dir = std::env::temp_dir().join(format!("llmscope-compose-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("rules")).unwrap();
+        for rules in ["llmscope-recording.yml", "llmscope-alerts.yml"] {
+            std::fs::copy(
+                deploy().join("rules").join(rules),
+                dir.join("rules").join(rules),
+            )
+            .unwrap();
+        }
+        std::fs::write(dir.join("prometheus.yml"), &text).unwrap();
+        let (ok, out) = promtool(
+            &[
+                "check",
+                "config",
+                dir.join("prometheus.yml").to_str().unwrap(),
+            ],
+            None,
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(ok, "promtool check config {config}:\n{out}");
+    }
+    let (ok, out) = run(
+        "amtool",
+        &["check-config", "alertmanager.yml"],
+        &root().join("deploy/alertmanager"),
+        &[],
+    );
+    assert!(ok, "amtool check-config:\n{out}");
+    for needle in [
+        "send_resolved: true",
+        "group_by: [alertname, instance, model_name]",
+        "LlmscopeAgentDown",
+    ] {
+        let text =
+            std::fs::read_to_string(root().join("deploy/alertmanager/alertmanager.yml")).unwrap();
+        assert!(text.contains(needle), "alertmanager.yml lacks {needle}");
+    }
+    for file in ["promtail-compose.yml", "promtail-kubernetes.yml"] {
+        let text = std::fs::read_to_string(root().join("deploy/logs").join(file)).unwrap();
+        let config: serde_yaml_ng::Value = serde_yaml_ng::from_str(&text).unwrap();
+        let stages = &config["scrape_configs"][0]["pipeline_stages"];
+        let json = stages
+            .as_sequence()
+            .and_then(|s| s.iter().find(|st| st.get("json").is_some()))
+            .unwrap_or_else(|| panic!("{file}: no json stage"));
+        assert_eq!(
+            json["json"]["expressions"]["event"].as_str(),
+            Some("event"),
+            "{file}"
         );
     }
 }

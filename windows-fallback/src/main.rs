@@ -67,6 +67,14 @@ struct Config {
     /// Log level or tracing filter.
     #[arg(long, env = "LLMSCOPE_LOG_LEVEL", default_value = "info")]
     log_level: String,
+    /// Log format: text, logfmt or json (one object per line).
+    #[arg(
+        long = "log.format",
+        env = "LLMSCOPE_LOG_FORMAT",
+        value_enum,
+        default_value_t
+    )]
+    log_format: llmscope::logging::LogFormat,
 }
 
 struct Source {
@@ -176,19 +184,14 @@ fn poll_forever(
 
 fn main() -> ExitCode {
     let config = Config::parse();
-    let Ok(filter) = tracing_subscriber::EnvFilter::try_new(&config.log_level) else {
+    if tracing_subscriber::EnvFilter::try_new(&config.log_level).is_err() {
         eprintln!(
             "error: --log-level {:?} is not a level or tracing filter",
             config.log_level
         );
         return ExitCode::from(2);
-    };
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_target(false)
-        .with_writer(std::io::stderr)
-        .with_ansi(false)
-        .init();
+    }
+    llmscope::logging::init(&config.log_level, config.log_format);
     if config.interval < Duration::from_millis(100) {
         eprintln!("error: --interval must be at least 100ms");
         return ExitCode::from(2);

@@ -196,14 +196,29 @@ impl CudaSource for CudaState {
     }
 }
 
+/// The `cuda_oom` log event.
 pub(super) fn on_oom(shared: &Shared, pid: u32, function: u32, code: u32, size: u64) {
-    let model = shared
+    let (framework, model_name) = shared
         .tracker()
         .get(pid)
-        .map(|t| t.identity.model_name.clone())
-        .unwrap_or_else(|| "unknown".into());
+        .map(|t| (t.identity.framework.as_str(), t.identity.model_name.clone()))
+        .unwrap_or(("unknown", "unknown".into()));
+    let c = shared.container_labels(pid);
     let function = FUNCTIONS.get(function as usize).map_or("?", |f| f.name);
-    tracing::warn!(pid, model = %model, function, code, size, "CUDA out of memory");
+    tracing::warn!(
+        event = "cuda_oom",
+        pid,
+        framework,
+        model_name = %model_name,
+        container_id = %c.container_id,
+        container = %c.container,
+        pod = %c.pod,
+        namespace = %c.namespace,
+        function,
+        code,
+        size,
+        "CUDA out of memory"
+    );
 }
 
 /// Runs the launch-probe duty cycle until the agent stops.

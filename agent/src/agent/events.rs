@@ -155,7 +155,7 @@ fn on_exec(shared: &Shared, rec: ExecRecord) {
         facts.ppid = shared.proc.sample(pid).map(|s| s.ppid).unwrap_or(0);
     }
     match observe_with_env(shared, &mut facts, How::New) {
-        Observed::Added(id) => log_detected(pid, &id, "exec"),
+        Observed::Added(id) => log_detected(shared, pid, &id, "exec"),
         Observed::Dropped => {
             tracing::warn!(pid, "process table full (--max-processes): not tracked")
         }

@@ -116,7 +116,7 @@ fn classify_interpreter(shared: &Shared, map: &LibraryMap) {
     facts.libraries = shared.proc.libraries(map.pid).unwrap_or_default();
     facts.libraries.push(map.short_path());
     if let Observed::Added(id) = observe_with_env(shared, &mut facts, How::Refresh(read_at)) {
-        log_detected(map.pid, &id, "framework library mapped");
+        log_detected(shared, map.pid, &id, "framework library mapped");
     }
 }
 

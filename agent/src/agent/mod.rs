@@ -243,7 +243,13 @@ impl Shared {
     fn exited(&self, pid: u32) -> bool {
         let mut tracker = self.tracker();
         let was_alive = tracker.exited(pid, Instant::now());
-        self.forget_in_kernel(pid, was_alive)
+        let gone = tracker.get(pid).filter(|_| was_alive).cloned();
+        self.forget_in_kernel(pid, was_alive);
+        drop(tracker);
+        if let Some(t) = gone {
+            observe::log_exited(self, &t, "exit event");
+        }
+        was_alive
     }
 
     /// A reading taken after `as_of` found the process gone (see
@@ -251,11 +257,25 @@ impl Shared {
     fn exited_as_of(&self, pid: u32, start_ticks: Option<u64>, as_of: Instant) -> bool {
         let mut tracker = self.tracker();
         let marked = tracker.exited_as_of(pid, start_ticks, as_of, Instant::now());
-        self.forget_in_kernel(pid, marked)
+        let gone = tracker.get(pid).filter(|_| marked).cloned();
+        self.forget_in_kernel(pid, marked);
+        drop(tracker);
+        if let Some(t) = gone {
+            observe::log_exited(self, &t, "found gone");
+        }
+        marked
+    }
+
+    /// The container labels of tracked process `pid` (empty when it is in none).
+    fn container_labels(&self, pid: u32) -> crate::metrics::ContainerLabels {
+        let container = self.tracker().get(pid).and_then(|t| t.container.clone());
+        container
+            .map(|c| self.containers.labels(&c))
+            .unwrap_or_default()
     }
 
     /// Called with the table locked (lock order: table, then the kernel's set).
-    fn forget_in_kernel(&self, pid: u32, exited: bool) -> bool {
+    fn forget_in_kernel(&self, pid: u32, exited: bool) {
         if exited {
             self.kernel_tracked
                 .lock()
@@ -263,7 +283,6 @@ impl Shared {
                 .remove(pid);
             self.table_changed();
         }
-        exited
     }
 
     fn stopping(&self) -> bool {
@@ -331,6 +350,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         mmap_records,
         ..
     } = sensor;
+    let lost = Arc::new(lost);
     // Where container names come from: each source is used when its path exists.
     let present = |p: &Option<std::path::PathBuf>, what: &str| {
         let p = p.clone().filter(|p| !p.as_os_str().is_empty())?;
@@ -398,7 +418,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         attach_jobs,
         config.cuda_library_idle_timeout,
     )?;
-    let sampler_thread = sampler::spawn(shared.clone(), gpu_info.clone())?;
+    let sampler_thread = sampler::spawn(shared.clone(), gpu_info.clone(), lost.clone())?;
     let servers_thread = servers::spawn(shared.clone(), config.sd_advertise_host.clone())?;
     let mut threads = vec![
         ("events", events_thread),
@@ -436,7 +456,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 
     let mut collectors: Vec<Box<dyn Collector>> = vec![
         Box::new(ProcessCollector::new(shared.processes.clone())),
-        Box::new(KernelCollector::new(shared.counters.clone(), lost)),
+        Box::new(KernelCollector::new(shared.counters.clone(), lost.clone())),
         Box::new(CudaCollector::new(
             shared.cuda.clone(),
             shared.processes.clone(),

@@ -73,7 +73,9 @@ fn report(shared: &Shared, message: String, clear_sample: bool) {
     let old = shared.nvml.get();
     if old.error.as_deref() != Some(message.as_str()) {
         tracing::warn!(
-            "{message}; GPU metrics are left out until it works (retrying with back-off)"
+            event = "nvml_unavailable",
+            error = %message,
+            "NVML unavailable: GPU metrics are left out until it works (retrying with back-off)"
         );
     }
     shared.nvml.set(NvmlState {

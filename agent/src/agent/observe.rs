@@ -6,14 +6,43 @@ use crate::tracker::Observed;
 
 use super::Shared;
 
-pub(super) fn log_detected(pid: u32, id: &Identity, via: &str) {
+/// The `process_detected` log event (`via`: what found it).
+pub(super) fn log_detected(shared: &Shared, pid: u32, id: &Identity, via: &str) {
+    let c = shared.container_labels(pid);
     tracing::info!(
+        event = "process_detected",
         pid,
         framework = id.framework.as_str(),
-        model = %id.model_name,
+        model_name = %id.model_name,
         role = id.role.as_str(),
+        container_id = %c.container_id,
+        container = %c.container,
+        pod = %c.pod,
+        namespace = %c.namespace,
         via,
         "LLM process detected"
+    );
+}
+
+/// The `process_exited` log event (`how`: what told the agent).
+pub(super) fn log_exited(shared: &Shared, t: &crate::tracker::Tracked, how: &str) {
+    let c = t
+        .container
+        .as_ref()
+        .map(|c| shared.containers.labels(c))
+        .unwrap_or_default();
+    tracing::info!(
+        event = "process_exited",
+        pid = t.pid,
+        framework = t.identity.framework.as_str(),
+        model_name = %t.identity.model_name,
+        role = t.identity.role.as_str(),
+        container_id = %c.container_id,
+        container = %c.container,
+        pod = %c.pod,
+        namespace = %c.namespace,
+        how,
+        "LLM process exited"
     );
 }
 
@@ -78,6 +107,6 @@ pub(super) fn track_gpu_user(shared: &Shared, pid: u32, via: &str) {
         t.observe_gpu_user(&facts, || Some(sample.start_ticks))
     });
     if let Observed::Added(id) = &observed {
-        log_detected(pid, id, via);
+        log_detected(shared, pid, id, via);
     }
 }

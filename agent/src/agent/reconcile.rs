@@ -102,6 +102,7 @@ pub(super) fn scan(shared: &Shared, repair: bool) -> usize {
     for (_, read_at, mut facts) in candidates {
         if let Observed::Added(id) = observe_with_env(shared, &mut facts, How::Refresh(read_at)) {
             log_detected(
+                shared,
                 facts.pid,
                 &id,
                 if repair {

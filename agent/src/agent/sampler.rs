@@ -12,6 +12,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use super::observe::track_gpu_user;
 use super::Shared;
+use crate::ebpf::{LostCounters, LOST_KINDS};
 use crate::gpuinfo::{scan, Limits, Processes, Rejections};
 use crate::metrics::{KindCount, ProcessLabels, ProcessSample};
 use crate::proc::{ProcError, ProcRoot, ProcSample};
@@ -34,12 +35,14 @@ const STALL_LIMIT: Duration = Duration::from_secs(30);
 pub(super) fn spawn(
     shared: Arc<Shared>,
     gpu_info: Option<(PathBuf, Limits)>,
+    lost: Arc<LostCounters>,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     let heartbeat = shared.health.register("sampler", Some(STALL_LIMIT));
     std::thread::Builder::new()
         .name("llmscope-sampler".into())
         .spawn(move || {
             let mut sampler = Sampler::default();
+            let mut lost_before = [0u64; LOST_KINDS.len()];
             let mut next_full = Instant::now();
             while !shared.stopping() {
                 heartbeat.beat();
@@ -49,6 +52,7 @@ pub(super) fn spawn(
                     if let Some((dir, limits)) = &gpu_info {
                         sampler.scan_gpu_info(&shared, dir, limits);
                     }
+                    log_lost(&shared, &lost, &mut lost_before);
                 }
                 let started = Instant::now();
                 sampler.pass(&shared, started, full);
@@ -64,6 +68,27 @@ pub(super) fn spawn(
                 }
             }
         })
+}
+
+/// The `events_lost` log event: once a second at most, for each kind that lost records
+/// since the last look (the counts themselves are `llmscope_events_lost_total`).
+fn log_lost(shared: &Shared, lost: &LostCounters, before: &mut [u64; LOST_KINDS.len()]) {
+    let Ok(mut now) = lost.read() else {
+        return;
+    };
+    now[6] += Counters::get(&shared.counters.library_map_lost);
+    for ((kind, was), is) in LOST_KINDS.iter().zip(before.iter()).zip(now) {
+        if is > *was {
+            tracing::warn!(
+                event = "events_lost",
+                kind,
+                lost = is - was,
+                total = is,
+                "kernel events lost (ring buffer or map full); the /proc scans repair what they missed"
+            );
+        }
+    }
+    *before = now;
 }
 
 /// The last reading of a pid: the values an exited process keeps during its grace period,
@@ -196,7 +221,14 @@ impl Sampler {
     fn scan_gpu_info(&mut self, shared: &Shared, dir: &std::path::Path, limits: &Limits) {
         match scan(dir, limits, &Owners::new(&shared.proc), SystemTime::now()) {
             Ok(found) => {
-                self.rejections.count(&found);
+                for r in self.rejections.count(&found) {
+                    tracing::warn!(
+                        event = "gpu_info_rejected",
+                        file = %r.file,
+                        reason = r.reason,
+                        "gpu-info report refused"
+                    );
+                }
                 for info in &found.accepted {
                     track_gpu_user(shared, info.pid, "gpu-info report");
                 }

@@ -2,17 +2,17 @@
 
 use std::sync::Arc;
 
-use crate::ebpf::LostCounters;
+use crate::ebpf::{LostCounters, LOST_KINDS};
 use crate::metrics::{CollectError, Collector, KindCount, Snapshot};
 use crate::state::Counters;
 
 pub struct KernelCollector {
     counters: Arc<Counters>,
-    lost: LostCounters,
+    lost: Arc<LostCounters>,
 }
 
 impl KernelCollector {
-    pub fn new(counters: Arc<Counters>, lost: LostCounters) -> Self {
+    pub fn new(counters: Arc<Counters>, lost: Arc<LostCounters>) -> Self {
         KernelCollector { counters, lost }
     }
 }
@@ -37,19 +37,17 @@ impl Collector for KernelCollector {
             ("missed_exec", load(&c.missed_exec)),
             ("missed_exit", load(&c.missed_exit)),
         ]);
-        let [exec, exit, fork, cuda_event, cuda_counter, cuda_allocation, library_map] = self
+        let mut lost = self
             .lost
             .read()
             .map_err(|e| CollectError(format!("reading the LOST map: {e}")))?;
-        agent.events_lost = KindCount::list(&[
-            ("exec", exec),
-            ("exit", exit),
-            ("fork", fork),
-            ("cuda_event", cuda_event),
-            ("cuda_counter", cuda_counter),
-            ("cuda_allocation", cuda_allocation),
-            ("library_map", library_map + load(&c.library_map_lost)),
-        ]);
+        // Perf mmap records lost in user space count with the kernel's library_map losses.
+        lost[6] += load(&c.library_map_lost);
+        agent.events_lost = LOST_KINDS
+            .iter()
+            .zip(lost)
+            .map(|(&kind, value)| KindCount { kind, value })
+            .collect();
         Ok(())
     }
 }

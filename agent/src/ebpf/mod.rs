@@ -82,6 +82,17 @@ impl MmapHook {
 /// The per-CPU counters of ring buffer reservations that failed.
 pub struct LostCounters(PerCpuArray<MapData, u64>);
 
+/// What [`LostCounters::read`] counts, in its order (`kind` of `llmscope_events_lost_total`).
+pub const LOST_KINDS: [&str; 7] = [
+    "exec",
+    "exit",
+    "fork",
+    "cuda_event",
+    "cuda_counter",
+    "cuda_allocation",
+    "library_map",
+];
+
 impl LostCounters {
     /// Records lost since load, summed over CPUs: exec, exit, fork, CUDA events, CUDA
     /// counters (map full), CUDA allocations (map full), library maps.

@@ -125,16 +125,20 @@ impl Default for Rejections {
 }
 
 impl Rejections {
-    pub fn count(&mut self, scan: &Scan) {
+    /// Counts the refusals of `scan` not counted before; returns them.
+    pub fn count<'s>(&mut self, scan: &'s Scan) -> Vec<&'s Rejection> {
         let mut seen = HashMap::with_capacity(scan.rejected.len());
+        let mut new = Vec::new();
         for r in &scan.rejected {
             let now = (r.version, r.reason);
             if self.last.get(&r.file) != Some(&now) {
                 *self.totals.entry(r.reason).or_default() += 1;
+                new.push(r);
             }
             seen.insert(r.file.clone(), now);
         }
         self.last = seen;
+        new
     }
 
     pub fn totals(&self) -> impl Iterator<Item = (&'static str, u64)> + '_ {

@@ -60,6 +60,11 @@ impl Demo {
     /// Starts everything; returns once Prometheus has scraped both targets a dozen times.
     /// The launching workload runs for `launch_seconds`.
     pub fn start(prometheus_port: u16, launch_seconds: u32) -> Demo {
+        Demo::start_with(prometheus_port, launch_seconds, "")
+    }
+
+    /// The same, with `extra` appended to Prometheus's configuration (e.g. `remote_write`).
+    pub fn start_with(prometheus_port: u16, launch_seconds: u32, extra: &str) -> Demo {
         let work = std::env::temp_dir().join(format!("llmscope-demo-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&work);
         let reports = work.join("gpu-info");
@@ -165,7 +170,7 @@ impl Demo {
         );
         let rules = root().join("deploy/prometheus/rules");
         let config = format!(
-            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n  - {}\n  - {}\nscrape_configs:\n  - job_name: llmscope\n    static_configs:\n      - targets: [\"{}\"]\n  - job_name: inference\n    static_configs:\n      - targets: [\"127.0.0.1:{server_port}\"]\n",
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n  - {}\n  - {}\nscrape_configs:\n  - job_name: llmscope\n    static_configs:\n      - targets: [\"{}\"]\n  - job_name: inference\n    static_configs:\n      - targets: [\"127.0.0.1:{server_port}\"]\n{extra}",
             rules.join("llmscope-recording.yml").display(),
             rules.join("llmscope-alerts.yml").display(),
             agent.addr

@@ -75,7 +75,6 @@ impl Agent {
             // only the test double, where a test names it.
             .args((!args.contains(&"--nvml-lib")).then_some("--no-nvml"))
             .envs(env.iter().copied())
-            .env("NO_COLOR", "1")
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
