@@ -63,8 +63,9 @@ pub struct Config {
     )]
     pub crio_storage: Option<PathBuf>,
 
-    /// The host Prometheus should use for an inference server listening on all addresses
-    /// (`GET /api/sd`); by default 127.0.0.1 (Prometheus on the same machine).
+    /// The host Prometheus should use for an inference server listening on all addresses of
+    /// the agent's or the host's network namespace (`GET /api/sd`); by default 127.0.0.1 for
+    /// the agent's (Prometheus on the same machine), the host's own address for the host's.
     #[arg(long = "sd.advertise-host", env = "LLMSCOPE_SD_ADVERTISE_HOST")]
     pub sd_advertise_host: Option<String>,
 

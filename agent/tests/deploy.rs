@@ -397,7 +397,7 @@ fn compose_file_is_valid_and_has_no_default_password() {
         ),
         (
             "docker-compose.logs.yml",
-            &["loki:", "promtail-compose.yml", "--log.format=json"][..],
+            &["loki:", "promtail-compose.yml", "grafana/promtail"][..],
         ),
     ] {
         let (ok, out) = run(

@@ -224,7 +224,7 @@ impl Sampler {
                 for r in self.rejections.count(&found) {
                     tracing::warn!(
                         event = "gpu_info_rejected",
-                        file = %r.file,
+                        file = %r.file.escape_debug(),
                         reason = r.reason,
                         "gpu-info report refused"
                     );

@@ -21,6 +21,12 @@ const INTERVAL: Duration = Duration::from_secs(2);
 const REPROBE: Duration = Duration::from_secs(30);
 /// Servers examined per pass at most (the table is bounded; this bounds a pass's probes).
 const MAX_SERVERS: usize = 256;
+/// Listening ports probed per server at most, and addresses tried per port.
+const MAX_PORTS: usize = 16;
+const MAX_TRIES: usize = 4;
+/// Once a pass has probed this long, the servers left keep what was found before (probed on
+/// a later pass): a few silent ports cannot hold up discovery for everyone.
+const PASS_BUDGET: Duration = Duration::from_secs(60);
 
 /// A server's listening addresses, when they were probed, and what answered.
 type Probed = (Vec<SocketAddr>, Instant, Vec<Endpoint>);
@@ -29,14 +35,17 @@ pub(super) fn spawn(
     shared: Arc<Shared>,
     advertise: Option<String>,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
-    // A pass probes at most MAX_SERVERS × ports, each bounded by its timeouts.
+    // A pass stops probing after PASS_BUDGET, and one probe takes at most 2.5 s.
     let heartbeat = shared
         .health
-        .register("servers", Some(Duration::from_secs(600)));
+        .register("servers", Some(Duration::from_secs(300)));
     std::thread::Builder::new()
         .name("llmscope-servers".into())
         .spawn(move || {
             let own_netns = std::fs::read_link("/proc/self/ns/net").ok();
+            // The host's network namespace (its init's), where --sd.advertise-host names the
+            // host even when the agent runs in a namespace of its own (compose's bridge).
+            let host_netns = std::fs::read_link(shared.proc.path().join("1/ns/net")).ok();
             let mut known: HashMap<(u32, Option<u64>), Probed> = HashMap::new();
             let mut probes: HashMap<&'static str, u64> = HashMap::new();
             while !shared.stopping() {
@@ -53,6 +62,7 @@ pub(super) fn spawn(
                 let proc = shared.proc.path();
                 let mut next = HashMap::with_capacity(servers.len());
                 let mut published = Vec::new();
+                let pass_started = Instant::now();
                 for (api, t) in servers {
                     let Ok(netns) = std::fs::read_link(proc.join(format!("{}/ns/net", t.pid)))
                     else {
@@ -61,38 +71,48 @@ pub(super) fn spawn(
                     let Some(member) = view.members.iter().find(|m| m.pid == t.pid) else {
                         continue;
                     };
-                    let addrs = listening(proc, t.pid);
+                    let mut addrs = listening(proc, t.pid);
+                    addrs.truncate(MAX_PORTS);
                     let key = (t.pid, t.start_ticks);
+                    let over_budget = pass_started.elapsed() > PASS_BUDGET;
                     let endpoints = match known.remove(&key) {
                         Some((was, at, endpoints))
-                            if was == addrs
-                                && at.elapsed() < REPROBE
-                                && matches!(api, Api::Metrics { .. }) =>
+                            if over_budget
+                                || (was == addrs
+                                    && at.elapsed() < REPROBE
+                                    && matches!(api, Api::Metrics { .. })) =>
                         {
                             (was, at, endpoints)
                         }
+                        _ if over_budget => continue,
                         _ => {
                             let place = if own_netns.as_ref() == Some(&netns) {
                                 Place::Here(advertise.as_deref())
                             } else {
-                                Place::Elsewhere(local_addresses(proc, t.pid))
+                                let host = host_netns.as_ref() == Some(&netns);
+                                Place::Elsewhere(
+                                    local_addresses(proc, t.pid),
+                                    advertise.as_deref().filter(|_| host),
+                                )
                             };
                             let endpoints = addrs
                                 .iter()
                                 .filter_map(|a| {
-                                    place.candidates(*a).into_iter().find_map(|(at, target)| {
-                                        let outcome = probe(at, api);
-                                        *probes.entry(outcome.kind()).or_default() += 1;
-                                        let Outcome::Answered(answer) = outcome else {
-                                            return None;
-                                        };
-                                        Some(Endpoint {
-                                            labels: member.labels.clone(),
-                                            target,
-                                            path: api.path(),
-                                            answer,
-                                        })
-                                    })
+                                    place.candidates(*a).into_iter().take(MAX_TRIES).find_map(
+                                        |(at, target)| {
+                                            let outcome = probe(at, api);
+                                            *probes.entry(outcome.kind()).or_default() += 1;
+                                            let Outcome::Answered(answer) = outcome else {
+                                                return None;
+                                            };
+                                            Some(Endpoint {
+                                                labels: member.labels.clone(),
+                                                target,
+                                                path: api.path(),
+                                                answer,
+                                            })
+                                        },
+                                    )
                                 })
                                 .collect();
                             (addrs, Instant::now(), endpoints)
@@ -121,8 +141,9 @@ pub(super) fn spawn(
 enum Place<'a> {
     /// In the agent's network namespace: `--sd.advertise-host`, if given.
     Here(Option<&'a str>),
-    /// In another network namespace, with these addresses.
-    Elsewhere(Vec<IpAddr>),
+    /// In another network namespace, with these addresses; `--sd.advertise-host` when that
+    /// namespace is the host's.
+    Elsewhere(Vec<IpAddr>, Option<&'a str>),
 }
 
 impl Place<'_> {
@@ -132,17 +153,18 @@ impl Place<'_> {
         match self {
             Place::Here(host) => vec![(reachable(addr), advertised(addr, *host))],
             // Loopback inside another namespace cannot be reached from outside it.
-            Place::Elsewhere(_) if addr.ip().is_loopback() => vec![],
-            Place::Elsewhere(locals) if addr.ip().is_unspecified() => locals
+            Place::Elsewhere(..) if addr.ip().to_canonical().is_loopback() => vec![],
+            Place::Elsewhere(locals, host) if addr.ip().is_unspecified() => locals
                 .iter()
                 // A wildcard IPv6 listener is dual-stack by default.
                 .filter(|ip| addr.is_ipv6() || ip.is_ipv4())
                 .map(|ip| {
                     let at = SocketAddr::new(*ip, addr.port());
-                    (at, at.to_string())
+                    let target = host.map_or(at.to_string(), |h| format!("{h}:{}", addr.port()));
+                    (at, target)
                 })
                 .collect(),
-            Place::Elsewhere(_) => vec![(addr, addr.to_string())],
+            Place::Elsewhere(..) => vec![(addr, addr.to_string())],
         }
     }
 }
@@ -175,10 +197,10 @@ mod tests {
 
     #[test]
     fn a_server_in_another_namespace_is_reached_at_its_own_addresses() {
-        let pod = Place::Elsewhere(vec![
-            "10.244.1.17".parse().unwrap(),
-            "fd00::11".parse().unwrap(),
-        ]);
+        let pod = Place::Elsewhere(
+            vec!["10.244.1.17".parse().unwrap(), "fd00::11".parse().unwrap()],
+            None,
+        );
         let at = |s: &str| -> Vec<String> {
             pod.candidates(s.parse().unwrap())
                 .into_iter()
@@ -192,6 +214,19 @@ mod tests {
         assert_eq!(at("[::]:8000"), ["10.244.1.17:8000", "[fd00::11]:8000"]);
         assert_eq!(at("10.244.1.17:9000"), ["10.244.1.17:9000"]);
         assert!(at("127.0.0.1:8000").is_empty());
+        assert!(at("[::ffff:127.0.0.1]:8000").is_empty());
+        // The host's namespace seen from an agent in its own (compose): advertised by name.
+        let host = Place::Elsewhere(
+            vec!["192.168.1.20".parse().unwrap()],
+            Some("host.docker.internal"),
+        );
+        assert_eq!(
+            host.candidates("0.0.0.0:8000".parse().unwrap()),
+            vec![(
+                "192.168.1.20:8000".parse().unwrap(),
+                "host.docker.internal:8000".to_owned()
+            )]
+        );
         let here = Place::Here(Some("node-1"));
         let any: SocketAddr = "0.0.0.0:8080".parse().unwrap();
         assert_eq!(

@@ -32,6 +32,8 @@ impl Collector for ServersCollector {
             .iter()
             .map(|e| (e.labels.clone(), e.target.clone(), e.answer.state()))
             .collect();
+        // One series per (process, model), however many sockets answered for it.
+        let mut seen = std::collections::HashSet::new();
         snapshot.ollama_models = view
             .endpoints
             .iter()
@@ -48,6 +50,7 @@ impl Collector for ServersCollector {
                     (labels, m.clone())
                 })
             })
+            .filter(|(labels, _)| seen.insert((labels.pid.clone(), labels.model_name.clone())))
             .collect();
         snapshot.agent.server_probes = view.probes.clone();
         Ok(())

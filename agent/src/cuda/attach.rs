@@ -125,7 +125,7 @@ impl Attacher {
             Outcome::Failed(reason) => {
                 debug_assert!(FAILURE_REASONS.contains(&reason), "{reason}");
                 *self.failures.entry(reason).or_default() += 1;
-                tracing::warn!(event = "uprobe_attach_failed", pid, library = %lib.path, reason, "cannot probe a CUDA library");
+                tracing::warn!(event = "uprobe_attach_failed", pid, library = %lib.path.escape_debug(), reason, "cannot probe a CUDA library");
             }
             Outcome::Attached { probes } => {
                 tracing::info!(pid, library = %lib.path, api = api_name(lib.api), probes, "CUDA library probed")

@@ -52,17 +52,21 @@ pub fn parse_ps(body: &[u8]) -> Option<Vec<LoadedModel>> {
 }
 
 /// An RFC 3339 time (`2024-06-04T14:38:31.83753-07:00`, `…Z`) as Unix seconds; None before
-/// 1970 (Go's zero time: no expiry) or when malformed.
+/// 1970 (Go's zero time: no expiry) or when malformed. Every field has its fixed width, so no
+/// arithmetic below can overflow whatever the server sends.
 fn unix_seconds(text: &str) -> Option<f64> {
     let num = |s: &str| -> Option<i64> {
-        s.bytes()
-            .all(|b| b.is_ascii_digit())
+        (matches!(s.len(), 2 | 4) && s.bytes().all(|b| b.is_ascii_digit()))
             .then(|| s.parse().ok())
             .flatten()
     };
     let (date, time) = text.split_once(['T', 't', ' '])?;
     let mut d = date.splitn(3, '-');
-    let (y, m, day) = (num(d.next()?)?, num(d.next()?)?, num(d.next()?)?);
+    let (year, month, day) = (d.next()?, d.next()?, d.next()?);
+    if year.len() != 4 || month.len() != 2 || day.len() != 2 {
+        return None;
+    }
+    let (y, m, day) = (num(year)?, num(month)?, num(day)?);
     let zone_at = time.rfind(['Z', 'z', '+', '-'])?;
     let (clock, zone) = time.split_at(zone_at);
     let offset = match zone {
@@ -83,10 +87,12 @@ fn unix_seconds(text: &str) -> Option<f64> {
     if !(1..=12).contains(&m) || !(1..=31).contains(&day) || h > 23 || min > 59 || s > 60 {
         return None;
     }
+    if y < 1000 || fraction.len() > 9 || !fraction.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
     let fraction: f64 = if fraction.is_empty() {
         0.0
     } else {
-        num(fraction)?;
         format!("0.{fraction}").parse().ok()?
     };
     // Days from 1970-01-01 in the proleptic Gregorian calendar (Howard Hinnant's algorithm).
@@ -139,6 +145,12 @@ mod tests {
         assert_eq!(unix_seconds("0001-01-01T00:00:00Z"), None);
         assert_eq!(unix_seconds("2024-13-01T00:00:00Z"), None);
         assert_eq!(unix_seconds("yesterday"), None);
+        assert_eq!(unix_seconds("99999999999999999999-01-01T00:00:00Z"), None);
+        assert_eq!(
+            unix_seconds("2024-01-01T00:00:00+999999999999999999:00"),
+            None
+        );
+        assert_eq!(unix_seconds("2024-01-01T00:00:00.1234567890123Z"), None);
         assert_eq!(unix_seconds("2024-06-04T21:38:31"), None);
     }
 }
