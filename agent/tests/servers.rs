@@ -149,7 +149,18 @@ fn a_real_llama_server_is_discovered_and_one_without_metrics_is_shown_as_such() 
     };
     let port = free_port();
     let server = start(port, true);
-    let target = wait_for(Duration::from_secs(60), || {
+    // Listening and serving its metrics: from then on, it is in /api/sd within a second —
+    // what the issue asks; a discovery pass runs every 500 ms, so the bound has twice that
+    // in hand.
+    let serving = wait_for(Duration::from_secs(60), || {
+        let addr = format!("127.0.0.1:{port}").parse().unwrap();
+        http_get(addr, "/metrics", None)
+            .ok()
+            .filter(|(code, _, _)| *code == 200)
+    });
+    assert!(serving.is_some(), "llama-server does not serve /metrics");
+    let listening = std::time::Instant::now();
+    let target = wait_for(Duration::from_secs(10), || {
         sd(&agent)
             .as_array()?
             .iter()
@@ -157,6 +168,12 @@ fn a_real_llama_server_is_discovered_and_one_without_metrics_is_shown_as_such() 
             .cloned()
     })
     .unwrap_or_else(|| panic!("llama-server not in /api/sd:\n{}", agent.log()));
+    let latency = listening.elapsed();
+    eprintln!("llama-server serving → in /api/sd: {latency:?}");
+    assert!(
+        latency < Duration::from_secs(1),
+        "llama-server appeared in /api/sd {latency:?} after serving"
+    );
     assert_eq!(
         target["targets"],
         serde_json::json!([format!("127.0.0.1:{port}")]),

@@ -1,24 +1,35 @@
 //! The server discovery thread: every [`INTERVAL`], for each live tracked inference server
-//! whose framework llmscope queries, the TCP ports it listens on, and — when they changed, or
-//! every [`REPROBE`] (every pass for Ollama, whose loaded models change) — a probe of the
-//! framework's API path on each. What answers is published for `GET /api/sd`,
-//! `llm_server_metrics_endpoint` and the Ollama families. A server in the agent's network
-//! namespace is reached through loopback; one in another namespace (a pod, a container with
-//! its own network) at that namespace's own addresses, read from `/proc/<pid>/net`.
+//! whose framework llmscope queries, its socket inodes; when they changed, the TCP ports it
+//! listens on; and when those changed, or every [`REPROBE`] ([`OLLAMA_REFRESH`] for Ollama,
+//! whose loaded models change), a probe of the framework's API path on each. What answers is
+//! published for `GET /api/sd`, `llm_server_metrics_endpoint` and the Ollama families. A
+//! server in the agent's network namespace is reached through loopback; one in another
+//! namespace (a pod, a container with its own network) at that namespace's own addresses,
+//! read from `/proc/<pid>/net`.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::Shared;
 use crate::metrics::KindCount;
-use crate::servers::{api, listening, local_addresses, probe, Api, Outcome};
-use crate::state::{Endpoint, ServersView};
+use crate::servers::{api, listening, local_addresses, probe, socket_inodes, Api, Outcome};
+use crate::state::{Endpoint, Member, ServersView};
+use crate::tracker::Tracked;
 
-const INTERVAL: Duration = Duration::from_secs(2);
+/// A server is found within this of listening (a pass reads each server's fd table; the
+/// tcp tables only when its sockets changed).
+const INTERVAL: Duration = Duration::from_millis(500);
 /// A server's endpoints are probed again after this even when its sockets did not change.
 const REPROBE: Duration = Duration::from_secs(30);
+/// Ollama's loaded models are read again after this.
+const OLLAMA_REFRESH: Duration = Duration::from_secs(5);
+/// A server that listens but does not answer yet (still loading its model) is probed again
+/// every pass for this long after it was first seen, so that it is found as soon as it
+/// answers; after that, every [`REPROBE`].
+const WARM_UP: Duration = Duration::from_secs(600);
 /// Servers examined per pass at most (the table is bounded; this bounds a pass's probes).
 const MAX_SERVERS: usize = 256;
 /// Listening ports probed per server at most, and addresses tried per port.
@@ -28,8 +39,26 @@ const MAX_TRIES: usize = 4;
 /// a later pass): a few silent ports cannot hold up discovery for everyone.
 const PASS_BUDGET: Duration = Duration::from_secs(60);
 
-/// A server's listening addresses, when they were probed, and what answered.
-type Probed = (Vec<SocketAddr>, Instant, Vec<Endpoint>);
+/// What a server was last found with.
+struct Probed {
+    first_seen: Instant,
+    /// Its socket inodes when its listening addresses were read.
+    inodes: BTreeSet<u64>,
+    addrs: Vec<SocketAddr>,
+    /// When its addresses were probed.
+    at: Instant,
+    endpoints: Vec<Endpoint>,
+}
+
+impl Probed {
+    /// Whether its addresses should be probed again.
+    fn due(&self, refresh: Duration) -> bool {
+        let waiting = self.endpoints.is_empty()
+            && !self.addrs.is_empty()
+            && self.first_seen.elapsed() < WARM_UP;
+        waiting || self.at.elapsed() >= refresh
+    }
+}
 
 pub(super) fn spawn(
     shared: Arc<Shared>,
@@ -42,99 +71,143 @@ pub(super) fn spawn(
     std::thread::Builder::new()
         .name("llmscope-servers".into())
         .spawn(move || {
-            let own_netns = std::fs::read_link("/proc/self/ns/net").ok();
-            // The host's network namespace (its init's), where --sd.advertise-host names the
-            // host even when the agent runs in a namespace of its own (compose's bridge).
-            let host_netns = std::fs::read_link(shared.proc.path().join("1/ns/net")).ok();
-            let mut known: HashMap<(u32, Option<u64>), Probed> = HashMap::new();
-            let mut probes: HashMap<&'static str, u64> = HashMap::new();
+            let mut discovery = Discovery {
+                own_netns: std::fs::read_link("/proc/self/ns/net").ok(),
+                // The host's network namespace (its init's), where --sd.advertise-host names
+                // the host even when the agent runs in a namespace of its own (compose).
+                host_netns: std::fs::read_link(shared.proc.path().join("1/ns/net")).ok(),
+                advertise,
+                known: HashMap::new(),
+                probes: HashMap::new(),
+            };
             while !shared.stopping() {
                 heartbeat.beat();
-                let servers: Vec<_> = shared
-                    .tracker()
-                    .all()
-                    .into_iter()
-                    .filter(|t| t.is_alive())
-                    .filter_map(|t| Some((api(t.identity.framework)?, t)))
-                    .take(MAX_SERVERS)
-                    .collect();
-                let view = shared.processes.get();
-                let proc = shared.proc.path();
-                let mut next = HashMap::with_capacity(servers.len());
-                let mut published = Vec::new();
-                let pass_started = Instant::now();
-                for (api, t) in servers {
-                    let Ok(netns) = std::fs::read_link(proc.join(format!("{}/ns/net", t.pid)))
-                    else {
-                        continue;
-                    };
-                    let Some(member) = view.members.iter().find(|m| m.pid == t.pid) else {
-                        continue;
-                    };
-                    let mut addrs = listening(proc, t.pid);
-                    addrs.truncate(MAX_PORTS);
-                    let key = (t.pid, t.start_ticks);
-                    let over_budget = pass_started.elapsed() > PASS_BUDGET;
-                    let endpoints = match known.remove(&key) {
-                        Some((was, at, endpoints))
-                            if over_budget
-                                || (was == addrs
-                                    && at.elapsed() < REPROBE
-                                    && matches!(api, Api::Metrics { .. })) =>
-                        {
-                            (was, at, endpoints)
-                        }
-                        _ if over_budget => continue,
-                        _ => {
-                            let place = if own_netns.as_ref() == Some(&netns) {
-                                Place::Here(advertise.as_deref())
-                            } else {
-                                let host = host_netns.as_ref() == Some(&netns);
-                                Place::Elsewhere(
-                                    local_addresses(proc, t.pid),
-                                    advertise.as_deref().filter(|_| host),
-                                )
-                            };
-                            let endpoints = addrs
-                                .iter()
-                                .filter_map(|a| {
-                                    place.candidates(*a).into_iter().take(MAX_TRIES).find_map(
-                                        |(at, target)| {
-                                            let outcome = probe(at, api);
-                                            *probes.entry(outcome.kind()).or_default() += 1;
-                                            let Outcome::Answered(answer) = outcome else {
-                                                return None;
-                                            };
-                                            Some(Endpoint {
-                                                labels: member.labels.clone(),
-                                                target,
-                                                path: api.path(),
-                                                answer,
-                                            })
-                                        },
-                                    )
-                                })
-                                .collect();
-                            (addrs, Instant::now(), endpoints)
-                        }
-                    };
-                    published.extend(endpoints.2.iter().cloned());
-                    next.insert(key, endpoints);
-                }
-                known = next;
-                shared.servers.set(ServersView {
-                    endpoints: published,
-                    probes: Outcome::KINDS
-                        .iter()
-                        .map(|k| KindCount {
-                            kind: k,
-                            value: probes.get(k).copied().unwrap_or(0),
-                        })
-                        .collect(),
-                });
+                discovery.pass(&shared);
                 shared.sleep(INTERVAL);
             }
         })
+}
+
+struct Discovery {
+    own_netns: Option<PathBuf>,
+    host_netns: Option<PathBuf>,
+    advertise: Option<String>,
+    known: HashMap<(u32, Option<u64>), Probed>,
+    /// Probes since start, by outcome.
+    probes: HashMap<&'static str, u64>,
+}
+
+impl Discovery {
+    fn pass(&mut self, shared: &Shared) {
+        let servers: Vec<_> = shared
+            .tracker()
+            .all()
+            .into_iter()
+            .filter(|t| t.is_alive())
+            .filter_map(|t| Some((api(t.identity.framework)?, t)))
+            .take(MAX_SERVERS)
+            .collect();
+        let view = shared.processes.get();
+        let started = Instant::now();
+        let mut known = HashMap::with_capacity(servers.len());
+        for (api, t) in servers {
+            let Some(member) = view.members.iter().find(|m| m.pid == t.pid) else {
+                continue;
+            };
+            let key = (t.pid, t.start_ticks);
+            let previous = self.known.remove(&key);
+            let over_budget = started.elapsed() > PASS_BUDGET;
+            if let Some(found) = self.examine(shared, api, &t, member, previous, over_budget) {
+                known.insert(key, found);
+            }
+        }
+        self.known = known;
+        shared.servers.set(ServersView {
+            endpoints: self
+                .known
+                .values()
+                .flat_map(|p| p.endpoints.iter().cloned())
+                .collect(),
+            probes: Outcome::KINDS
+                .iter()
+                .map(|k| KindCount {
+                    kind: k,
+                    value: self.probes.get(k).copied().unwrap_or(0),
+                })
+                .collect(),
+        });
+    }
+
+    /// What server `t` serves now: what was found before while nothing changed, else a
+    /// probe of each address it listens on. None when it cannot be examined.
+    fn examine(
+        &mut self,
+        shared: &Shared,
+        api: Api,
+        t: &Tracked,
+        member: &Member,
+        previous: Option<Probed>,
+        over_budget: bool,
+    ) -> Option<Probed> {
+        let proc = shared.proc.path();
+        let inodes = socket_inodes(proc, t.pid)?;
+        let refresh = match api {
+            Api::OllamaPs => OLLAMA_REFRESH,
+            Api::Metrics { .. } => REPROBE,
+        };
+        let previous = match previous {
+            Some(p) if over_budget => return Some(p),
+            None if over_budget => return None,
+            Some(p) if p.inodes == inodes && !p.due(refresh) => return Some(p),
+            previous => previous,
+        };
+        let mut addrs = listening(proc, t.pid, &inodes);
+        addrs.truncate(MAX_PORTS);
+        if let Some(p) = previous
+            .as_ref()
+            .filter(|p| p.addrs == addrs && !p.due(refresh))
+        {
+            return Some(Probed {
+                inodes,
+                endpoints: p.endpoints.clone(),
+                addrs,
+                ..*p
+            });
+        }
+        let netns = std::fs::read_link(proc.join(format!("{}/ns/net", t.pid))).ok()?;
+        let place = if self.own_netns.as_ref() == Some(&netns) {
+            Place::Here(self.advertise.as_deref())
+        } else {
+            let host = self.host_netns.as_ref() == Some(&netns);
+            Place::Elsewhere(
+                local_addresses(proc, t.pid),
+                self.advertise.as_deref().filter(|_| host),
+            )
+        };
+        let mut endpoints = Vec::new();
+        for addr in &addrs {
+            for (at, target) in place.candidates(*addr).into_iter().take(MAX_TRIES) {
+                let outcome = probe(at, api);
+                *self.probes.entry(outcome.kind()).or_default() += 1;
+                if let Outcome::Answered(answer) = outcome {
+                    endpoints.push(Endpoint {
+                        labels: member.labels.clone(),
+                        target,
+                        path: api.path(),
+                        answer,
+                    });
+                    break;
+                }
+            }
+        }
+        Some(Probed {
+            first_seen: previous.map_or_else(Instant::now, |p| p.first_seen),
+            inodes,
+            addrs,
+            at: Instant::now(),
+            endpoints,
+        })
+    }
 }
 
 /// Where a server runs, seen from the agent.

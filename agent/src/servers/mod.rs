@@ -12,7 +12,7 @@ mod sockets;
 pub use addresses::local_addresses;
 pub use ollama::LoadedModel;
 pub use probe::{probe, Answer, Outcome};
-pub use sockets::{listening, parse_tcp_table};
+pub use sockets::{listening, parse_tcp_table, socket_inodes};
 
 use crate::identity::Framework;
 

@@ -2,39 +2,55 @@
 //! `socket:[N]`) joined with the listening rows of `/proc/<pid>/net/tcp` and `tcp6` (the
 //! tables of the process's own network namespace).
 
-use std::collections::HashSet;
+use std::collections::BTreeSet;
+use std::io::Read;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::Path;
 
 /// `st` of a listening socket in the kernel's tcp tables.
 const LISTEN: &str = "0A";
-/// Most rows read from one table (a busy proxy has tens of thousands of connections).
+/// Most rows read from one table (a busy proxy has tens of thousands of connections), and
+/// the bytes that many rows take.
 const MAX_ROWS: usize = 65_536;
+const MAX_TABLE_BYTES: u64 = MAX_ROWS as u64 * 180;
+/// Most socket inodes kept of one process.
+const MAX_SOCKETS: usize = 65_536;
 
-/// The addresses process `pid` (under the proc root `proc`) listens on, in port order.
-pub fn listening(proc: &Path, pid: u32) -> Vec<SocketAddr> {
-    let base = proc.join(pid.to_string());
-    let Ok(fds) = std::fs::read_dir(base.join("fd")) else {
-        return Vec::new();
-    };
-    let inodes: HashSet<u64> = fds
-        .flatten()
-        .filter_map(|fd| std::fs::read_link(fd.path()).ok())
-        .filter_map(|target| {
-            target
-                .to_str()?
-                .strip_prefix("socket:[")?
-                .strip_suffix(']')?
-                .parse()
-                .ok()
-        })
-        .collect();
+/// The inodes of process `pid`'s sockets (under the proc root `proc`), in order: when they
+/// have not changed, neither has what it listens on. None when its fds cannot be read.
+pub fn socket_inodes(proc: &Path, pid: u32) -> Option<BTreeSet<u64>> {
+    let fds = std::fs::read_dir(proc.join(pid.to_string()).join("fd")).ok()?;
+    Some(
+        fds.flatten()
+            .filter_map(|fd| std::fs::read_link(fd.path()).ok())
+            .filter_map(|target| {
+                target
+                    .to_str()?
+                    .strip_prefix("socket:[")?
+                    .strip_suffix(']')?
+                    .parse()
+                    .ok()
+            })
+            .take(MAX_SOCKETS)
+            .collect(),
+    )
+}
+
+/// The addresses process `pid` listens on — the listening rows of its namespace's tables
+/// whose inode is one of its `inodes` — in port order.
+pub fn listening(proc: &Path, pid: u32, inodes: &BTreeSet<u64>) -> Vec<SocketAddr> {
     if inodes.is_empty() {
         return Vec::new();
     }
+    let base = proc.join(pid.to_string());
     let mut found: Vec<SocketAddr> = ["net/tcp", "net/tcp6"]
         .iter()
-        .filter_map(|t| std::fs::read_to_string(base.join(t)).ok())
+        .filter_map(|t| {
+            let mut table = String::new();
+            let file = std::fs::File::open(base.join(t)).ok()?;
+            file.take(MAX_TABLE_BYTES).read_to_string(&mut table).ok()?;
+            Some(table)
+        })
         .flat_map(|table| parse_tcp_table(&table))
         .filter(|(_, inode)| inodes.contains(inode))
         .map(|(addr, _)| addr)
