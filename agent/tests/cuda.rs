@@ -186,7 +186,7 @@ fn live_memory_and_forced_oom() {
             .log()
             .contains(&format!("pid={pid}"))
             .then(|| agent.log())
-            .filter(|l| l.contains("CUDA out of memory") && l.contains("model=oom"))
+            .filter(|l| l.contains("CUDA out of memory") && l.contains("model_name=oom"))
     });
     assert!(
         logged.is_some(),

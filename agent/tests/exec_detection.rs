@@ -273,7 +273,9 @@ fn hostile_command_lines() {
         .status()
         .unwrap();
     assert!(quick.success());
-    let detected = wait_for(WAIT, || agent.log().contains("model=quick").then_some(()));
+    let detected = wait_for(WAIT, || {
+        agent.log().contains("model_name=quick").then_some(())
+    });
     assert!(
         detected.is_some(),
         "the short-lived process was not classified:\n{}",
@@ -287,7 +289,9 @@ fn hostile_command_lines() {
         .status()
         .unwrap();
     assert!(bare.success());
-    let detected = wait_for(WAIT, || agent.log().contains("model=bare").then_some(()));
+    let detected = wait_for(WAIT, || {
+        agent.log().contains("model_name=bare").then_some(())
+    });
     assert!(
         detected.is_some(),
         "a process with an empty environment lost its argv:\n{}",
