@@ -117,7 +117,11 @@ impl Discovery {
             let key = (t.pid, t.start_ticks);
             let previous = self.known.remove(&key);
             let over_budget = started.elapsed() > PASS_BUDGET;
-            if let Some(found) = self.examine(shared, api, &t, member, previous, over_budget) {
+            if let Some(mut found) = self.examine(shared, api, &t, member, previous, over_budget) {
+                // The process's labels as of now (its container's names arrive later).
+                for e in &mut found.endpoints {
+                    e.labels.clone_from(&member.labels);
+                }
                 known.insert(key, found);
             }
         }
