@@ -120,25 +120,7 @@ fn a_cuda_oom_reaches_a_webhook_through_alertmanager_and_then_resolves() {
     ));
 
     // A vLLM-shaped server whose first cudaMalloc fails with out-of-memory.
-    let mut child = Command::new("python3")
-        .args(["-m", "vllm.entrypoints.openai.api_server"])
-        .args(["--model", MODEL])
-        .env("PYTHONPATH", fixtures())
-        .env("LLMSCOPE_TEST_CUDART", fake_cuda_library("runtime"))
-        .env("FAKE_CUDA_MALLOC_RC", "2")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut out = BufReader::new(child.stdout.take().unwrap());
-    let mut line = String::new();
-    while !line.starts_with("cuda_ready") {
-        line.clear();
-        assert!(out.read_line(&mut line).unwrap() > 0, "the stand-in ended");
-    }
-    agent.wait_cuda_libraries(1.0);
-    writeln!(child.stdin.as_mut().unwrap(), "go").unwrap();
-    let server = Proc(child);
+    let server = vllm_hitting_oom(&agent, MODEL);
     let pid = server.pid().to_string();
 
     let notification = |status: &'static str| {

@@ -9,8 +9,17 @@ mod support;
 use std::process::Command;
 use std::time::Duration;
 
-use support::demo::{expand, root, Demo};
+use support::demo::{expand, panel_queries, root, Demo};
 use support::*;
+
+/// Every dashboard.
+const DASHBOARDS: [&str; 5] = [
+    "overview.json",
+    "processes.json",
+    "cuda.json",
+    "gpu-devices.json",
+    "inference-servers.json",
+];
 
 #[test]
 fn the_dashboards_are_what_the_generator_makes() {
@@ -40,21 +49,14 @@ fn no_query_adds_the_runtime_and_driver_layers() {
         "llm_process_cuda_memcpy_bytes_total",
         "llm_process_cuda_sync_seconds_total",
     ];
-    let mut exprs: Vec<(String, String)> = Vec::new();
-    for file in [
-        "overview.json",
-        "processes.json",
-        "cuda.json",
-        "gpu-devices.json",
-    ] {
-        let text = std::fs::read_to_string(root().join("dashboards").join(file)).unwrap();
-        let dashboard: serde_json::Value = serde_json::from_str(&text).unwrap();
-        for panel in dashboard["panels"].as_array().unwrap() {
-            for t in panel["targets"].as_array().into_iter().flatten() {
-                exprs.push((file.into(), t["expr"].as_str().unwrap_or("").into()));
-            }
-        }
-    }
+    let mut exprs: Vec<(String, String)> = DASHBOARDS
+        .iter()
+        .flat_map(|file| {
+            panel_queries(file)
+                .into_iter()
+                .map(|(_, e)| (file.to_string(), e))
+        })
+        .collect();
     for file in [
         "deploy/prometheus/rules/llmscope-recording.yml",
         "deploy/prometheus/rules/llmscope-alerts.yml",
@@ -96,13 +98,7 @@ fn every_panel_query_returns_data_and_every_rule_evaluates() {
 
     let mut failures = Vec::new();
     let mut checked = 0;
-    for file in [
-        "overview.json",
-        "processes.json",
-        "cuda.json",
-        "gpu-devices.json",
-        "inference-servers.json",
-    ] {
+    for file in DASHBOARDS {
         let dashboard: serde_json::Value = serde_json::from_str(
             &std::fs::read_to_string(root().join("dashboards").join(file)).unwrap(),
         )
@@ -300,15 +296,9 @@ fn every_query_and_recording_rule_works_on_victoria_metrics_through_remote_write
         ),
     );
     let mut exprs: Vec<(String, String)> = Vec::new();
-    for file in [
-        "overview.json",
-        "processes.json",
-        "cuda.json",
-        "gpu-devices.json",
-        "inference-servers.json",
-    ] {
+    for file in DASHBOARDS {
         exprs.extend(
-            support::demo::panel_queries(file)
+            panel_queries(file)
                 .into_iter()
                 .map(|(title, expr)| (format!("{file} / {title}"), expr)),
         );

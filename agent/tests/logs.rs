@@ -5,46 +5,16 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader, Write};
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use support::*;
 
 const MODEL: &str = "Qwen/Qwen2.5-7B-Instruct";
 
-/// A vLLM-shaped server whose first cudaMalloc fails with out-of-memory (the libcudart
-/// double, FAKE_CUDA_MALLOC_RC=2); returns it once its CUDA calls are done.
-fn vllm_hitting_oom(agent: &Agent) -> Proc {
-    let mut child = Command::new("python3")
-        .args(["-m", "vllm.entrypoints.openai.api_server"])
-        .args(["--model", MODEL, "--api-key", "sk-secret"])
-        .env("PYTHONPATH", fixtures())
-        .env("LLMSCOPE_TEST_CUDART", fake_cuda_library("runtime"))
-        .env("FAKE_CUDA_MALLOC_RC", "2")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("starting python3");
-    let mut out = BufReader::new(child.stdout.take().unwrap());
-    let mut line = String::new();
-    while !line.starts_with("cuda_ready") {
-        line.clear();
-        assert!(out.read_line(&mut line).unwrap() > 0, "the stand-in ended");
-    }
-    agent.wait_cuda_libraries(1.0);
-    writeln!(child.stdin.as_mut().unwrap(), "go").unwrap();
-    while !line.starts_with("cuda_done") {
-        line.clear();
-        assert!(out.read_line(&mut line).unwrap() > 0, "the stand-in ended");
-    }
-    Proc(child)
-}
-
 #[test]
 fn json_logs_are_one_object_per_line_with_events() {
     let agent = Agent::start(&["--log.format", "json", "--rescan-interval", "1h"]);
-    let server = vllm_hitting_oom(&agent);
+    let server = vllm_hitting_oom(&agent, MODEL);
     let pid = u64::from(server.pid());
     let events = wait_for(Duration::from_secs(10), || {
         let log = agent.log();

@@ -77,15 +77,7 @@ pub fn run(bundle_only: bool) -> Result<()> {
 }
 
 fn bundle() -> Result<PathBuf> {
-    ebpf::build()?;
-    setup::cargo(&[
-        "build",
-        "--release",
-        "--package",
-        "llmscope-agent",
-        "--bin",
-        "llmscope",
-    ])?;
+    let release = crate::release_agent()?;
     let root = setup::workspace_root();
     let bundle = root.join("target/gpu-check/bundle");
     if bundle.exists() {
@@ -93,7 +85,7 @@ fn bundle() -> Result<PathBuf> {
     }
     std::fs::create_dir_all(&bundle)?;
     let agent = bundle.join("llmscope");
-    std::fs::copy(root.join("target/release/llmscope"), &agent)?;
+    std::fs::copy(release, &agent)?;
     setup::run(Command::new("strip").arg(&agent))?;
     for source in SOURCES {
         std::fs::copy(

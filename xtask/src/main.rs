@@ -69,7 +69,8 @@ fn main() -> Result<()> {
     }
 }
 
-fn run(args: Vec<String>) -> Result<()> {
+/// Builds the eBPF object and the release agent (the object is inside it); its path.
+fn release_agent() -> Result<std::path::PathBuf> {
     ebpf::build()?;
     setup::cargo(&[
         "build",
@@ -79,7 +80,11 @@ fn run(args: Vec<String>) -> Result<()> {
         "--bin",
         "llmscope",
     ])?;
-    let binary = setup::workspace_root().join("target/release/llmscope");
+    Ok(setup::workspace_root().join("target/release/llmscope"))
+}
+
+fn run(args: Vec<String>) -> Result<()> {
+    let binary = release_agent()?;
     let mut cmd = if setup::is_root() {
         Command::new(&binary)
     } else {

@@ -427,6 +427,36 @@ pub fn start_vllm(model: &str, method: &str) -> (Proc, u32) {
     (Proc(child), pid)
 }
 
+/// A vLLM-shaped server (`--api-key sk-secret`) whose first cudaMalloc fails with
+/// out-of-memory (the libcudart double, FAKE_CUDA_MALLOC_RC=2); returns it once its CUDA calls
+/// are done.
+pub fn vllm_hitting_oom(agent: &Agent, model: &str) -> Proc {
+    use std::io::BufRead;
+    let mut child = Command::new("python3")
+        .args(["-m", "vllm.entrypoints.openai.api_server"])
+        .args(["--model", model, "--api-key", "sk-secret"])
+        .env("PYTHONPATH", fixtures())
+        .env("LLMSCOPE_TEST_CUDART", fake_cuda_library("runtime"))
+        .env("FAKE_CUDA_MALLOC_RC", "2")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("starting python3");
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut wait_until = |prefix: &str| {
+        let mut line = String::new();
+        while !line.starts_with(prefix) {
+            line.clear();
+            assert!(out.read_line(&mut line).unwrap() > 0, "the stand-in ended");
+        }
+    };
+    wait_until("cuda_ready");
+    agent.wait_cuda_libraries(1.0);
+    writeln!(child.stdin.as_mut().unwrap(), "go").unwrap();
+    wait_until("cuda_done");
+    Proc(child)
+}
+
 /// Benchmarks: the median of per-round ratios and their spread, as the README prints them.
 pub fn ratio_summary(ratios: &[f64]) -> String {
     let mut v = ratios.to_vec();
