@@ -5,7 +5,8 @@
 //! windows-fallback from its polling loop. Keyed by pid; a process is identified across pid
 //! reuse by its start time, so a new process never inherits an old one's series.
 
-use std::collections::HashMap;
+use std::cell::OnceCell;
+use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -80,6 +81,12 @@ pub struct Tracker {
     /// names in the table, new ones are exported as [`OTHER_MODEL`].
     max_model_names: usize,
     model_names_capped: u64,
+    /// How many entries carry each model name ([`OTHER_MODEL`] aside): the cap is checked
+    /// without a pass over the table.
+    model_names: HashMap<String, usize>,
+    /// (exited at, pid) in exit order: expiry and eviction take the oldest without a pass
+    /// over the table. An entry is stale when its pid was replaced or removed meanwhile.
+    exits: VecDeque<(Instant, u32)>,
 }
 
 impl Tracker {
@@ -90,6 +97,8 @@ impl Tracker {
             dropped: 0,
             max_model_names: DEFAULT_MAX_MODEL_NAMES,
             model_names_capped: 0,
+            model_names: HashMap::new(),
+            exits: VecDeque::new(),
         }
     }
 
@@ -108,24 +117,48 @@ impl Tracker {
     /// the table already holds `max_model_names` distinct ones (`pid`'s own entry aside: a
     /// process keeps its name across re-observations). True when it was replaced.
     fn cap_model_name(&self, pid: u32, identity: &mut Identity) -> bool {
-        let names: std::collections::HashSet<&str> = self
+        let name = identity.model_name.as_str();
+        if name == OTHER_MODEL || self.model_names.contains_key(name) {
+            return false;
+        }
+        // `pid`'s entry is replaced: its name does not count against the new one.
+        let own = self
             .procs
-            .values()
-            .filter(|p| p.pid != pid)
+            .get(&pid)
             .map(|p| p.identity.model_name.as_str())
-            .filter(|name| *name != OTHER_MODEL)
-            .collect();
-        if names.contains(identity.model_name.as_str())
-            || names.len() < self.max_model_names
-            || self
-                .procs
-                .get(&pid)
-                .is_some_and(|p| p.identity.model_name == identity.model_name)
-        {
+            .filter(|n| *n != OTHER_MODEL && self.model_names.get(*n) == Some(&1));
+        if self.model_names.len() - usize::from(own.is_some()) < self.max_model_names {
             return false;
         }
         identity.model_name = OTHER_MODEL.to_owned();
         true
+    }
+
+    /// Every change to the table goes through here and [`Tracker::remove`], so that the
+    /// model-name counts follow it.
+    fn insert(&mut self, entry: Tracked) {
+        let name = entry.identity.model_name.clone();
+        if let Some(old) = self.procs.insert(entry.pid, entry) {
+            self.forget_name(&old.identity.model_name);
+        }
+        if name != OTHER_MODEL {
+            *self.model_names.entry(name).or_default() += 1;
+        }
+    }
+
+    fn remove(&mut self, pid: u32) -> Option<Tracked> {
+        let old = self.procs.remove(&pid)?;
+        self.forget_name(&old.identity.model_name);
+        Some(old)
+    }
+
+    fn forget_name(&mut self, name: &str) {
+        if let Some(n) = self.model_names.get_mut(name) {
+            *n -= 1;
+            if *n == 0 {
+                self.model_names.remove(name);
+            }
+        }
     }
 
     /// Classifies `facts` (with the identity of its parent, when tracked) and records the
@@ -175,6 +208,10 @@ impl Tracker {
         fallback: Option<Identity>,
         replace: Replace,
     ) -> Observed {
+        // Read once, and only when needed: most processes observed are not LLM processes.
+        let mut read_start = Some(start_ticks);
+        let start_cell = OnceCell::new();
+        let mut start = || *start_cell.get_or_init(|| read_start.take().and_then(|f| f()));
         let observed_at = match replace {
             Replace::OnlyWithIdentity(read_at) => {
                 if self
@@ -188,6 +225,16 @@ impl Tracker {
             }
             Replace::Always => Instant::now(),
         };
+        // Only an exec replaces an image; what else reports a process (a scan, a library it
+        // mapped, its first CUDA call) may be handled after its exit: the same process (same
+        // start) is not brought back.
+        if replace != Replace::Always || fallback.is_some() {
+            if let Some(gone) = self.procs.get(&facts.pid).filter(|t| !t.is_alive()) {
+                if gone.start_ticks.is_some() && gone.start_ticks == start() {
+                    return Observed::Unchanged;
+                }
+            }
+        }
         let parent = self
             .procs
             .get(&facts.ppid)
@@ -206,7 +253,7 @@ impl Tracker {
             if matches!(replace, Replace::OnlyWithIdentity(_)) {
                 // The same process (same start) keeps what is known about it; a reused pid
                 // (another start) does not.
-                let start = start_ticks();
+                let start = start();
                 let same = |t: &Tracked| {
                     t.is_alive()
                         && (start.is_none() || t.start_ticks.is_none() || t.start_ticks == start)
@@ -215,13 +262,13 @@ impl Tracker {
                     return Observed::Unchanged;
                 }
             }
-            return match self.procs.remove(&facts.pid) {
+            return match self.remove(facts.pid) {
                 Some(_) => Observed::Removed,
                 None => Observed::Ignored,
             };
         };
         let capped = self.cap_model_name(facts.pid, &mut identity);
-        let start_ticks = start_ticks();
+        let start_ticks = start();
         if let Some(existing) = self.procs.get(&facts.pid) {
             if existing.is_alive()
                 && existing.identity == identity
@@ -233,20 +280,17 @@ impl Tracker {
             self.dropped += 1;
             return Observed::Dropped;
         }
-        self.procs.insert(
-            facts.pid,
-            Tracked {
-                pid: facts.pid,
-                ppid: facts.ppid,
-                name: sanitize_label(&facts.comm),
-                identity: identity.clone(),
-                start_ticks,
-                exe: facts.exe.clone(),
-                exited_at: None,
-                observed_at,
-                container: None,
-            },
-        );
+        self.insert(Tracked {
+            pid: facts.pid,
+            ppid: facts.ppid,
+            name: sanitize_label(&facts.comm),
+            identity: identity.clone(),
+            start_ticks,
+            exe: facts.exe.clone(),
+            exited_at: None,
+            observed_at,
+            container: None,
+        });
         if capped {
             self.model_names_capped += 1;
         }
@@ -258,6 +302,7 @@ impl Tracker {
         match self.procs.get_mut(&pid) {
             Some(p) if p.exited_at.is_none() => {
                 p.exited_at = Some(now);
+                self.exits.push_back((now, pid));
                 true
             }
             _ => false,
@@ -291,14 +336,36 @@ impl Tracker {
 
     /// Removes processes that exited more than `grace` ago; returns how many.
     pub fn expire(&mut self, now: Instant, grace: Duration) -> usize {
-        let before = self.procs.len();
-        self.procs
-            .retain(|_, p| p.exited_at.is_none_or(|t| now.duration_since(t) < grace));
+        let mut expired = 0;
+        while let Some(&(at, _)) = self.exits.front() {
+            if now.saturating_duration_since(at) < grace {
+                break;
+            }
+            expired += usize::from(self.remove_oldest_exit());
+        }
         // After a burst, the table gives its memory back.
         if self.procs.capacity() > 4 * self.procs.len() + 64 {
             self.procs.shrink_to_fit();
+            self.exits.shrink_to_fit();
         }
-        before - self.procs.len()
+        expired
+    }
+
+    /// Takes the oldest exit off the queue; true when its entry was still the exited
+    /// process (not replaced since) and is now removed.
+    fn remove_oldest_exit(&mut self) -> bool {
+        let Some((at, pid)) = self.exits.pop_front() else {
+            return false;
+        };
+        if self
+            .procs
+            .get(&pid)
+            .is_some_and(|p| p.exited_at == Some(at))
+        {
+            self.remove(pid);
+            return true;
+        }
+        false
     }
 
     pub fn get(&self, pid: u32) -> Option<&Tracked> {
@@ -337,13 +404,14 @@ impl Tracker {
         self.dropped
     }
 
+    /// Removes the process that exited first, to make room.
     fn evict_one_exited(&mut self) -> bool {
-        let oldest = self
-            .procs
-            .values()
-            .filter_map(|p| p.exited_at.map(|t| (t, p.pid)))
-            .min();
-        oldest.is_some_and(|(_, pid)| self.procs.remove(&pid).is_some())
+        while !self.exits.is_empty() {
+            if self.remove_oldest_exit() {
+                return true;
+            }
+        }
+        false
     }
 }
 
@@ -539,17 +607,102 @@ mod tests {
     }
 
     #[test]
+    fn what_is_reported_after_an_exit_does_not_bring_the_process_back() {
+        // A library mapping or a first CUDA call of a process, handled after its exit event
+        // (the perf records are drained after the ring): the same process stays exited.
+        let mut t = Tracker::new(4);
+        let llm = facts(40, 1, VLLM);
+        t.observe(&llm, || Some(7));
+        assert!(t.exited(40, Instant::now()));
+        assert_eq!(t.observe_gpu_user(&llm, || Some(7)), Observed::Unchanged);
+        assert_eq!(
+            t.refresh(&llm, || Some(7), Instant::now()),
+            Observed::Unchanged
+        );
+        assert!(!t.get(40).unwrap().is_alive());
+        // Another process on the same pid is new.
+        assert!(matches!(
+            t.observe_gpu_user(&llm, || Some(8)),
+            Observed::Added(_)
+        ));
+        assert!(t.get(40).unwrap().is_alive());
+        // An exec of a new image always applies.
+        t.exited(40, Instant::now());
+        assert!(matches!(t.observe(&llm, || Some(8)), Observed::Added(_)));
+    }
+
+    #[test]
+    fn a_gpu_user_is_classified_again_when_a_framework_library_shows_up() {
+        let mut t = Tracker::new(4);
+        let mut script = facts(50, 1, "/usr/bin/python3 train.py --epochs 3");
+        let Observed::Added(id) = t.observe_gpu_user(&script, || Some(3)) else {
+            panic!("tracked")
+        };
+        assert_eq!(id.framework, Framework::Unknown);
+        script.libraries = vec![
+            "/venv/site-packages/nvidia/cu13/lib/libcudart.so.13".into(),
+            "/venv/site-packages/torch/lib/libtorch_cpu.so".into(),
+        ];
+        let Observed::Added(id) = t.refresh(&script, || Some(3), Instant::now()) else {
+            panic!("reclassified")
+        };
+        assert_eq!(id.framework, Framework::Pytorch);
+        assert_eq!(t.live_pids(), vec![50]);
+    }
+
+    #[test]
+    fn model_name_counts_follow_replacements_and_expiry() {
+        let mut t = Tracker::new(8).with_max_model_names(2);
+        let server =
+            |pid: u32, model: &str| facts(pid, 1, &format!("llama-server -m /m/{model}.gguf"));
+        t.observe(&server(11, "a"), || Some(1));
+        t.observe(&server(12, "b"), || Some(2));
+        // pid 12 exec's another model: "b" is gone, so "c" fits.
+        let Observed::Added(id) = t.observe(&server(12, "c"), || Some(3)) else {
+            panic!()
+        };
+        assert_eq!(id.model_name, "c");
+        let Observed::Added(id) = t.observe(&server(13, "d"), || Some(4)) else {
+            panic!()
+        };
+        assert_eq!(id.model_name, OTHER_MODEL);
+        // Removed by an exec of something else, then expired: names free up.
+        assert_eq!(
+            t.observe(&facts(11, 1, "/bin/ls"), || Some(5)),
+            Observed::Removed
+        );
+        let Observed::Added(id) = t.observe(&server(14, "e"), || Some(6)) else {
+            panic!()
+        };
+        assert_eq!(id.model_name, "e");
+        let t0 = Instant::now();
+        t.exited(12, t0);
+        t.exited(14, t0 + Duration::from_secs(1));
+        assert_eq!(
+            t.expire(t0 + Duration::from_secs(5), Duration::from_secs(5)),
+            1
+        );
+        assert!(t.contains(14) && !t.contains(12), "oldest exit first");
+        let Observed::Added(id) = t.observe(&server(15, "f"), || Some(7)) else {
+            panic!()
+        };
+        assert_eq!(id.model_name, "f");
+    }
+
+    #[test]
     fn the_table_is_bounded_and_drops_are_counted() {
         let mut t = Tracker::new(2);
         t.observe(&facts(1, 0, VLLM), || None);
         t.observe(&facts(2, 0, VLLM), || None);
         assert_eq!(t.observe(&facts(3, 0, VLLM), || None), Observed::Dropped);
         assert_eq!((t.len(), t.dropped()), (2, 1));
-        t.exited(1, Instant::now());
+        t.exited(2, Instant::now());
+        t.exited(1, Instant::now() + Duration::from_millis(1));
         assert!(
             matches!(t.observe(&facts(3, 0, VLLM), || None), Observed::Added(_)),
             "an exited entry makes room"
         );
         assert_eq!(t.len(), 2);
+        assert!(t.contains(1) && !t.contains(2), "the one that exited first");
     }
 }

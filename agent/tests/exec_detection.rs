@@ -508,6 +508,122 @@ fn a_script_is_classified_when_it_maps_a_framework_library() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// A script that maps libcudart before any framework library (what `import torch` does with
+/// the CUDA wheels) is tracked as a GPU user first, then reclassified the moment the
+/// framework's library shows up — not left `framework="unknown"` for life.
+#[test]
+fn a_gpu_user_is_reclassified_when_it_maps_a_framework_library() {
+    let agent = Agent::start(&["--rescan-interval", "1h"]);
+    let dir = std::env::temp_dir().join(format!("llmscope-reclassify-{}", std::process::id()));
+    let torch = torch_library(&dir);
+    let script = dir.join("train.py");
+    std::fs::write(
+        &script,
+        "import ctypes, sys\nctypes.CDLL(sys.argv[1])\nprint('cuda', flush=True)\n\
+         sys.stdin.readline()\nctypes.CDLL(sys.argv[2])\nprint('imported', flush=True)\n\
+         sys.stdin.read()\n",
+    )
+    .unwrap();
+    let mut child = Command::new("python3")
+        .arg(&script)
+        .arg(real_libcudart())
+        .arg(&torch)
+        .args(["--model", "Qwen/Qwen2.5-0.5B-Instruct"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    expect_line(&mut out, "cuda");
+    let labels = wait_series(&agent, pid);
+    assert_identity(&labels, "unknown", "unknown", "script");
+    {
+        use std::io::Write;
+        let stdin = child.stdin.as_mut().unwrap();
+        stdin.write_all(b"import\n").unwrap();
+        stdin.flush().unwrap();
+    }
+    expect_line(&mut out, "imported");
+    let imported = std::time::Instant::now();
+    let labels = wait_for(WAIT, || {
+        pid_series(&agent, pid)
+            .filter(|l| l.get("framework").map(String::as_str) == Some("pytorch"))
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "never reclassified:\n{}\n{}",
+            agent.metrics().0,
+            agent.log()
+        )
+    });
+    let after = imported.elapsed();
+    eprintln!("reclassified {after:?} after the framework library was mapped");
+    assert_identity(&labels, "pytorch", "Qwen/Qwen2.5-0.5B-Instruct", "script");
+    // With --rescan-interval 1h only the mapping can have done it.
+    assert!(
+        after < Duration::from_secs(1),
+        "reclassified {after:?} after the mapping"
+    );
+    let log = agent.log();
+    assert!(
+        log.contains("process_reclassified") && log.matches("process_detected").count() == 1,
+        "detected once, then reclassified:\n{log}"
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// The real thing: PyTorch 2.15 and its CUDA 13 wheels from PyPI (installed by `cargo xtask
+/// test`). `import torch` maps `nvidia/cu13/lib/libcudart.so.13` before `libtorch_cpu.so`.
+#[test]
+fn a_real_import_torch_is_pytorch() {
+    let python = std::env::var_os("LLMSCOPE_TORCH_PYTHON").expect(
+        "LLMSCOPE_TORCH_PYTHON is not set: run the tests with `cargo xtask test`, which installs PyTorch",
+    );
+    let agent = Agent::start(&["--rescan-interval", "1h"]);
+    let dir = std::env::temp_dir().join(format!("llmscope-torch-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let script = dir.join("train.py");
+    std::fs::write(
+        &script,
+        "import sys, torch\nprint('imported', flush=True)\nsys.stdin.read()\n",
+    )
+    .unwrap();
+    let mut child = Command::new(&python)
+        .arg(&script)
+        .args(["--model", "meta-llama/Llama-3.2-1B"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    expect_line(&mut out, "imported");
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+    assert!(
+        maps.contains("libcudart.so.13") && maps.contains("libtorch_cpu.so"),
+        "the real wheels map libcudart and libtorch_cpu"
+    );
+    let labels = wait_for(WAIT, || {
+        pid_series(&agent, pid)
+            .filter(|l| l.get("framework").map(String::as_str) == Some("pytorch"))
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "import torch not named:\n{}\n{}",
+            agent.metrics().0,
+            agent.log()
+        )
+    });
+    assert_identity(&labels, "pytorch", "meta-llama/Llama-3.2-1B", "script");
+    let _ = child.kill();
+    let _ = child.wait();
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 /// A model fetched from a signed URL: the signature (query string), fragment and user-info
 /// appear in no label, API response or log line; and made-up model names past
 /// --max-model-names are exported as "other" and counted.

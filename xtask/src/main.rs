@@ -145,6 +145,7 @@ fn test(args: Vec<String>) -> Result<()> {
     // llama.cpp server.
     image::build()?;
     let (llama_server, llama_model) = llama::fixture()?;
+    let torch_python = setup::torch_python()?;
     // Integration tests start agents and process storms: one at a time, so they do not
     // compete for this machine's two cores.
     let mut cargo_args = vec!["test", "--workspace", "--exclude", "agent-ebpf"];
@@ -160,6 +161,7 @@ fn test(args: Vec<String>) -> Result<()> {
             ("LLMSCOPE_FALLBACK_EXE", fallback_exe.as_os_str()),
             ("LLMSCOPE_LLAMA_SERVER", llama_server.as_os_str()),
             ("LLMSCOPE_LLAMA_MODEL", llama_model.as_os_str()),
+            ("LLMSCOPE_TORCH_PYTHON", torch_python.as_os_str()),
         ],
     )
 }

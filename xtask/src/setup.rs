@@ -146,3 +146,28 @@ pub fn ensure_debian_packages(needed: &[(&str, &str)]) -> Result<()> {
         .args(&missing)
         .env("DEBIAN_FRONTEND", "noninteractive"))
 }
+
+/// The PyTorch release the tests import for real: its CUDA wheels map libcudart before any
+/// torch library (what the stand-in library cannot show).
+const TORCH: &str = "torch==2.15.0";
+
+/// A virtual environment with PyTorch and its CUDA wheels from PyPI (~5.3 GB, about two
+/// minutes to install here), cached under ~/.cache/llmscope keyed by the release; its python.
+pub fn torch_python() -> Result<PathBuf> {
+    let home = std::env::var_os("HOME").context("HOME is not set")?;
+    let version = TORCH.trim_start_matches("torch==");
+    let venv = std::path::Path::new(&home).join(format!(".cache/llmscope/torch-{version}"));
+    let python = venv.join("bin/python");
+    let complete = venv.join(".installed");
+    if complete.is_file() {
+        return Ok(python);
+    }
+    println!("xtask: installing {TORCH} with its CUDA wheels from PyPI into {} (once; ~5.3 GB, a few minutes)", venv.display());
+    if venv.exists() {
+        std::fs::remove_dir_all(&venv)?;
+    }
+    run(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
+    run(Command::new(&python).args(["-m", "pip", "install", "--quiet", "--no-cache-dir", TORCH]))?;
+    std::fs::write(&complete, TORCH)?;
+    Ok(python)
+}

@@ -18,11 +18,11 @@ use std::time::{Duration, Instant};
 use agent_common::{LIB_CUDA_DRIVER, LIB_CUDA_RUNTIME, LIB_FRAMEWORK};
 use aya::programs::uprobe::UProbeLink;
 
-use super::observe::{log_detected, observe_with_env, track_gpu_user, How};
+use super::observe::{log_detected, log_reclassified, observe_with_env, track_gpu_user, How};
 use super::Shared;
 use crate::cuda::library::{cuda_libraries, library_api};
 use crate::ebpf::events::LibraryMap;
-use crate::identity::worth_rechecking;
+use crate::identity::{worth_rechecking, Framework};
 use crate::tracker::Observed;
 
 /// Attach requests waiting at most; past it they are dropped, counted, and the next /proc
@@ -102,8 +102,15 @@ pub(super) fn on_library_map(shared: &Shared, map: LibraryMap) {
 
 /// An interpreter no rule knows yet maps a framework's library: classify it now, from its
 /// libraries (the one being mapped, by its directory and name, and those already mapped).
+/// A process tracked only as a GPU user (`framework="unknown"`: it mapped a CUDA library
+/// first, as `import torch` does with the CUDA wheels) is classified again too.
 fn classify_interpreter(shared: &Shared, map: &LibraryMap) {
-    if shared.tracker().get(map.pid).is_some_and(|t| t.is_alive()) {
+    let tracked = shared
+        .tracker()
+        .get(map.pid)
+        .filter(|t| t.is_alive())
+        .map(|t| t.identity.framework);
+    if tracked.is_some_and(|f| f != Framework::Unknown) {
         return;
     }
     let read_at = Instant::now();
@@ -116,7 +123,11 @@ fn classify_interpreter(shared: &Shared, map: &LibraryMap) {
     facts.libraries = shared.proc.libraries(map.pid).unwrap_or_default();
     facts.libraries.push(map.short_path());
     if let Observed::Added(id) = observe_with_env(shared, &mut facts, How::Refresh(read_at)) {
-        log_detected(shared, map.pid, &id, "framework library mapped");
+        if tracked.is_some() {
+            log_reclassified(shared, map.pid, &id, "framework library mapped");
+        } else {
+            log_detected(shared, map.pid, &id, "framework library mapped");
+        }
     }
 }
 

@@ -8,9 +8,33 @@ use super::Shared;
 
 /// The `process_detected` log event (`via`: what found it).
 pub(super) fn log_detected(shared: &Shared, pid: u32, id: &Identity, via: &str) {
+    log_identity(
+        shared,
+        pid,
+        id,
+        via,
+        "process_detected",
+        "LLM process detected",
+    );
+}
+
+/// The `process_reclassified` log event: a tracked process (a GPU user no rule named yet)
+/// got its identity (`via`: what told).
+pub(super) fn log_reclassified(shared: &Shared, pid: u32, id: &Identity, via: &str) {
+    log_identity(
+        shared,
+        pid,
+        id,
+        via,
+        "process_reclassified",
+        "LLM process reclassified",
+    );
+}
+
+fn log_identity(shared: &Shared, pid: u32, id: &Identity, via: &str, event: &str, message: &str) {
     let c = shared.container_labels(pid);
     tracing::info!(
-        event = "process_detected",
+        event,
         pid,
         framework = id.framework.as_str(),
         model_name = %id.model_name,
@@ -20,7 +44,7 @@ pub(super) fn log_detected(shared: &Shared, pid: u32, id: &Identity, via: &str) 
         pod = %c.pod,
         namespace = %c.namespace,
         via,
-        "LLM process detected"
+        "{message}"
     );
 }
 

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use super::observe::{log_detected, observe_with_env, How};
 use super::Shared;
-use crate::identity::worth_rechecking;
+use crate::identity::{worth_rechecking, Framework};
 use crate::state::Counters;
 use crate::tracker::Observed;
 
@@ -75,20 +75,27 @@ pub(super) fn scan(shared: &Shared, repair: bool) -> usize {
     let mut candidates = Vec::new();
     for pid in pids {
         super::libraries::discover_libraries(shared, pid);
-        let tracked_start = {
+        // (start, classified) of the live entry: a classified process whose start did not
+        // change is known; one tracked only as a GPU user may have loaded a framework since.
+        let tracked = {
             let tracker = shared.tracker();
             tracker
                 .get(pid)
                 .filter(|t| t.is_alive())
-                .map(|t| t.start_ticks)
+                .map(|t| (t.start_ticks, t.identity.framework != Framework::Unknown))
         };
         let read_at = Instant::now();
         let Ok((mut facts, sample)) = shared.proc.facts(pid) else {
             continue;
         };
-        match tracked_start {
-            Some(Some(start)) if start == sample.start_ticks => continue,
-            Some(None) => continue,
+        match tracked {
+            Some((Some(start), true)) if start == sample.start_ticks => continue,
+            Some((None, true)) => continue,
+            Some((Some(start), false))
+                if start == sample.start_ticks && !worth_rechecking(&facts) =>
+            {
+                continue
+            }
             _ => {}
         }
         if worth_rechecking(&facts) {

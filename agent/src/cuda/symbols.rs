@@ -4,14 +4,18 @@
 //! library takes ~50 attaches (entry and return probes), and the launch duty cycle re-attaches
 //! its launch probes every period. Here each file is parsed once, every wanted name is looked
 //! up in one pass over its symbol tables, and the result is cached by file identity.
+//!
+//! The file is read, never mapped: any local user can make a process map a file named
+//! `libcudart.so*` and truncate it while the agent parses it. A mapping would then fault
+//! the agent (SIGBUS); a read just comes up short, and the library is refused as unreadable.
 
 use std::collections::HashMap;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::sync::Arc;
 
 use agent_common::cuda::FUNCTIONS;
+use object::read::ReadCache;
 use object::{Object, ObjectSection, ObjectSymbol};
 
 /// Most files remembered; past it the cache starts over (files are few: one per CUDA copy).
@@ -37,7 +41,7 @@ impl SymbolCache {
         if let Some(found) = self.files.get(&id) {
             return Ok(found.clone());
         }
-        let offsets = Arc::new(resolve(&file, meta.size(), api)?);
+        let offsets = Arc::new(resolve(&file, api)?);
         if self.files.len() >= CAPACITY {
             self.files.clear();
         }
@@ -46,9 +50,11 @@ impl SymbolCache {
     }
 }
 
-fn resolve(file: &std::fs::File, size: u64, api: u8) -> std::io::Result<Vec<(u8, u64)>> {
-    let map = ReadOnlyMap::new(file, size)?;
-    let obj = object::File::parse(map.bytes()).map_err(invalid)?;
+/// Reads only what it needs (headers, symbol and string tables: a few hundred KiB of a
+/// libcuda of tens of MiB), through positioned reads that a truncation can only cut short.
+fn resolve(file: &std::fs::File, api: u8) -> std::io::Result<Vec<(u8, u64)>> {
+    let cache = ReadCache::new(file);
+    let obj = object::File::parse(&cache).map_err(invalid)?;
     let wanted: HashMap<&str, u8> = FUNCTIONS
         .iter()
         .enumerate()
@@ -74,7 +80,10 @@ fn resolve(file: &std::fs::File, size: u64, api: u8) -> std::io::Result<Vec<(u8,
 }
 
 /// A symbol's virtual address as a file offset (what the kernel's uprobe API takes).
-fn file_offset(obj: &object::File, sym: &object::Symbol) -> Option<u64> {
+fn file_offset<'data, R: object::ReadRef<'data>>(
+    obj: &object::File<'data, R>,
+    sym: &object::Symbol<'data, '_, R>,
+) -> Option<u64> {
     let section = obj.section_by_index(sym.section_index()?).ok()?;
     let (offset, _) = section.file_range()?;
     sym.address()
@@ -84,50 +93,6 @@ fn file_offset(obj: &object::File, sym: &object::Symbol) -> Option<u64> {
 
 fn invalid(e: object::Error) -> std::io::Error {
     std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string())
-}
-
-/// A private read-only mapping of a whole file (libcuda is tens of MB: never read into memory).
-struct ReadOnlyMap {
-    ptr: *mut libc::c_void,
-    len: usize,
-}
-
-impl ReadOnlyMap {
-    fn new(file: &std::fs::File, size: u64) -> std::io::Result<ReadOnlyMap> {
-        let len = usize::try_from(size).map_err(|_| std::io::ErrorKind::InvalidData)?;
-        if len == 0 {
-            return Err(std::io::ErrorKind::InvalidData.into());
-        }
-        // SAFETY: a fresh private read-only mapping of an open file; unmapped in Drop.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ,
-                libc::MAP_PRIVATE,
-                file.as_raw_fd(),
-                0,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(std::io::Error::last_os_error());
-        }
-        Ok(ReadOnlyMap { ptr, len })
-    }
-
-    fn bytes(&self) -> &[u8] {
-        // SAFETY: the mapping is `len` readable bytes for as long as `self` lives. A file
-        // truncated meanwhile would fault (SIGBUS); library files are not truncated in place
-        // (installers replace them), which is also what aya's own resolver assumes.
-        unsafe { std::slice::from_raw_parts(self.ptr.cast(), self.len) }
-    }
-}
-
-impl Drop for ReadOnlyMap {
-    fn drop(&mut self) {
-        // SAFETY: unmapping exactly what `new` mapped.
-        unsafe { libc::munmap(self.ptr, self.len) };
-    }
 }
 
 #[cfg(test)]
@@ -151,6 +116,33 @@ mod tests {
     }
 
     #[test]
+    fn a_file_truncated_after_it_was_opened_is_an_error_not_a_fault() {
+        // What an attacker does to a library the agent is about to parse: the size the agent
+        // saw is gone by the time it reads. A mapping of the old size faults (SIGBUS) on the
+        // first page past the new end; reads come up short.
+        let exe = std::env::current_exe().unwrap();
+        let dir = std::env::temp_dir().join(format!("llmscope-truncate-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let copy = dir.join("libcudart.so.12");
+        std::fs::copy(&exe, &copy).unwrap();
+        for keep in [0, 4096, 64 * 1024] {
+            let file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&copy)
+                .unwrap();
+            assert!(resolve(&file, API_RUNTIME).is_ok(), "whole, it parses");
+            file.set_len(keep).unwrap();
+            assert!(
+                resolve(&file, API_RUNTIME).is_err(),
+                "truncated to {keep} bytes while opened"
+            );
+            std::fs::copy(&exe, &copy).unwrap();
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn resolves_this_test_binary_s_libc_functions_like_aya() {
         // No CUDA library here: resolve a function every test binary maps, through the
         // same translation, and compare with what the ELF says by hand.
@@ -166,8 +158,8 @@ mod tests {
             .expect("libc is mapped");
         let file = std::fs::File::open(&libc).unwrap();
         let size = file.metadata().unwrap().size();
-        let map = ReadOnlyMap::new(&file, size).unwrap();
-        let obj = object::File::parse(map.bytes()).unwrap();
+        let cache = ReadCache::new(&file);
+        let obj = object::File::parse(&cache).unwrap();
         let sym = obj
             .dynamic_symbols()
             .find(|s| s.name() == Ok("malloc"))
