@@ -13,17 +13,17 @@
 //!
 //! A key this reader does not implement (`cipher_suites`, `curve_preferences`,
 //! `http_server_config`, ...) is refused at start-up rather than silently ignored. The files
-//! are read again when one of them changes (checked at most once a second, on a new
-//! connection), so a rotated certificate is picked up without a restart; a change that does
-//! not load keeps the last good configuration and is logged.
+//! are read again when one of them changes (checked once a second by a thread of its own,
+//! never on the accept loop), so a rotated certificate is picked up without a restart; a
+//! change that does not load keeps the last good configuration and is logged.
 //!
 //! `/healthz` needs no credentials (liveness probes), every other path does.
 
 use std::collections::{BTreeMap, HashSet};
 use std::hash::BuildHasher;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::time::{Duration, SystemTime};
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -70,63 +70,66 @@ pub struct Loaded {
 
 /// The configuration file and what it names, re-read when any of them changes.
 pub struct WebConfig {
-    path: PathBuf,
-    state: Mutex<State>,
+    current: Arc<RwLock<Arc<Loaded>>>,
 }
 
-struct State {
-    current: Arc<Loaded>,
-    /// (path, modified, size) of every file the configuration was loaded from.
-    versions: Vec<(PathBuf, Option<(SystemTime, u64)>)>,
-    checked: Instant,
-}
-
-/// How often, at most, the files are checked for changes.
+/// How often the files are checked for changes.
 const RECHECK: Duration = Duration::from_secs(1);
 
 impl WebConfig {
     /// Loads the file; any problem is an error (the agent does not start half-secured).
+    /// A thread then reloads it when a file changes, for as long as this lives.
     pub fn load(path: &Path) -> Result<WebConfig, WebConfigError> {
-        let (current, versions) = load(path)?;
-        Ok(WebConfig {
-            path: path.to_owned(),
-            state: Mutex::new(State {
-                current: Arc::new(current),
-                versions,
-                checked: Instant::now(),
-            }),
-        })
+        let (loaded, versions) = load(path)?;
+        let current = Arc::new(RwLock::new(Arc::new(loaded)));
+        let watched = Arc::downgrade(&current);
+        let path = path.to_owned();
+        std::thread::Builder::new()
+            .name("llmscope-webcfg".into())
+            .spawn(move || reload_on_change(&path, versions, &watched))
+            .map_err(|e| WebConfigError::Read(PathBuf::from("(reload thread)"), e))?;
+        Ok(WebConfig { current })
     }
 
-    /// The configuration to use for a new connection: re-read when a file changed.
+    /// The configuration to use for a new connection: a pointer copy, never a file read.
     pub fn current(&self) -> Arc<Loaded> {
-        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        if state.checked.elapsed() >= RECHECK {
-            state.checked = Instant::now();
-            let changed = state
-                .versions
-                .iter()
-                .any(|(path, version)| file_version(path) != *version);
-            if changed {
-                match load(&self.path) {
-                    Ok((loaded, versions)) => {
-                        tracing::info!(file = %self.path.display(), "web configuration reloaded");
-                        state.current = Arc::new(loaded);
-                        state.versions = versions;
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "web configuration changed but does not load; keeping the last good one");
-                        // Not retried until a file changes again.
-                        state.versions = state
-                            .versions
-                            .iter()
-                            .map(|(p, _)| (p.clone(), file_version(p)))
-                            .collect();
-                    }
+        self.current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+}
+
+/// Checks the files every [`RECHECK`] and swaps in what loads, until the configuration is
+/// dropped. A change that does not load is logged and not retried until a file changes again.
+fn reload_on_change(path: &Path, mut versions: Versions, current: &Weak<RwLock<Arc<Loaded>>>) {
+    loop {
+        std::thread::sleep(RECHECK);
+        if current.strong_count() == 0 {
+            return;
+        }
+        if versions
+            .iter()
+            .all(|(path, version)| file_version(path) == *version)
+        {
+            continue;
+        }
+        match load(path) {
+            Ok((loaded, new_versions)) => {
+                let Some(current) = current.upgrade() else {
+                    return;
+                };
+                *current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(loaded);
+                versions = new_versions;
+                tracing::info!(file = %path.display(), "web configuration reloaded");
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "web configuration changed but does not load; keeping the last good one");
+                for (p, version) in &mut versions {
+                    *version = file_version(p);
                 }
             }
         }
-        state.current.clone()
     }
 }
 
@@ -174,7 +177,8 @@ fn load(path: &Path) -> Result<(Loaded, Versions), WebConfigError> {
                     "basic_auth_users: {user:?} is not a valid user name"
                 )));
             }
-            bcrypt::verify("", hash).map_err(|e| {
+            // The format alone (a verify would cost a bcrypt round per user).
+            hash.parse::<bcrypt::HashParts>().map_err(|e| {
                 invalid(format!(
                     "basic_auth_users: the hash of {user:?} is not a bcrypt hash: {e}"
                 ))
@@ -282,7 +286,7 @@ pub struct BasicAuth {
     users: BTreeMap<String, String>,
     passed: Mutex<HashSet<u64>>,
     /// Checked for an unknown user, so that a wrong user name takes as long as a wrong
-    /// password (same cost as the users' hashes).
+    /// password: the costliest user's own hash (no hash computed at load).
     dummy: String,
     hasher: std::collections::hash_map::RandomState,
     checks: tokio::sync::Semaphore,
@@ -295,13 +299,13 @@ const MAX_REMEMBERED: usize = 64;
 
 impl BasicAuth {
     fn new(users: BTreeMap<String, String>) -> BasicAuth {
-        let cost = users
+        let dummy = users
             .values()
-            .filter_map(|h| h.split('$').nth(2)?.parse().ok())
-            .max()
-            .unwrap_or(bcrypt::DEFAULT_COST);
+            .max_by_key(|h| h.parse::<bcrypt::HashParts>().map_or(0, |p| p.get_cost()))
+            .cloned()
+            .unwrap_or_default();
         BasicAuth {
-            dummy: bcrypt::hash("unknown user", cost).unwrap_or_default(),
+            dummy,
             users,
             passed: Mutex::new(HashSet::new()),
             hasher: std::collections::hash_map::RandomState::new(),
@@ -361,6 +365,7 @@ impl BasicAuth {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Instant;
 
     fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
         let p = dir.join(name);
@@ -406,6 +411,18 @@ mod tests {
         assert!(loaded.tls.is_none() && loaded.auth.is_none());
     }
 
+    /// Waits (bounded) until `f` holds of the current configuration.
+    fn until(config: &WebConfig, f: impl Fn(&Loaded) -> bool) -> Arc<Loaded> {
+        let deadline = Instant::now() + 10 * RECHECK;
+        loop {
+            let loaded = config.current();
+            if f(&loaded) || Instant::now() > deadline {
+                return loaded;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     #[test]
     fn a_changed_file_is_reloaded_and_a_broken_change_keeps_the_last_good_one() {
         let d = dir("reload");
@@ -419,14 +436,42 @@ mod tests {
             "web.yml",
             &format!("basic_auth_users:\n  alice: '{hash}'\n"),
         );
-        std::thread::sleep(RECHECK + Duration::from_millis(100));
-        let second = config.current();
+        let second = until(&config, |l| l.auth.is_some());
         assert!(second.auth.is_some(), "reloaded");
         write(&d, "web.yml", "basic_auth_users: [");
-        std::thread::sleep(RECHECK + Duration::from_millis(100));
+        std::thread::sleep(3 * RECHECK);
         assert!(
             Arc::ptr_eq(&config.current(), &second),
             "a change that does not load keeps the last good configuration"
+        );
+    }
+
+    /// A reload with many users at a real cost costs the accept loop nothing: `current()`
+    /// never parses or hashes (it used to verify every hash and compute a dummy one, inline,
+    /// on the connection that noticed the change: ~50 bcrypt rounds at cost 10 here).
+    #[test]
+    fn a_reload_with_fifty_bcrypt_users_never_blocks_a_connection() {
+        let d = dir("fifty");
+        let hash = bcrypt::hash("pw", 10).unwrap();
+        let p = write(&d, "web.yml", "");
+        let config = WebConfig::load(&p).unwrap();
+        let users: String = (0..50).map(|i| format!("  user{i}: '{hash}'\n")).collect();
+        write(&d, "web.yml", &format!("basic_auth_users:\n{users}"));
+        let mut slowest = Duration::ZERO;
+        let deadline = Instant::now() + 10 * RECHECK;
+        let reloaded = loop {
+            let asked = Instant::now();
+            let loaded = config.current();
+            slowest = slowest.max(asked.elapsed());
+            if loaded.auth.is_some() || Instant::now() > deadline {
+                break loaded;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        };
+        assert!(reloaded.auth.is_some(), "reloaded");
+        assert!(
+            slowest < Duration::from_millis(500),
+            "a connection waited {slowest:?} for the reload"
         );
     }
 

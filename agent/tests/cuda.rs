@@ -770,3 +770,81 @@ fn library_copies_are_detached_when_unused_so_churn_never_blinds() {
     });
     assert!(drained.is_some(), "{}", agent.metrics().0);
 }
+
+/// A full library table holding only libraries no live process maps makes room for a new
+/// one at once, whatever the idle timeout: a user who copies the library more times than the
+/// table holds (or starts pods from that many images) does not blind the agent.
+#[test]
+fn a_full_table_of_unused_libraries_makes_room_for_a_new_one_at_once() {
+    const MAX: usize = 8;
+    let agent = Agent::start(&[
+        "--rescan-interval",
+        "1h",
+        "--cuda-library-idle-timeout",
+        "1h",
+        "--cuda-max-libraries",
+        &MAX.to_string(),
+    ]);
+    let dir = TempDir::new("full-table");
+    let original = tiny_cuda_library();
+    let program = cuda_workload("llama-server");
+    let run_with_copy = |i: usize| {
+        let d = dir.0.join(i.to_string());
+        std::fs::create_dir_all(&d).unwrap();
+        let lib = d.join("libcudart.so.12");
+        std::fs::copy(&original, &lib).unwrap();
+        let mut w = CudaWorkload::start(
+            &program,
+            &["-m", "/models/full.gguf"],
+            &[
+                ("CUDA_LIB", lib.to_str().unwrap()),
+                ("ALLOCS", "1"),
+                ("NO_FREE", "1"),
+            ],
+        );
+        let pid = w.pid();
+        // Each process calls only once its own copy is probed (or refused).
+        wait_for(Duration::from_secs(20), || {
+            let m = agent.metrics();
+            let probed = m.value("llmscope_cuda_libraries", &[("api", "runtime")])?;
+            let detached = m.value("llmscope_cuda_library_detaches_total", &[])?;
+            let refused = m.value(
+                "llmscope_uprobe_attach_failures_total",
+                &[("reason", "too_many_libraries")],
+            )?;
+            (probed + detached + refused > i as f64).then_some(())
+        })
+        .unwrap_or_else(|| panic!("copy {i} never handled:\n{}", agent.metrics().0));
+        w.run();
+        let counted = wait_for(Duration::from_secs(5), || {
+            let calls = agent.metrics().value(
+                "llm_process_cuda_calls_total",
+                &[("pid", &pid.to_string()), ("function", "cudaMalloc")],
+            )?;
+            (calls >= 1.0).then_some(())
+        });
+        assert!(
+            counted.is_some(),
+            "copy {i} never probed:\n{}\n{}",
+            agent.metrics().0,
+            agent.log()
+        );
+    };
+    // Each copy used briefly by a process that then exits: 1.5 tables of them.
+    for i in 0..MAX + MAX / 2 {
+        run_with_copy(i);
+    }
+    let m = agent.metrics();
+    assert_eq!(
+        m.value(
+            "llmscope_uprobe_attach_failures_total",
+            &[("reason", "too_many_libraries")]
+        ),
+        Some(0.0),
+        "{}",
+        m.0
+    );
+    assert!(m.value("llmscope_cuda_libraries", &[("api", "runtime")]) <= Some(MAX as f64));
+    // And one more, while the table is full of idle libraries.
+    run_with_copy(MAX + MAX / 2);
+}

@@ -61,6 +61,11 @@ struct Config {
     /// Do not run nvidia-smi.
     #[arg(long, env = "LLMSCOPE_NO_NVIDIA_SMI")]
     no_nvidia_smi: bool,
+    /// An nvidia-smi run that takes longer is killed (a hung driver) and shows as
+    /// llmscope_collector_success{collector="nvidia_smi"} 0; nvidia-smi runs on a thread of
+    /// its own, so processes and gpu-info reports are polled meanwhile.
+    #[arg(long = "nvidia-smi-timeout", env = "LLMSCOPE_NVIDIA_SMI_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    nvidia_smi_timeout: Duration,
     /// Most LLM processes tracked at once.
     #[arg(long, env = "LLMSCOPE_MAX_PROCESSES", default_value_t = 8192)]
     max_processes: usize,
@@ -154,20 +159,16 @@ fn poll_forever(
         ttl: config.gpu_info_ttl,
         ..Default::default()
     };
-    let mut smi_error: Option<String> = None;
+    let smi = (!config.no_nvidia_smi).then(|| spawn_smi(&config, stop.clone()));
     while !stop.load(Ordering::Relaxed) {
         let listed = processes.list();
         let gpu_info = config.gpu_info_dir.as_ref().map(|dir| {
             scan(dir, &limits, &Polled(&listed), SystemTime::now())
                 .map_err(|e| format!("--gpu-info-dir {}: {e}", dir.display()))
         });
-        let smi = (!config.no_nvidia_smi).then(|| smi::sample(&config.nvidia_smi));
-        if let Some(Err(e)) = &smi {
-            if smi_error.as_ref() != Some(e) {
-                tracing::warn!("nvidia-smi: {e}; GPU device metrics are left out");
-                smi_error = Some(e.clone());
-            }
-        }
+        let smi = smi
+            .as_ref()
+            .map(|latest| latest.lock().unwrap_or_else(|e| e.into_inner()).clone());
         let snapshot = poller.poll(Inputs {
             processes: listed,
             gpu_info,
@@ -182,6 +183,46 @@ fn poll_forever(
     }
 }
 
+/// The nvidia-smi thread: runs it every `--interval` (each run bounded by
+/// `--nvidia-smi-timeout`) and keeps the latest answer for the poll to read.
+fn spawn_smi(config: &Config, stop: Arc<AtomicBool>) -> Arc<Mutex<smi::SmiResult>> {
+    let latest = Arc::new(Mutex::new(
+        Err("nvidia-smi has not answered yet".to_owned()),
+    ));
+    let (program, timeout, interval) = (
+        config.nvidia_smi.clone(),
+        config.nvidia_smi_timeout,
+        config.interval,
+    );
+    let shared = latest.clone();
+    let spawned = std::thread::Builder::new()
+        .name("llmscope-smi".into())
+        .spawn(move || {
+            let mut last_error: Option<String> = None;
+            while !stop.load(Ordering::Relaxed) {
+                let result = smi::sample(&program, timeout);
+                match &result {
+                    Err(e) if last_error.as_ref() != Some(e) => {
+                        tracing::warn!("nvidia-smi: {e}; GPU device metrics are left out");
+                        last_error = Some(e.clone());
+                    }
+                    Err(_) => {}
+                    Ok(_) => last_error = None,
+                }
+                *shared.lock().unwrap_or_else(|e| e.into_inner()) = result;
+                let deadline = Instant::now() + interval;
+                while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        *latest.lock().unwrap_or_else(|e| e.into_inner()) =
+            Err(format!("cannot start the nvidia-smi thread: {e}"));
+    }
+    latest
+}
+
 fn main() -> ExitCode {
     let config = Config::parse();
     if tracing_subscriber::EnvFilter::try_new(&config.log_level).is_err() {
@@ -194,6 +235,10 @@ fn main() -> ExitCode {
     llmscope::logging::init(&config.log_level, config.log_format);
     if config.interval < Duration::from_millis(100) {
         eprintln!("error: --interval must be at least 100ms");
+        return ExitCode::from(2);
+    }
+    if config.nvidia_smi_timeout < Duration::from_millis(100) {
+        eprintln!("error: --nvidia-smi-timeout must be at least 100ms");
         return ExitCode::from(2);
     }
     let source = Arc::new(Source {

@@ -1,7 +1,13 @@
 //! `nvidia-smi` CSV output: GPUs and per-process memory where NVML's per-process data is what
 //! nvidia-smi shows (on Windows under WDDM it often is not: then gpu-info reports fill in).
+//!
+//! nvidia-smi hangs when the driver does (a GPU fallen off the bus, a stuck reset): every run
+//! is bounded by a timeout, after which it is killed with what it started, and it runs on a
+//! thread of its own so the process list and gpu-info reports keep their pace meanwhile.
 
-use std::process::Command;
+use std::io::Read;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct SmiGpu {
@@ -83,28 +89,92 @@ pub fn parse_apps(csv: &str) -> Result<Vec<SmiApp>, String> {
         .collect()
 }
 
-fn query(program: &str, arg: String) -> Result<String, String> {
-    let out = Command::new(program)
-        .arg(arg)
+/// Most output read from one run (a GPU line is ~100 bytes, an app line ~60).
+const OUTPUT_LIMIT: u64 = 1 << 20;
+
+fn query(program: &str, arg: String, timeout: Duration) -> Result<String, String> {
+    let mut cmd = Command::new(program);
+    cmd.arg(arg)
         .arg("--format=csv,noheader,nounits")
-        .output()
-        .map_err(|e| format!("{program}: {e}"))?;
-    if !out.status.success() {
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    // Its own process group, so a timeout kills whatever it started too.
+    #[cfg(unix)]
+    std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+    let mut child = cmd.spawn().map_err(|e| format!("{program}: {e}"))?;
+    let drain = |pipe: Option<Box<dyn Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut out = Vec::new();
+            if let Some(pipe) = pipe {
+                let _ = pipe.take(OUTPUT_LIMIT).read_to_end(&mut out);
+            }
+            out
+        })
+    };
+    let stdout = drain(
+        child
+            .stdout
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    let stderr = drain(
+        child
+            .stderr
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break Some(status),
+            Ok(None) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            _ => break None,
+        }
+    };
+    let Some(status) = status else {
+        kill(&mut child);
         return Err(format!(
-            "{program} failed with {}: {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
+            "{program} did not answer within {timeout:?}: killed"
+        ));
+    };
+    let (stdout, stderr) = (
+        stdout.join().unwrap_or_default(),
+        stderr.join().unwrap_or_default(),
+    );
+    if !status.success() {
+        return Err(format!(
+            "{program} failed with {status}: {}",
+            String::from_utf8_lossy(&stderr).trim()
         ));
     }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    Ok(String::from_utf8_lossy(&stdout).into_owned())
 }
 
-/// Runs nvidia-smi twice (GPUs, then compute apps).
-pub fn sample(program: &str) -> SmiResult {
-    let gpus = parse_gpus(&query(program, format!("--query-gpu={GPU_QUERY}"))?)?;
+/// Kills the child and its process group (its pipes close with them).
+fn kill(child: &mut std::process::Child) {
+    #[cfg(unix)]
+    if let Ok(pgid) = i32::try_from(child.id()) {
+        // SAFETY: signals the process group this child leads (process_group(0) above).
+        unsafe { libc::kill(-pgid, libc::SIGKILL) };
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// Runs nvidia-smi twice (GPUs, then compute apps), each run within `timeout`.
+pub fn sample(program: &str, timeout: Duration) -> SmiResult {
+    let gpus = parse_gpus(&query(
+        program,
+        format!("--query-gpu={GPU_QUERY}"),
+        timeout,
+    )?)?;
     let apps = parse_apps(&query(
         program,
         format!("--query-compute-apps={APP_QUERY}"),
+        timeout,
     )?)?;
     Ok((gpus, apps))
 }
@@ -112,6 +182,42 @@ pub fn sample(program: &str) -> SmiResult {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[cfg(unix)]
+    #[test]
+    fn a_hung_nvidia_smi_is_killed_at_the_timeout_with_what_it_started() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("llmscope-smi-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let smi = dir.join("nvidia-smi");
+        let pid_file = dir.join("sleeper.pid");
+        // What a hung driver looks like: a child that never answers.
+        std::fs::write(
+            &smi,
+            format!(
+                "#!/bin/sh\nsleep 3600 &\necho $! > {}\nwait\n",
+                pid_file.display()
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&smi, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let started = Instant::now();
+        let err = sample(smi.to_str().unwrap(), Duration::from_millis(300)).unwrap_err();
+        assert!(err.contains("did not answer within"), "{err}");
+        assert!(started.elapsed() < Duration::from_secs(30), "bounded");
+        let sleeper = std::fs::read_to_string(&pid_file).unwrap();
+        let gone = (0..100).any(|_| {
+            let state = std::fs::read_to_string(format!("/proc/{}/stat", sleeper.trim()));
+            // Gone, or a zombie waiting for init.
+            let done = state.map_or(true, |s| s.contains(") Z"));
+            if !done {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            done
+        });
+        assert!(gone, "what nvidia-smi started is killed with it");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn parses_gpus_and_apps_with_missing_values() {

@@ -372,7 +372,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let launch_mode = crate::cuda::launches::mode(config.cuda_overhead_budget);
     let (queue, attach_jobs) = libraries::AttachQueue::new();
     let cuda = CudaState {
-        attacher: Mutex::new(Attacher::new(programs, launch_mode == LaunchMode::Exact)),
+        attacher: Mutex::new(Attacher::new(
+            programs,
+            launch_mode == LaunchMode::Exact,
+            config.cuda_max_libraries as usize,
+        )),
         attacher_stats: Mutex::new(AttacherStats::default()),
         maps: Mutex::new(cuda_maps),
         launches: Mutex::new(LaunchEstimates::new(launch_mode)),

@@ -11,7 +11,8 @@
 //! Each library remembers the processes seen mapping it. When none is alive, it is idle;
 //! after `idle_after` idle, and once no tracked process maps it (a fork child inherits
 //! mappings without mapping anything), its probes are removed. Pod churn — a new libcudart
-//! copy per container image — thus never fills the table.
+//! copy per container image — thus never fills the table; and a full table makes room by
+//! removing a library no live process maps, idle or not for long, before it refuses one.
 
 use std::collections::{BTreeMap, HashSet};
 use std::os::fd::AsRawFd;
@@ -42,8 +43,9 @@ pub const FAILURE_REASONS: &[&str] = &[
     "launch_attach_error",
 ];
 
-/// Most library files probed at once; more are refused and counted (`too_many_libraries`).
-pub const MAX_LIBRARIES: usize = 256;
+/// Most library files probed at once by default (`--cuda-max-libraries`); past it, a library
+/// no live process maps makes room, else the new one is refused (`too_many_libraries`).
+pub const DEFAULT_MAX_LIBRARIES: usize = 256;
 /// Most processes remembered per library; past it, liveness is confirmed from /proc maps
 /// before the library is detached (see [`Attacher::detach_idle`]).
 const MAX_USERS: usize = 4096;
@@ -93,6 +95,12 @@ pub enum Outcome {
 pub struct Attacher {
     ebpf: Ebpf,
     libraries: Vec<Library>,
+    max_libraries: usize,
+    /// The live tracked processes as of the last idle check: where a fork child that
+    /// inherited a mapping is looked for before its library is removed to make room.
+    tracked: Vec<u32>,
+    /// Links of libraries removed to make room, to drop once the attacher is unlocked.
+    evicted: Vec<UProbeLink>,
     symbols: SymbolCache,
     failures: BTreeMap<&'static str, u64>,
     detached: u64,
@@ -104,10 +112,13 @@ pub struct Attacher {
 
 impl Attacher {
     /// Takes the loaded object; `cuda_entry` and `cuda_return` must be loaded already.
-    pub fn new(ebpf: Ebpf, launches_attached: bool) -> Self {
+    pub fn new(ebpf: Ebpf, launches_attached: bool, max_libraries: usize) -> Self {
         Attacher {
             ebpf,
             libraries: Vec::new(),
+            max_libraries: max_libraries.max(1),
+            tracked: Vec::new(),
+            evicted: Vec::new(),
             symbols: SymbolCache::default(),
             failures: FAILURE_REASONS.iter().map(|r| (*r, 0)).collect(),
             detached: 0,
@@ -182,7 +193,7 @@ impl Attacher {
             add_user(library, pid);
             return Outcome::AlreadyProbed;
         }
-        if self.libraries.len() >= MAX_LIBRARIES {
+        if self.libraries.len() >= self.max_libraries && !self.make_room(procfs) {
             return Outcome::Failed("too_many_libraries");
         }
         let offsets = match self.symbols.offsets(&target, lib.api) {
@@ -224,6 +235,41 @@ impl Attacher {
         Outcome::Attached { probes }
     }
 
+    /// Removes the library idle the longest that no live process maps (its remembered users
+    /// gone, and in no tracked process's maps); false when every library is in use.
+    fn make_room(&mut self, procfs: &Path) -> bool {
+        let mut idle: Vec<usize> = Vec::new();
+        for (i, library) in self.libraries.iter_mut().enumerate() {
+            library
+                .users
+                .retain(|pid| procfs.join(pid.to_string()).exists());
+            if library.users.is_empty() {
+                idle.push(i);
+            }
+        }
+        if idle.is_empty() {
+            return false;
+        }
+        let mapped = mapped_files(procfs, &self.tracked);
+        let Some(i) = idle
+            .into_iter()
+            .filter(|&i| !mapped.contains(&self.libraries[i].file))
+            .min_by_key(|&i| self.libraries[i].idle_since.unwrap_or_else(Instant::now))
+        else {
+            return false;
+        };
+        let mut library = self.libraries.swap_remove(i);
+        self.evicted.extend(take_all(&mut self.ebpf, &mut library));
+        tracing::info!(library = %library.keys[0].1.escape_debug(), "CUDA library table full: probes removed from a library no live process maps");
+        self.detached += 1;
+        true
+    }
+
+    /// Links of libraries removed to make room, to drop once the attacher is unlocked.
+    pub fn take_evicted(&mut self) -> Detached {
+        Detached(std::mem::take(&mut self.evicted))
+    }
+
     /// Forgets users that are gone and detaches every library that has been idle for
     /// `idle_after` and that no process in `candidates` (the tracked ones) maps. The links
     /// come back to be dropped once the attacher is unlocked (see [`Detached`]).
@@ -234,7 +280,8 @@ impl Attacher {
         now: Instant,
         idle_after: Duration,
     ) -> Detached {
-        let mut detached = Detached(Vec::new());
+        let mut detached = self.take_evicted();
+        self.tracked = candidates.to_vec();
         let mut i = 0;
         while i < self.libraries.len() {
             let library = &mut self.libraries[i];
@@ -366,23 +413,69 @@ fn add_user(library: &mut Library, pid: u32) {
     }
 }
 
+/// Most bytes of one process's maps read when looking for a file (a large PyTorch process
+/// has ~1 MiB of them); past it the rest is not looked at.
+const MAPS_LIMIT: u64 = 16 << 20;
+
+/// The (device, inode) of every file one of `pids` maps.
+fn mapped_files(procfs: &Path, pids: &[u32]) -> HashSet<(u64, u64)> {
+    let mut files = HashSet::new();
+    for pid in pids {
+        each_mapped_file(procfs, *pid, |file| {
+            files.insert(file);
+            false
+        });
+    }
+    files
+}
+
 /// The processes among `pids` whose maps show the file (device, inode).
 fn mapping_processes(procfs: &Path, pids: &[u32], file: (u64, u64)) -> Vec<u32> {
-    let (major, minor) = (libc::major(file.0), libc::minor(file.0));
-    let device = format!("{major:02x}:{minor:02x}");
-    let inode = file.1.to_string();
     pids.iter()
         .copied()
-        .filter(|pid| {
-            std::fs::read(procfs.join(pid.to_string()).join("maps")).is_ok_and(|maps| {
-                maps.split(|b| *b == b'\n').any(|line| {
-                    let line = String::from_utf8_lossy(line);
-                    let mut fields = line.split_whitespace().skip(3);
-                    fields.next() == Some(device.as_str()) && fields.next() == Some(&inode)
-                })
-            })
-        })
+        .filter(|&pid| each_mapped_file(procfs, pid, |f| f == file))
         .collect()
+}
+
+/// Calls `found` with the (device, inode) of each file mapping of `pid`, reading its maps a
+/// line at a time (bounded by [`MAPS_LIMIT`]), until `found` returns true; true then.
+fn each_mapped_file(procfs: &Path, pid: u32, mut found: impl FnMut((u64, u64)) -> bool) -> bool {
+    use std::io::BufRead;
+    let Ok(maps) = std::fs::File::open(procfs.join(pid.to_string()).join("maps")) else {
+        return false;
+    };
+    let mut reader = std::io::BufReader::new(std::io::Read::take(maps, MAPS_LIMIT));
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        match reader.read_until(b'\n', &mut line) {
+            Ok(0) | Err(_) => return false,
+            Ok(_) => {}
+        }
+        let mut fields = line
+            .split(|b| b.is_ascii_whitespace())
+            .filter(|f| !f.is_empty())
+            .skip(3);
+        let (Some(device), Some(inode)) = (fields.next(), fields.next()) else {
+            continue;
+        };
+        let Some(file) = parse_device_inode(device, inode) else {
+            continue;
+        };
+        if file.1 != 0 && found(file) {
+            return true;
+        }
+    }
+}
+
+/// maps' `major:minor` (hex) and inode (decimal) fields as (device, inode).
+fn parse_device_inode(device: &[u8], inode: &[u8]) -> Option<(u64, u64)> {
+    let device = std::str::from_utf8(device).ok()?;
+    let (major, minor) = device.split_once(':')?;
+    let major = u32::from_str_radix(major, 16).ok()?;
+    let minor = u32::from_str_radix(minor, 16).ok()?;
+    let inode = std::str::from_utf8(inode).ok()?.parse().ok()?;
+    Some((libc::makedev(major, minor), inode))
 }
 
 fn uprobe(ebpf: &mut Ebpf, program: Program) -> &mut UProbe {
@@ -476,5 +569,27 @@ fn attach_one(
             tracing::debug!(error = %e, target = %target.display(), "uprobe attach failed");
             Err("attach_error")
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_the_files_a_process_maps_by_device_and_inode() {
+        let exe = std::fs::metadata(std::env::current_exe().unwrap()).unwrap();
+        let me = std::process::id();
+        let procfs = Path::new("/proc");
+        let file = (exe.dev(), exe.ino());
+        assert_eq!(mapping_processes(procfs, &[me, u32::MAX], file), vec![me]);
+        assert!(mapped_files(procfs, &[me]).contains(&file));
+        assert!(mapping_processes(procfs, &[me], (file.0, u64::MAX)).is_empty());
+        assert_eq!(
+            parse_device_inode(b"fd:01", b"42"),
+            Some((libc::makedev(0xfd, 1), 42))
+        );
+        assert_eq!(parse_device_inode(b"fd01", b"42"), None);
+        assert_eq!(parse_device_inode(b"fd:01", b"x"), None);
     }
 }
