@@ -31,6 +31,9 @@ pub struct Tracked {
     /// The container it runs in (None: none, or not known on this platform).
     #[serde(skip)]
     pub container: Option<crate::identity::ContainerRef>,
+    /// Whether [`Tracked::container`] was read (false between tracking and the cgroup read).
+    #[serde(skip)]
+    pub container_read: bool,
     /// When the facts this entry holds were read: a scan that read older facts does not
     /// overwrite it, nor mark it exited.
     #[serde(skip)]
@@ -290,6 +293,7 @@ impl Tracker {
             exited_at: None,
             observed_at,
             container: None,
+            container_read: false,
         });
         if capped {
             self.model_names_capped += 1;
@@ -309,10 +313,21 @@ impl Tracker {
         }
     }
 
-    /// Records the container a tracked process runs in.
-    pub fn set_container(&mut self, pid: u32, container: Option<crate::identity::ContainerRef>) {
-        if let Some(p) = self.procs.get_mut(&pid) {
+    /// Records the container process `pid` runs in, read after it was tracked as started at
+    /// `start_ticks` (not recorded when the pid now stands for another process).
+    pub fn set_container(
+        &mut self,
+        pid: u32,
+        start_ticks: Option<u64>,
+        container: Option<crate::identity::ContainerRef>,
+    ) {
+        if let Some(p) = self
+            .procs
+            .get_mut(&pid)
+            .filter(|p| p.start_ticks == start_ticks)
+        {
             p.container = container;
+            p.container_read = true;
         }
     }
 

@@ -101,6 +101,103 @@ fn containerized_processes_carry_their_container() {
     drop(worker);
 }
 
+/// A containerized process's series carry their final label set from the first scrape
+/// (the process is held back until Docker names its container): never `container_id` alone,
+/// then the names — a label set that changes mid-life breaks `rate()` and doubles series.
+#[test]
+fn a_containers_series_have_their_names_from_the_first_scrape() {
+    let sleeper = workload("llama-server");
+    let image = image("llm-first", &[(&sleeper, "/bin/llama-server")]);
+    // A busy Docker daemon: every answer 400 ms late.
+    let dir = std::env::temp_dir().join(format!("llmscope-slow-docker-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let socket = dir.join("docker.sock");
+    slow_docker_proxy(&socket, Duration::from_millis(400));
+    let agent = Agent::start(&[
+        "--rescan-interval",
+        "1h",
+        "--container.docker-socket",
+        socket.to_str().unwrap(),
+    ]);
+    let model = format!("first-scrape-{}", std::process::id());
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // Scrapes as fast as it can from before the container starts.
+    let scraper = {
+        let (stop, addr, model) = (stop.clone(), agent.addr, model.clone());
+        std::thread::spawn(move || {
+            let mut seen: Vec<Labels> = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Ok((200, _, body)) = http_get(addr, "/metrics", None) {
+                    let m = Exposition(body);
+                    for family in ["llm_process_memory_bytes", "llm_process_cpu_seconds_total"] {
+                        seen.extend(
+                            m.find(family, &[("model_name", model.as_str())])
+                                .into_iter()
+                                .map(|(l, _)| l),
+                        );
+                    }
+                }
+            }
+            seen
+        })
+    };
+    let server = Container::run(
+        "first-scrape",
+        &image,
+        &[],
+        &["/bin/llama-server", "-m", &format!("/models/{model}.gguf")],
+    );
+    let labels = series_of(&agent, "llm_process_memory_bytes", server.pid(), &[]);
+    assert_eq!(labels["container"], server.name, "{labels:?}");
+    // A few more scrapes after the first.
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let seen = scraper.join().unwrap();
+    assert!(!seen.is_empty(), "the scraper saw the process");
+    for labels in &seen {
+        assert_eq!(
+            labels.get("container"),
+            Some(&server.name),
+            "a series without its container's name: {labels:?}"
+        );
+    }
+    eprintln!("{} scraped series, every one named", seen.len());
+    drop(server);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Listens on `socket` and forwards each connection to Docker's socket, `delay` after the
+/// request arrived.
+fn slow_docker_proxy(socket: &std::path::Path, delay: Duration) {
+    use std::os::unix::net::{UnixListener, UnixStream};
+    let _ = std::fs::remove_file(socket);
+    let listener = UnixListener::bind(socket).unwrap();
+    std::thread::spawn(move || {
+        for client in listener.incoming().flatten() {
+            std::thread::spawn(move || {
+                let Ok(docker) = UnixStream::connect("/var/run/docker.sock") else {
+                    return;
+                };
+                let (mut c_in, mut d_out) =
+                    (client.try_clone().unwrap(), docker.try_clone().unwrap());
+                std::thread::spawn(move || {
+                    let mut first = [0u8; 1];
+                    use std::io::{Read, Write};
+                    if c_in.read_exact(&mut first).is_ok() {
+                        std::thread::sleep(delay);
+                        let _ = d_out.write_all(&first);
+                        let _ = std::io::copy(&mut c_in, &mut d_out);
+                    }
+                });
+                let (mut d_in, mut c_out) = (docker, client);
+                let _ = std::io::copy(&mut d_in, &mut c_out);
+                // Docker closed: so does the client's end (the other thread holds a clone).
+                let _ = c_out.shutdown(std::net::Shutdown::Both);
+            });
+        }
+    });
+}
+
 /// A containerized process (pid 1 in its own namespace, as a container's main process is)
 /// writes its gpu-info report with its own pid and start time: joined to its host pid and to
 /// no other; a report whose pid and start time match no process is refused and counted.

@@ -109,6 +109,16 @@ impl Containers {
         labels
     }
 
+    /// Whether asking about `id` is over: its names are known, or the runtime said it does
+    /// not know them or failed, or no runtime can be asked.
+    pub fn settled(&self, id: &str) -> bool {
+        self.queue.is_none()
+            || matches!(
+                self.cache().get(id),
+                Some(Entry::Known(_) | Entry::Unknown { .. })
+            )
+    }
+
     /// Forgets the containers no tracked process runs in.
     pub fn retain(&self, in_use: &std::collections::HashSet<&str>) {
         self.cache().retain(|id, _| in_use.contains(id.as_str()));

@@ -210,7 +210,9 @@ impl Shared {
 
     /// Changes the table with `change` and the kernel's tracked set with it, under the
     /// table's lock: another writer (an exit on the events thread) cannot slip in between and
-    /// leave the kernel tracking a process the table has ended.
+    /// leave the kernel tracking a process the table has ended. A new process's container is
+    /// read from its cgroup after the lock is released (the sampler holds the process back
+    /// until then, see `Tracked::container_read`).
     fn observe(&self, pid: u32, change: impl FnOnce(&mut Tracker) -> Observed) -> Observed {
         let mut tracker = self.tracker();
         let observed = change(&mut tracker);
@@ -223,18 +225,20 @@ impl Shared {
                 if let Err(e) = kernel.insert(pid) {
                     tracing::debug!(pid, error = %e, "cannot add to the kernel's tracked set");
                 }
-                // Its container, from its cgroup (a short read, once per tracked process).
-                let container = self.proc.container(pid).ok().flatten();
-                if let Some(c) = &container {
-                    self.containers.request(&c.id);
-                }
-                tracker.set_container(pid, container);
             }
             Observed::Removed => kernel.remove(pid),
             Observed::Unchanged | Observed::Ignored | Observed::Dropped => return observed,
         }
+        let start_ticks = tracker.get(pid).and_then(|t| t.start_ticks);
         drop(kernel);
         drop(tracker);
+        if matches!(observed, Observed::Added(_)) {
+            let container = self.proc.container(pid).ok().flatten();
+            if let Some(c) = &container {
+                self.containers.request(&c.id);
+            }
+            self.tracker().set_container(pid, start_ticks, container);
+        }
         self.table_changed();
         observed
     }

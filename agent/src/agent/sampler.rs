@@ -29,6 +29,11 @@ const COALESCE: Duration = Duration::from_millis(5);
 /// A process found gone (or its pid reused) this long ago that is still alive in the table
 /// missed its exit event; younger, its exit event may still be in the ring buffer.
 const EXIT_EVENT_SLACK: Duration = Duration::from_millis(200);
+/// Longest a new containerised process is held back from export while its container's names
+/// are looked up (a lookup is bounded by 2 s; Docker and CRI bundles answer in milliseconds).
+/// Past it the process is exported with `container_id` alone, and gains the names when the
+/// lookup answers.
+const NAME_HOLD: Duration = Duration::from_secs(2);
 /// Silent this long, the thread is reported stalled (a pass over a full table is far shorter).
 const STALL_LIMIT: Duration = Duration::from_secs(30);
 
@@ -173,6 +178,20 @@ impl Sampler {
                     }
                 }
             };
+            // A new process is held back until its container is read and that container's
+            // names are known (or the lookup is over, or NAME_HOLD passed): its series start
+            // with their final labels, never container_id alone and then the names.
+            let naming = (!t.container_read
+                || t.container
+                    .as_ref()
+                    .is_some_and(|c| !shared.containers.settled(&c.id)))
+                && now.saturating_duration_since(t.observed_at) < NAME_HOLD;
+            if naming && alive {
+                if let Some(reading) = reading {
+                    last.insert(t.pid, reading);
+                }
+                continue;
+            }
             let mut labels = ProcessLabels::new(t.pid, &t.name, &t.identity);
             if let Some(c) = &t.container {
                 labels = labels.in_container(shared.containers.labels(c));
