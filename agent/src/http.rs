@@ -30,6 +30,11 @@ use crate::web_config::{BasicAuth, Loaded, WebConfig};
 /// blocking thread, never on the async runtime.
 pub trait MetricsSource: Send + Sync + 'static {
     fn gather(&self) -> Snapshot;
+    /// The processes `/api/processes` lists; by default what a whole gather finds. A source
+    /// that publishes them should answer without running every collector.
+    fn processes(&self) -> Vec<crate::metrics::ProcessSample> {
+        self.gather().processes
+    }
     fn build_info(&self) -> BuildInfo;
     /// `Err(reason)` when the agent cannot do its job (e.g. its event reader stopped).
     fn health(&self) -> Result<(), String>;
@@ -234,10 +239,7 @@ async fn metrics(State(source): State<Source>, headers: HeaderMap) -> Response {
 }
 
 async fn processes(State(source): State<Source>) -> Response {
-    match gather(&source).await {
-        Ok(s) => Json(s.processes).into_response(),
-        Err(r) => r,
-    }
+    Json(source.processes()).into_response()
 }
 
 async fn service_discovery(State(source): State<Source>) -> Response {

@@ -82,6 +82,8 @@ pub struct GpuInfoView {
     pub reports: Vec<(ProcessLabels, GpuInfo)>,
     /// Refused report versions since start, by reason (every reason, from 0).
     pub rejected: Vec<KindCount>,
+    /// Scans that stopped at the most directory entries looked at, since start.
+    pub scans_truncated: u64,
     /// The directory could not be read.
     pub error: Option<String>,
 }

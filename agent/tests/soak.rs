@@ -90,6 +90,16 @@ fn churn(program: &std::path::Path, plan: &[(&str, &str)], n: usize) -> HashSet<
     pids
 }
 
+/// Every event lost so far, whatever its kind.
+fn lost_events(agent: &Agent) -> f64 {
+    agent
+        .metrics()
+        .samples("llmscope_events_lost_total")
+        .iter()
+        .map(|(_, v)| v)
+        .sum()
+}
+
 #[test]
 fn ten_thousand_short_cuda_processes_leave_nothing_behind() {
     let agent = Agent::start(&["--rescan-interval", "5s", "--grace-period", "2s"]);
@@ -128,28 +138,73 @@ fn ten_thousand_short_cuda_processes_leave_nothing_behind() {
     std::thread::sleep(Duration::from_millis(1500));
     let rss_before = rss_bytes(agent.pid());
 
-    // Scrapes all along.
+    let lost_before = lost_events(&agent);
+    let log_before = agent.log().len();
+    // A poll storm all along: /metrics at 10/s and /api/processes at 100/s.
     let stop = Arc::new(AtomicBool::new(false));
-    let scrapes = Arc::new(AtomicU64::new(0));
-    let scraper = {
-        let (stop, scrapes, addr) = (stop.clone(), scrapes.clone(), agent.addr);
-        std::thread::spawn(move || {
+    let poller = |path: &'static str, every: Duration| {
+        let (stop, addr) = (stop.clone(), agent.addr);
+        let count = Arc::new(AtomicU64::new(0));
+        let polled = count.clone();
+        let thread = std::thread::spawn(move || {
             while !stop.load(Ordering::Relaxed) {
-                let (code, _, body) = http_get(addr, "/metrics", None).expect("scraping");
-                assert_eq!(code, 200, "{body}");
-                scrapes.fetch_add(1, Ordering::Relaxed);
-                std::thread::sleep(Duration::from_millis(100));
+                let asked = Instant::now();
+                let (code, _, body) = http_get(addr, path, None).expect("polling");
+                assert_eq!(code, 200, "{path}: {body}");
+                polled.fetch_add(1, Ordering::Relaxed);
+                std::thread::sleep(every.saturating_sub(asked.elapsed()));
             }
-        })
+        });
+        (thread, count)
     };
+    let (scraper, scrapes) = poller("/metrics", Duration::from_millis(100));
+    let (lister, lists) = poller("/api/processes", Duration::from_millis(10));
     let started = Instant::now();
     let pids = churn(&program, &plan, PROCESSES);
     let churn = started.elapsed();
     stop.store(true, Ordering::Relaxed);
     scraper.join().expect("every scrape answered 200");
+    lister.join().expect("every process list answered 200");
+    let (scrapes, lists) = (
+        scrapes.load(Ordering::Relaxed) as f64,
+        lists.load(Ordering::Relaxed) as f64,
+    );
+    let secs = churn.as_secs_f64();
     eprintln!(
-        "{PROCESSES} processes in {churn:?}, {} scrapes meanwhile",
-        scrapes.load(Ordering::Relaxed)
+        "{PROCESSES} processes in {churn:?}; meanwhile {scrapes} scrapes ({:.1}/s) and {lists} process lists ({:.1}/s)",
+        scrapes / secs,
+        lists / secs
+    );
+    // Nothing lost in the kernel, so every process was seen to start and to end, once.
+    let lost = lost_events(&agent) - lost_before;
+    assert_eq!(
+        lost,
+        0.0,
+        "events lost under the poll storm:\n{}",
+        agent.metrics().0
+    );
+    let log = agent.log();
+    let mut detected = HashSet::new();
+    let twice: Vec<&str> = log[log_before..]
+        .lines()
+        .filter(|l| l.contains("process_detected"))
+        .filter_map(|l| l.split("pid=").nth(1)?.split_whitespace().next())
+        .filter(|pid| !detected.insert(*pid))
+        .collect();
+    assert!(
+        twice.is_empty(),
+        "{} processes detected twice, e.g. {:?}",
+        twice.len(),
+        &twice[..twice.len().min(5)]
+    );
+    let m = agent.metrics();
+    assert_eq!(
+        m.value(
+            "llmscope_reconcile_repairs_total",
+            &[("kind", "missed_exit")]
+        ),
+        Some(0.0),
+        "exits repaired by the safety net though nothing was lost"
     );
 
     // After the grace period: no table entry, no series, no kernel map entry of them.

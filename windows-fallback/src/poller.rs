@@ -156,6 +156,7 @@ impl Poller {
                 false
             }
         };
+        g.info_scans_truncated = self.rejected.scans_truncated();
         g.info_rejected = self
             .rejected
             .totals()

@@ -81,18 +81,24 @@ impl Retired {
         }
         expired
     }
-
-    fn contains(&self, tgid: u32, generation: u32) -> bool {
-        self.members.contains(&(tgid, generation))
-    }
 }
 
 /// Removes from the kernel maps the counters and allocations of retired images whose grace
 /// period is over, and of images whose end was never reported (found orphaned twice in a
-/// row). Runs on the events thread, right after a drain, so every end reported so far is known.
+/// row: an end drained but not yet retired when one sweep ran is retired by the next).
+/// Runs on the sampler thread once a second.
 pub(super) fn sweep(shared: &Shared, now: Instant) {
-    let mut retired = shared.cuda.retired();
-    let expired = retired.expire(now, shared.grace);
+    // What is retired, copied out: the events thread takes this lock on every exit, and
+    // must not wait for the pass over the maps below.
+    let (expired, retired, suspects) = {
+        let mut retired = shared.cuda.retired();
+        let expired = retired.expire(now, shared.grace);
+        (
+            expired,
+            retired.members.clone(),
+            std::mem::take(&mut retired.suspects),
+        )
+    };
     let mut maps = shared.cuda.maps();
     let current: HashMap<u32, u32> = maps.seen.iter().filter_map(Result::ok).collect();
     let mut orphans: HashSet<(u32, u32)> = HashSet::new();
@@ -101,11 +107,11 @@ pub(super) fn sweep(shared: &Shared, now: Instant) {
         if expired.contains(&id) {
             return true;
         }
-        if current.get(&tgid) == Some(&generation) || retired.contains(tgid, generation) {
+        if current.get(&tgid) == Some(&generation) || retired.contains(&id) {
             return false;
         }
         orphans.insert(id);
-        retired.suspects.contains(&id)
+        suspects.contains(&id)
     };
     let stats: Vec<CudaKey> = maps
         .stats
@@ -126,8 +132,7 @@ pub(super) fn sweep(shared: &Shared, now: Instant) {
         let _ = maps.allocs.remove(k);
     }
     drop(maps);
-    retired.suspects = orphans;
-    drop(retired);
+    shared.cuda.retired().suspects = orphans;
     if !expired.is_empty() {
         let mut launches = shared.cuda.launches();
         for (tgid, generation) in expired {
@@ -138,8 +143,17 @@ pub(super) fn sweep(shared: &Shared, now: Instant) {
 
 impl CudaSource for CudaState {
     fn read(&self, members: &[Member]) -> CudaReading {
-        let (stats, live) = {
+        // The ended image each exited member shows, under the events thread's lock only as
+        // long as these lookups take.
+        let ended: HashMap<u32, u32> = {
             let retired = self.retired();
+            members
+                .iter()
+                .filter(|m| !m.alive)
+                .filter_map(|m| Some((m.pid, retired.latest(m.pid)?)))
+                .collect()
+        };
+        let (stats, live) = {
             let maps = self.maps();
             let current: HashMap<u32, u32> = maps.seen.iter().filter_map(Result::ok).collect();
             // The one image whose counters each member shows.
@@ -149,7 +163,7 @@ impl CudaSource for CudaState {
                     let g = if m.alive {
                         current.get(&m.pid).copied()
                     } else {
-                        retired.latest(m.pid)
+                        ended.get(&m.pid).copied()
                     };
                     g.map(|g| (m.pid, g))
                 })
@@ -354,11 +368,14 @@ mod tests {
         // The pid's next image called no CUDA and ended too: the old counters are not its.
         r.retire(7, 0, t0 + Duration::from_secs(1));
         assert_eq!(r.latest(7), None);
-        assert!(r.contains(7, 41), "still kept for its grace period");
+        assert!(
+            r.members.contains(&(7, 41)),
+            "still kept for its grace period"
+        );
         assert!(r.expire(t0 + Duration::from_secs(5), grace).is_empty());
         let expired = r.expire(t0 + Duration::from_secs(10), grace);
         assert_eq!(expired, HashSet::from([(7, 41)]));
-        assert!(!r.contains(7, 41));
+        assert!(!r.members.contains(&(7, 41)));
         r.expire(t0 + Duration::from_secs(11), grace);
         assert!(r.entries.is_empty() && r.latest.is_empty() && r.members.is_empty());
     }

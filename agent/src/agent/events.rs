@@ -1,6 +1,7 @@
 //! The events thread: drains the ring buffer every [`DRAIN_INTERVAL`], turns exec records
 //! into facts and classifies them, classifies interpreters when they map a framework's
-//! library, and retires what ended (processes, CUDA counters).
+//! library, and retires what ended (processes, CUDA counter generations; the sampler
+//! removes retired counters from the kernel maps).
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -19,8 +20,6 @@ use crate::tracker::Observed;
 
 /// How often exited processes past their grace period are expired.
 const HOUSEKEEPING_INTERVAL: Duration = Duration::from_millis(100);
-/// How often retired CUDA counters are removed from the kernel maps (a pass over them).
-const CUDA_SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 
 pub(super) fn spawn(
     shared: Arc<Shared>,
@@ -48,7 +47,6 @@ fn run(
     let fault = std::env::var("LLMSCOPE_TEST_FAULT").unwrap_or_default();
     let started = Instant::now();
     let mut last_housekeeping = Instant::now();
-    let mut last_sweep = Instant::now();
     while !shared.stopping() {
         heartbeat.beat();
         if !fault.is_empty() && started.elapsed() > Duration::from_secs(1) {
@@ -123,10 +121,6 @@ fn run(
             if expired > 0 {
                 shared.table_changed();
             }
-        }
-        if last_sweep.elapsed() >= CUDA_SWEEP_INTERVAL {
-            last_sweep = Instant::now();
-            super::cuda::sweep(shared, Instant::now());
         }
         std::thread::sleep(DRAIN_INTERVAL);
     }

@@ -310,11 +310,17 @@ struct AgentSource {
     collectors: Vec<Box<dyn Collector>>,
     health: Arc<health::Health>,
     servers: Arc<Published<ServersView>>,
+    processes: Arc<Published<ProcessView>>,
 }
 
 impl MetricsSource for AgentSource {
     fn gather(&self) -> Snapshot {
         gather(&self.collectors)
+    }
+
+    /// The sampler's published view: no collector runs, no lock a producer needs is taken.
+    fn processes(&self) -> Vec<crate::metrics::ProcessSample> {
+        self.processes.get().samples.clone()
     }
 
     fn build_info(&self) -> BuildInfo {
@@ -420,7 +426,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         (dir, limits)
     });
     let events_thread = events::spawn(shared.clone(), events, mmap_records)?;
-    let reconcile_thread = reconcile::spawn(shared.clone(), config.rescan_interval)?;
+    let reconcile_thread = reconcile::spawn(shared.clone(), config.rescan_interval, lost.clone())?;
     let attach_thread = libraries::spawn(
         shared.clone(),
         attach_jobs,
@@ -490,6 +496,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         collectors,
         health: shared.health.clone(),
         servers: shared.servers.clone(),
+        processes: shared.processes.clone(),
     });
     let (stop_http, http_stopped) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(crate::http::serve(listener, source, web, async {

@@ -1,14 +1,19 @@
 //! The /proc scan: at start-up it finds the LLM processes that already run; then, every
 //! `--rescan-interval`, it repairs what lost kernel events missed — processes that exec'd
 //! unseen (`missed_exec`) and processes that exited unseen (`missed_exit`) — and probes every
-//! CUDA library a process maps that is not probed yet.
+//! CUDA library a process maps that is not probed yet — reading the maps only of processes it
+//! has not read before, unless the kernel lost library mappings or first CUDA calls since
+//! (what it would otherwise learn from them).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use agent_common::{LOST_CUDA_EVENT, LOST_LIBRARY_MAP};
+
 use super::observe::{log_detected, observe_with_env, How};
 use super::Shared;
+use crate::ebpf::LostCounters;
 use crate::identity::{worth_rechecking, Framework};
 use crate::state::Counters;
 use crate::tracker::Observed;
@@ -20,18 +25,26 @@ const STALL_LIMIT: Duration = Duration::from_secs(300);
 pub(super) fn spawn(
     shared: Arc<Shared>,
     interval: Duration,
+    lost: Arc<LostCounters>,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     let heartbeat = shared.health.register("reconcile", Some(STALL_LIMIT));
     std::thread::Builder::new()
         .name("llmscope-reconcile".into())
         .spawn(move || {
-            let found = scan(&shared, false);
+            let mut read = MapsRead::default();
+            let found = scan(&shared, false, &mut read);
             tracing::info!(found, "start-up scan done");
             let mut next = Instant::now() + interval;
             while !shared.stopping() {
                 heartbeat.beat();
                 if Instant::now() >= next {
-                    scan(&shared, true);
+                    let losses = library_losses(&shared, &lost);
+                    if losses != read.losses {
+                        // Something the kernel would have told was lost: read every maps.
+                        read.processes.clear();
+                        read.losses = losses;
+                    }
+                    scan(&shared, true, &mut read);
                     next = Instant::now() + interval;
                 }
                 std::thread::sleep(Duration::from_millis(50));
@@ -39,9 +52,26 @@ pub(super) fn spawn(
         })
 }
 
+/// The processes whose maps a scan read, (pid → start time), and the losses of library
+/// mappings and first CUDA calls as of then.
+#[derive(Default)]
+pub(super) struct MapsRead {
+    processes: HashMap<u32, u64>,
+    losses: u64,
+}
+
+/// Library mappings and first CUDA calls the kernel lost, since start.
+fn library_losses(shared: &Shared, lost: &LostCounters) -> u64 {
+    let kernel = lost.read().map_or(u64::MAX, |l| {
+        l[LOST_LIBRARY_MAP as usize] + l[LOST_CUDA_EVENT as usize]
+    });
+    kernel.saturating_add(Counters::get(&shared.counters.library_map_lost))
+}
+
 /// One pass over /proc; returns how many LLM processes it added. With `repair`, what it
-/// finds is counted as missed by the kernel events.
-pub(super) fn scan(shared: &Shared, repair: bool) -> usize {
+/// finds is counted as missed by the kernel events. Maps are read of the processes not in
+/// `read` (which it updates).
+pub(super) fn scan(shared: &Shared, repair: bool, read: &mut MapsRead) -> usize {
     let listed_at = Instant::now();
     let pids = match shared.proc.pids() {
         Ok(p) => p,
@@ -73,8 +103,16 @@ pub(super) fn scan(shared: &Shared, repair: bool) -> usize {
     // Untracked processes, and tracked ones whose start time changed (the pid was reused
     // while the exit and the exec were both lost). Parents first, so children inherit.
     let mut candidates = Vec::new();
+    let mut maps_read = HashMap::with_capacity(pids.len());
     for pid in pids {
-        super::libraries::discover_libraries(shared, pid);
+        let read_at = Instant::now();
+        let Ok((mut facts, sample)) = shared.proc.facts(pid) else {
+            continue;
+        };
+        if read.processes.get(&pid) != Some(&sample.start_ticks) {
+            super::libraries::discover_libraries(shared, pid);
+        }
+        maps_read.insert(pid, sample.start_ticks);
         // (start, classified) of the live entry: a classified process whose start did not
         // change is known; one tracked only as a GPU user may have loaded a framework since.
         let tracked = {
@@ -83,10 +121,6 @@ pub(super) fn scan(shared: &Shared, repair: bool) -> usize {
                 .get(pid)
                 .filter(|t| t.is_alive())
                 .map(|t| (t.start_ticks, t.identity.framework != Framework::Unknown))
-        };
-        let read_at = Instant::now();
-        let Ok((mut facts, sample)) = shared.proc.facts(pid) else {
-            continue;
         };
         match tracked {
             Some((Some(start), true)) if start == sample.start_ticks => continue,
@@ -103,6 +137,7 @@ pub(super) fn scan(shared: &Shared, repair: bool) -> usize {
         }
         candidates.push((sample.start_ticks, read_at, facts));
     }
+    read.processes = maps_read;
     candidates.sort_by_key(|(start, _, facts)| (*start, facts.pid));
 
     let mut added = 0;

@@ -58,6 +58,9 @@ pub(super) fn spawn(
                         sampler.scan_gpu_info(&shared, dir, limits);
                     }
                     log_lost(&shared, &lost, &mut lost_before);
+                    // Here, not on the events thread: a pass over the CUDA maps waits for
+                    // scrapes reading them, and the ring must never wait.
+                    super::cuda::sweep(&shared, Instant::now());
                 }
                 let started = Instant::now();
                 sampler.pass(&shared, started, full);
@@ -114,6 +117,8 @@ struct Sampler {
     /// Accepted reports of the last gpu-info scan (labelled at each pass).
     reports: Vec<crate::gpuinfo::GpuInfo>,
     gpu_info_error: Option<String>,
+    /// Start times of host pids, for finding the writers of reports from containers.
+    host_starts: HashMap<u32, u64>,
 }
 
 impl Sampler {
@@ -238,7 +243,8 @@ impl Sampler {
 
     /// Reads the reports; a process that reports GPU use is tracked (as a GPU user).
     fn scan_gpu_info(&mut self, shared: &Shared, dir: &std::path::Path, limits: &Limits) {
-        match scan(dir, limits, &Owners::new(&shared.proc), SystemTime::now()) {
+        let owners = Owners::new(&shared.proc, &mut self.host_starts);
+        match scan(dir, limits, &owners, SystemTime::now()) {
             Ok(found) => {
                 for r in self.rejections.count(&found) {
                     tracing::warn!(
@@ -278,6 +284,7 @@ impl Sampler {
                 .totals()
                 .map(|(kind, value)| KindCount { kind, value })
                 .collect(),
+            scans_truncated: self.rejections.scans_truncated(),
             error: self.gpu_info_error.clone(),
         });
     }
@@ -287,37 +294,77 @@ impl Sampler {
 /// the writers of reports from other PID namespaces.
 struct Owners<'a> {
     proc: &'a ProcRoot,
-    /// Live pids by start time, listed once per scan when a report asks.
-    by_start: std::cell::OnceCell<HashMap<u64, Vec<u32>>>,
+    /// Start time of every host pid, kept across scans, so that a scan reads `stat` of new
+    /// pids only. A pid reused between two scans keeps a stale entry: a lookup that finds
+    /// nothing reads every pid afresh, once per scan.
+    starts: std::cell::RefCell<&'a mut HashMap<u32, u64>>,
+    /// Live pids by start time, listed once per scan when a report asks (and again, fresh,
+    /// when a lookup misses).
+    by_start: std::cell::RefCell<Option<HashMap<u64, Vec<u32>>>>,
+    fresh: std::cell::Cell<bool>,
 }
 
 impl<'a> Owners<'a> {
-    fn new(proc: &'a ProcRoot) -> Self {
+    fn new(proc: &'a ProcRoot, starts: &'a mut HashMap<u32, u64>) -> Self {
         Owners {
             proc,
-            by_start: std::cell::OnceCell::new(),
+            starts: std::cell::RefCell::new(starts),
+            by_start: std::cell::RefCell::new(None),
+            fresh: std::cell::Cell::new(false),
         }
+    }
+
+    /// Live pids by start time; `fresh`: every start read again.
+    fn list(&self, fresh: bool) -> HashMap<u64, Vec<u32>> {
+        let pids = self.proc.pids().unwrap_or_default();
+        let mut starts = self.starts.borrow_mut();
+        if fresh {
+            starts.clear();
+        } else {
+            let listed: HashSet<u32> = pids.iter().copied().collect();
+            starts.retain(|p, _| listed.contains(p));
+        }
+        let mut by_start: HashMap<u64, Vec<u32>> = HashMap::new();
+        for p in pids {
+            let start = match starts.get(&p) {
+                Some(&s) => s,
+                None => match self.proc.start_ticks(p) {
+                    Ok(s) => *starts.entry(p).or_insert(s),
+                    Err(_) => continue,
+                },
+            };
+            by_start.entry(start).or_default().push(p);
+        }
+        by_start
+    }
+
+    fn lookup(&self, pid: u32, start_time_ticks: u64) -> Vec<u32> {
+        let by_start = self.by_start.borrow();
+        by_start
+            .as_ref()
+            .and_then(|b| b.get(&start_time_ticks))
+            .into_iter()
+            .flatten()
+            .copied()
+            .filter(|&host| {
+                self.proc.start_ticks(host).ok() == Some(start_time_ticks)
+                    && self.proc.ns_pid(host).ok() == Some(pid)
+            })
+            .collect()
     }
 }
 
 impl Processes for Owners<'_> {
     fn find(&self, pid: u32, start_time_ticks: u64) -> Vec<u32> {
-        let by_start = self.by_start.get_or_init(|| {
-            let mut by_start: HashMap<u64, Vec<u32>> = HashMap::new();
-            for p in self.proc.pids().unwrap_or_default() {
-                if let Ok(start) = self.proc.start_ticks(p) {
-                    by_start.entry(start).or_default().push(p);
-                }
-            }
-            by_start
-        });
-        by_start
-            .get(&start_time_ticks)
-            .into_iter()
-            .flatten()
-            .copied()
-            .filter(|&host| self.proc.ns_pid(host).ok() == Some(pid))
-            .collect()
+        if self.by_start.borrow().is_none() {
+            *self.by_start.borrow_mut() = Some(self.list(false));
+        }
+        let found = self.lookup(pid, start_time_ticks);
+        if !found.is_empty() || self.fresh.replace(true) {
+            return found;
+        }
+        *self.by_start.borrow_mut() = Some(self.list(true));
+        self.lookup(pid, start_time_ticks)
     }
 
     fn owner_and_start(&self, pid: u32) -> Option<(Option<u32>, f64)> {

@@ -30,6 +30,7 @@ impl Collector for GpuInfoCollector {
         }
         g.info_reports = Some(view.reports.len() as f64);
         g.info_rejected = view.rejected.clone();
+        g.info_scans_truncated = view.scans_truncated;
         match &view.error {
             None => Ok(()),
             Some(e) => Err(CollectError(e.clone())),

@@ -46,6 +46,9 @@ pub const FAILURE_REASONS: &[&str] = &[
 /// Most library files probed at once by default (`--cuda-max-libraries`); past it, a library
 /// no live process maps makes room, else the new one is refused (`too_many_libraries`).
 pub const DEFAULT_MAX_LIBRARIES: usize = 256;
+/// Most (mount namespace, path) keys remembered per library file; the first (its name in
+/// logs) stays.
+const MAX_KEYS: usize = 64;
 /// Most processes remembered per library; past it, liveness is confirmed from /proc maps
 /// before the library is detached (see [`Attacher::detach_idle`]).
 const MAX_USERS: usize = 4096;
@@ -189,6 +192,11 @@ impl Attacher {
         let opened = file;
         let file = (meta.dev(), meta.ino());
         if let Some(library) = self.libraries.iter_mut().find(|l| l.file == file) {
+            // One key per mount namespace mapping a shared file (every pod of a node's
+            // libcuda): the oldest go past MAX_KEYS, and are found again by (device, inode).
+            if library.keys.len() >= MAX_KEYS {
+                library.keys.remove(1);
+            }
             library.keys.push(key);
             add_user(library, pid);
             return Outcome::AlreadyProbed;

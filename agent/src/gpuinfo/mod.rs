@@ -32,6 +32,9 @@ pub use schema::{GpuInfo, SCHEMA_VERSION};
 pub struct Limits {
     pub max_bytes: u64,
     pub max_files: usize,
+    /// Directory entries looked at per scan, whatever they are: anyone may fill the
+    /// directory with a million files; past this the rest of it is not walked.
+    pub max_entries: usize,
     /// A report older than this (by its `timestamp`) is stale.
     pub ttl: Duration,
 }
@@ -41,6 +44,7 @@ impl Default for Limits {
         Limits {
             max_bytes: 64 * 1024,
             max_files: 256,
+            max_entries: 4096,
             ttl: Duration::from_secs(60),
         }
     }
@@ -93,6 +97,8 @@ pub struct Rejection {
 pub struct Scan {
     pub accepted: Vec<GpuInfo>,
     pub rejected: Vec<Rejection>,
+    /// The walk stopped at [`Limits::max_entries`]: the rest of the directory was not looked at.
+    pub truncated: bool,
 }
 
 impl Scan {
@@ -113,6 +119,7 @@ impl Scan {
 pub struct Rejections {
     last: HashMap<String, (FileVersion, &'static str)>,
     totals: BTreeMap<&'static str, u64>,
+    truncated: u64,
 }
 
 impl Default for Rejections {
@@ -120,6 +127,7 @@ impl Default for Rejections {
         Rejections {
             last: HashMap::new(),
             totals: REASONS.iter().map(|&r| (r, 0)).collect(),
+            truncated: 0,
         }
     }
 }
@@ -127,6 +135,7 @@ impl Default for Rejections {
 impl Rejections {
     /// Counts the refusals of `scan` not counted before; returns them.
     pub fn count<'s>(&mut self, scan: &'s Scan) -> Vec<&'s Rejection> {
+        self.truncated += u64::from(scan.truncated);
         let mut seen = HashMap::with_capacity(scan.rejected.len());
         let mut new = Vec::new();
         for r in &scan.rejected {
@@ -139,6 +148,11 @@ impl Rejections {
         }
         self.last = seen;
         new
+    }
+
+    /// Scans that stopped at [`Limits::max_entries`], since start.
+    pub fn scans_truncated(&self) -> u64 {
+        self.truncated
     }
 
     pub fn totals(&self) -> impl Iterator<Item = (&'static str, u64)> + '_ {
@@ -155,7 +169,11 @@ pub fn scan(
 ) -> Result<Scan, std::io::Error> {
     let mut out = Scan::default();
     let mut considered = 0;
-    for entry in std::fs::read_dir(dir)? {
+    for (walked, entry) in std::fs::read_dir(dir)?.enumerate() {
+        if walked == limits.max_entries {
+            out.truncated = true;
+            break;
+        }
         let Ok(entry) = entry else { continue };
         let name = entry.file_name();
         let Some(pid) = name.to_str().and_then(pid_from_name) else {

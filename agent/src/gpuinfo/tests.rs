@@ -185,6 +185,29 @@ fn files_per_scan_are_bounded() {
     assert_eq!(scan.rejected_by_reason().get("too_many_files"), Some(&2));
 }
 
+/// Anyone may fill the (world-writable) directory: 100,000 files cost a scan of at most
+/// `max_entries` directory entries, and each truncated scan is counted.
+#[test]
+fn a_directory_of_a_hundred_thousand_files_costs_a_bounded_scan() {
+    let dir = Dir::new("flood");
+    for pid in 1..=100_000u32 {
+        std::fs::File::create(dir.file(pid)).unwrap();
+    }
+    let procs = Fake(HashMap::new());
+    let limits = Limits::default();
+    let mut rejections = Rejections::default();
+    for _ in 0..2 {
+        let started = std::time::Instant::now();
+        let scan = scan(&dir.0, &limits, &procs, SystemTime::now()).unwrap();
+        eprintln!("scan of 100,000 files: {:?}", started.elapsed());
+        assert!(scan.truncated);
+        assert!(scan.accepted.is_empty());
+        assert!(scan.rejected.len() <= 2 * limits.max_files + limits.max_files);
+        rejections.count(&scan);
+    }
+    assert_eq!(rejections.scans_truncated(), 2);
+}
+
 #[test]
 fn the_original_monitors_files_without_version_are_read() {
     let info = schema::parse(br#"{"pid": 3, "gpu_memory_allocated_bytes": 1, "gpu_memory_reserved_bytes": 2, "gpu_utilization": 0, "gpu_index": 0, "timestamp": 1.5}"#).unwrap();

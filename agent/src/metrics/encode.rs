@@ -605,6 +605,13 @@ fn encode_gpu(e: &mut DescriptorEncoder, g: &GpuSnapshot) -> Result<(), std::fmt
             None,
             by_ref(&reasons(&g.info_rejected)),
         )?;
+        scalar(
+            e,
+            "llmscope_gpu_info_scans_truncated",
+            "Scans of --gpu-info-dir that stopped after 4096 directory entries (the rest of the directory was not looked at that second).",
+            Counter,
+            g.info_scans_truncated as f64,
+        )?;
     }
     if let Some(t) = g.last_success_seconds {
         scalar(e, "llmscope_nvml_last_success_timestamp_seconds", "Unix time of the last successful NVML sample. GPU values come from that sample: NVML is read off the scrape path, so a hung NVML call leaves them stale rather than hanging the scrape.", Gauge, t)?;

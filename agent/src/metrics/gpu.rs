@@ -57,6 +57,8 @@ pub struct GpuSnapshot {
     /// gpu-info reports accepted on the last scan (None without --gpu-info-dir).
     pub info_reports: Option<f64>,
     pub info_rejected: Vec<super::KindCount>,
+    /// Scans of --gpu-info-dir that stopped at the most entries looked at.
+    pub info_scans_truncated: u64,
     /// Unix time of the last successful NVML sample, when there was one.
     pub last_success_seconds: Option<f64>,
 }

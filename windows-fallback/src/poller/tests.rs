@@ -139,6 +139,7 @@ fn gpu_reports_and_nvidia_smi_join_the_identities() {
                 reason: "symlink",
             })
             .into(),
+        truncated: false,
     };
     let gpus = vec![SmiGpu {
         index: 0,
