@@ -30,3 +30,6 @@ pub mod cuda;
 pub mod ebpf;
 #[cfg(target_os = "linux")]
 pub mod nvml;
+
+#[cfg(all(target_os = "linux", feature = "ebpf", feature = "fuzzing"))]
+pub mod fuzzing;

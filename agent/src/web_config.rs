@@ -41,7 +41,7 @@ pub enum WebConfigError {
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct File {
+pub(crate) struct File {
     tls_server_config: Option<TlsFile>,
     #[serde(default)]
     basic_auth_users: BTreeMap<String, String>,
@@ -142,12 +142,7 @@ type Versions = Vec<(PathBuf, Option<(SystemTime, u64)>)>;
 
 fn load(path: &Path) -> Result<(Loaded, Versions), WebConfigError> {
     let text = std::fs::read_to_string(path).map_err(|e| WebConfigError::Read(path.into(), e))?;
-    let file: File = if text.trim().is_empty() {
-        File::default()
-    } else {
-        serde_yaml_ng::from_str(&text)
-            .map_err(|e| WebConfigError::Parse(path.into(), e.to_string()))?
-    };
+    let file = parse(&text, path)?;
     let invalid = |m: String| WebConfigError::Invalid(path.into(), m);
     // Relative paths are relative to the configuration file (as in exporter-toolkit).
     let base = path.parent().unwrap_or(Path::new("."));
@@ -171,22 +166,36 @@ fn load(path: &Path) -> Result<(Loaded, Versions), WebConfigError> {
     let auth = if file.basic_auth_users.is_empty() {
         None
     } else {
-        for (user, hash) in &file.basic_auth_users {
-            if user.contains(':') || user.is_empty() {
-                return Err(invalid(format!(
-                    "basic_auth_users: {user:?} is not a valid user name"
-                )));
-            }
-            // The format alone (a verify would cost a bcrypt round per user).
-            hash.parse::<bcrypt::HashParts>().map_err(|e| {
-                invalid(format!(
-                    "basic_auth_users: the hash of {user:?} is not a bcrypt hash: {e}"
-                ))
-            })?;
-        }
         Some(Arc::new(BasicAuth::new(file.basic_auth_users)))
     };
     Ok((Loaded { tls, auth }, versions))
+}
+
+/// The file's text as a configuration, its users checked (names, hash formats); `path` only
+/// names it in errors. No file is read here.
+pub(crate) fn parse(text: &str, path: &Path) -> Result<File, WebConfigError> {
+    let file: File = if text.trim().is_empty() {
+        File::default()
+    } else {
+        serde_yaml_ng::from_str(text)
+            .map_err(|e| WebConfigError::Parse(path.into(), e.to_string()))?
+    };
+    for (user, hash) in &file.basic_auth_users {
+        if user.contains(':') || user.is_empty() {
+            return Err(WebConfigError::Invalid(
+                path.into(),
+                format!("basic_auth_users: {user:?} is not a valid user name"),
+            ));
+        }
+        // The format alone (a verify would cost a bcrypt round per user).
+        hash.parse::<bcrypt::HashParts>().map_err(|e| {
+            WebConfigError::Invalid(
+                path.into(),
+                format!("basic_auth_users: the hash of {user:?} is not a bcrypt hash: {e}"),
+            )
+        })?;
+    }
+    Ok(file)
 }
 
 /// The versions rustls implements, oldest first.

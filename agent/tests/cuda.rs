@@ -848,3 +848,74 @@ fn a_full_table_of_unused_libraries_makes_room_for_a_new_one_at_once() {
     // And one more, while the table is full of idle libraries.
     run_with_copy(MAX + MAX / 2);
 }
+
+/// A local user's attack on the parser: a process maps fresh copies of the real libcudart
+/// (executable, so the kernel reports them) and truncates each to nothing a moment later,
+/// while the agent reads the file's symbols. The agent lives, and counts what it could not
+/// read (with a mapping of the file, a truncation under the parse was a SIGBUS).
+#[test]
+fn a_library_truncated_while_the_agent_reads_it_is_refused_not_fatal() {
+    const TRIES: usize = 100;
+    let mut agent = Agent::start(&[
+        "--rescan-interval",
+        "1h",
+        "--cuda-max-libraries",
+        "4",
+        "--cuda-library-idle-timeout",
+        "1s",
+    ]);
+    let dir = TempDir::new("truncate");
+    let attacker = dir.0.join("attack.py");
+    std::fs::write(
+        &attacker,
+        r#"import mmap, os, random, shutil, sys, time
+original, base, tries = sys.argv[1], sys.argv[2], int(sys.argv[3])
+for i in range(tries):
+    d = os.path.join(base, str(i))
+    os.makedirs(d)
+    path = os.path.join(d, "libcudart.so.12")
+    shutil.copyfile(original, path)
+    fd = os.open(path, os.O_RDWR)
+    m = mmap.mmap(fd, 0, prot=mmap.PROT_READ | mmap.PROT_EXEC, flags=mmap.MAP_PRIVATE)
+    time.sleep(random.random() * 0.003 if i % 4 else 0)
+    os.ftruncate(fd, 0)
+    time.sleep(0.02)
+    m.close()
+    os.close(fd)
+print("done", flush=True)
+"#,
+    )
+    .unwrap();
+    let out = Command::new("python3")
+        .arg(&attacker)
+        .arg(real_libcudart())
+        .arg(&dir.0)
+        .arg(TRIES.to_string())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        agent.exit_status(Duration::from_secs(2)).is_none(),
+        "the agent died:\n{}",
+        agent.log()
+    );
+    let refused = wait_for(Duration::from_secs(20), || {
+        let m = agent.metrics();
+        let n = m.value(
+            "llmscope_uprobe_attach_failures_total",
+            &[("reason", "unreadable")],
+        )?;
+        (n >= 1.0).then_some(n)
+    });
+    assert!(
+        refused.is_some(),
+        "no truncated copy counted as unreadable:\n{}\n{}",
+        agent.metrics().0,
+        agent.log()
+    );
+    assert_eq!(agent.get("/healthz").unwrap().0, 200, "{}", agent.log());
+    eprintln!(
+        "{} of {TRIES} truncated copies refused as unreadable",
+        refused.unwrap()
+    );
+}

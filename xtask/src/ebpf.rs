@@ -37,6 +37,12 @@ pub fn build() -> Result<()> {
     Ok(())
 }
 
+/// `cargo` of the nightly toolchain (or the default one with RUSTC_BOOTSTRAP=1), with the
+/// host toolchain's variables removed: for cargo-fuzz.
+pub fn nightly_cargo() -> Result<Command> {
+    Ok(Toolchain::pick()?.cargo())
+}
+
 struct Toolchain {
     /// `nightly`, or the default toolchain with RUSTC_BOOTSTRAP=1.
     name: String,

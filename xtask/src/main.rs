@@ -2,6 +2,7 @@
 //! fresh machine needs, said out loud.
 
 mod ebpf;
+mod fuzz;
 mod gpu_check;
 mod image;
 mod llama;
@@ -49,6 +50,13 @@ enum Task {
     /// Build the agent's image from source (deploy/docker/Dockerfile) as llmscope:dev, with
     /// Debian's docker.io; base images are made locally when no registry can be reached.
     Image,
+    /// Fuzz every parser of untrusted input (cargo-fuzz, libFuzzer) for `--seconds` each,
+    /// or only TARGET; a crash fails it and leaves the input in target/fuzz/artifacts.
+    Fuzz {
+        target: Option<String>,
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+    },
     /// Run every test: unit tests and the privileged integration tests (needs root).
     Test {
         /// Extra arguments for `cargo test` (e.g. a test name filter).
@@ -66,6 +74,7 @@ fn main() -> Result<()> {
         Task::Demo => demo(),
         Task::Image => image::build(),
         Task::GpuCheck { bundle } => gpu_check::run(bundle),
+        Task::Fuzz { target, seconds } => fuzz::run_targets(target.as_deref(), seconds),
     }
 }
 
@@ -102,6 +111,9 @@ fn run(args: Vec<String>) -> Result<()> {
     }
     Ok(())
 }
+
+/// How long `cargo xtask test` runs each fuzz target.
+const FUZZ_SECONDS_IN_TEST: u64 = 10;
 
 fn test(args: Vec<String>) -> Result<()> {
     if !setup::is_root() {
@@ -163,7 +175,13 @@ fn test(args: Vec<String>) -> Result<()> {
             ("LLMSCOPE_LLAMA_MODEL", llama_model.as_os_str()),
             ("LLMSCOPE_TORCH_PYTHON", torch_python.as_os_str()),
         ],
-    )
+    )?;
+    // Every parser of untrusted input, briefly, on the corpus in the repository (a longer
+    // run: `cargo xtask fuzz --seconds N`). Skipped when a test name filter was given.
+    if args.is_empty() {
+        fuzz::run_targets(None, FUZZ_SECONDS_IN_TEST)?;
+    }
+    Ok(())
 }
 
 /// Builds llmscope-fallback.exe for Windows (mingw), installing the Rust target when missing.

@@ -52,7 +52,10 @@ impl SymbolCache {
 
 /// Reads only what it needs (headers, symbol and string tables: a few hundred KiB of a
 /// libcuda of tens of MiB), through positioned reads that a truncation can only cut short.
-fn resolve(file: &std::fs::File, api: u8) -> std::io::Result<Vec<(u8, u64)>> {
+pub(crate) fn resolve<R: std::io::Read + std::io::Seek>(
+    file: R,
+    api: u8,
+) -> std::io::Result<Vec<(u8, u64)>> {
     let cache = ReadCache::new(file);
     let obj = object::File::parse(&cache).map_err(invalid)?;
     let wanted: HashMap<&str, u8> = FUNCTIONS

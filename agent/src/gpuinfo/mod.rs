@@ -17,7 +17,7 @@
 //! Every refused version of a file is counted once, by reason ([`Rejections`]); nothing is
 //! trusted halfway.
 
-mod schema;
+pub(crate) mod schema;
 #[cfg(test)]
 mod tests;
 

@@ -37,7 +37,7 @@ fn default_version() -> u32 {
 }
 
 /// Parses and validates; the error is the rejection reason.
-pub(super) fn parse(text: &[u8]) -> Result<GpuInfo, &'static str> {
+pub(crate) fn parse(text: &[u8]) -> Result<GpuInfo, &'static str> {
     // serde_json refuses nesting deeper than 128 levels and NaN/Infinity literals itself.
     let info: GpuInfo = serde_json::from_slice(text).map_err(|_| "malformed")?;
     if info.version != SCHEMA_VERSION {

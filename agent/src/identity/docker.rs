@@ -79,7 +79,7 @@ impl Docker {
     }
 }
 
-fn parse_inspect(raw: &[u8]) -> Result<Option<DockerContainer>, String> {
+pub(crate) fn parse_inspect(raw: &[u8]) -> Result<Option<DockerContainer>, String> {
     let split = raw
         .windows(4)
         .position(|w| w == b"\r\n\r\n")

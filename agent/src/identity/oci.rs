@@ -64,7 +64,7 @@ fn read_names(path: &Path) -> Option<KubernetesNames> {
 }
 
 /// containerd CRI: `io.kubernetes.cri.*`; CRI-O (and cri-dockerd's labels): `io.kubernetes.*`.
-fn parse_annotations(config: &[u8]) -> Option<KubernetesNames> {
+pub(crate) fn parse_annotations(config: &[u8]) -> Option<KubernetesNames> {
     let config: serde_json::Value = serde_json::from_slice(config).ok()?;
     let a = config.get("annotations")?;
     let get = |keys: &[&str]| {

@@ -4,7 +4,7 @@
 //! Every read is bounded (a 1 MiB command line costs at most [`CMDLINE_LIMIT`] bytes) and a
 //! process that exits mid-read is an ordinary `Gone` error, never a panic.
 
-mod parse;
+pub(crate) mod parse;
 
 pub use parse::{parse_cmdline, parse_environ_selected, parse_ns_pid, shared_objects};
 

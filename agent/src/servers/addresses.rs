@@ -41,7 +41,7 @@ pub fn local_addresses(proc: &Path, pid: u32) -> Vec<IpAddr> {
 /// a directly connected (`link UNICAST`) prefix first: an interface's own address before
 /// addresses that only exist to be answered locally (IPVS puts every Service's cluster IP on
 /// a dummy device as a local address).
-fn parse_fib_trie(text: &str) -> Vec<Ipv4Addr> {
+pub(crate) fn parse_fib_trie(text: &str) -> Vec<Ipv4Addr> {
     let mut local = BTreeSet::new();
     let mut links: Vec<(u32, u32)> = Vec::new();
     let mut last: Option<Ipv4Addr> = None;
@@ -76,7 +76,7 @@ fn parse_fib_trie(text: &str) -> Vec<Ipv4Addr> {
 }
 
 /// Global-scope addresses (scope `00`): not loopback, not link-local.
-fn parse_if_inet6(text: &str) -> Vec<Ipv6Addr> {
+pub(crate) fn parse_if_inet6(text: &str) -> Vec<Ipv6Addr> {
     text.lines()
         .filter_map(|line| {
             let fields: Vec<&str> = line.split_whitespace().collect();

@@ -4,10 +4,10 @@
 //! and what the framework serves there — Prometheus metrics (published for `GET /api/sd`) or,
 //! for Ollama, the models it has loaded (`GET /api/ps`).
 
-mod addresses;
-mod ollama;
-mod probe;
-mod sockets;
+pub(crate) mod addresses;
+pub(crate) mod ollama;
+pub(crate) mod probe;
+pub(crate) mod sockets;
 
 pub use addresses::local_addresses;
 pub use ollama::LoadedModel;

@@ -132,7 +132,7 @@ pub fn probe(addr: SocketAddr, api: Api) -> Outcome {
 }
 
 /// What `raw` (the answer so far; `complete` when the server closed) says.
-fn classify(raw: &[u8], api: Api, complete: bool) -> Outcome {
+pub(crate) fn classify(raw: &[u8], api: Api, complete: bool) -> Outcome {
     let Some(end) = raw.windows(4).position(|w| w == b"\r\n\r\n") else {
         return if complete {
             Outcome::Other
