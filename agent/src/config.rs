@@ -114,7 +114,7 @@ pub struct Config {
     /// Most CUDA library files probed at once. When the table is full, a library no live
     /// process maps is unprobed to make room (whatever its idle time); only a table of
     /// libraries all in use refuses a new one (counted as too_many_libraries).
-    #[arg(long, env = "LLMSCOPE_CUDA_MAX_LIBRARIES", default_value_t = crate::cuda::attach::DEFAULT_MAX_LIBRARIES as u32, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    #[arg(long, env = "LLMSCOPE_CUDA_MAX_LIBRARIES", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=4096))]
     pub cuda_max_libraries: u32,
 
     /// libnvidia-ml to load (default: the system's libnvidia-ml.so.1).

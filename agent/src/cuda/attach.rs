@@ -43,9 +43,6 @@ pub const FAILURE_REASONS: &[&str] = &[
     "launch_attach_error",
 ];
 
-/// Most library files probed at once by default (`--cuda-max-libraries`); past it, a library
-/// no live process maps makes room, else the new one is refused (`too_many_libraries`).
-pub const DEFAULT_MAX_LIBRARIES: usize = 256;
 /// Most (mount namespace, path) keys remembered per library file; the first (its name in
 /// logs) stays.
 const MAX_KEYS: usize = 64;
