@@ -230,12 +230,17 @@ impl Tracker {
         };
         // Only an exec replaces an image; what else reports a process (a scan, a library it
         // mapped, its first CUDA call) may be handled after its exit: the same process (same
-        // start) is not brought back.
+        // start) is not brought back, nor one whose start cannot be read (it is gone).
         if replace != Replace::Always || fallback.is_some() {
-            if let Some(gone) = self.procs.get(&facts.pid).filter(|t| !t.is_alive()) {
-                if gone.start_ticks.is_some() && gone.start_ticks == start() {
-                    return Observed::Unchanged;
-                }
+            let Some(start) = start() else {
+                return Observed::Ignored;
+            };
+            if self
+                .procs
+                .get(&facts.pid)
+                .is_some_and(|t| !t.is_alive() && t.start_ticks == Some(start))
+            {
+                return Observed::Unchanged;
             }
         }
         let parent = self

@@ -101,6 +101,74 @@ fn containerized_processes_carry_their_container() {
     drop(worker);
 }
 
+/// Exact launch counting (`--cuda-overhead-budget 100`) in a container whose image carries
+/// its own libcudart copy: launches made 2 s after the library was opened are all counted,
+/// as allocations and synchronisations are — the launch probes reach a container's library
+/// with the others.
+#[test]
+fn a_containers_launches_are_counted_from_its_first_call_in_exact_mode() {
+    let cuda = cuda_workload("llama-server");
+    let cudart = real_libcudart();
+    let image = image(
+        "llm-launch",
+        &[
+            (&cuda, "/cuda/llama-server"),
+            (&cudart, "/cuda/lib/libcudart.so.12"),
+        ],
+    );
+    let agent = Agent::start(&["--cuda-overhead-budget", "100", "--rescan-interval", "1h"]);
+    let name = format!("llmscope-test-launch-{}", std::process::id());
+    let mut cmd = std::process::Command::new("docker");
+    cmd.args(["run", "-i", "--rm", "--network", "none", "--name", &name]);
+    for env in [
+        "CUDA_LIB=/cuda/lib/libcudart.so.12",
+        "ALLOCS=7",
+        "LAUNCHES=7",
+        "SYNCS=7",
+    ] {
+        cmd.args(["-e", env]);
+    }
+    cmd.args([&image, "/cuda/llama-server", "-m", "/models/launch.gguf"]);
+    let mut workload = CudaWorkload::spawn(cmd);
+    let pid: u32 = {
+        let out = std::process::Command::new("docker")
+            .args(["inspect", "-f", "{{.State.Pid}}", &name])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+    };
+    std::thread::sleep(Duration::from_secs(2));
+    let done = workload.run();
+    assert!(done.contains("launches=7"), "{done}");
+    let pid_s = pid.to_string();
+    let counted = wait_for(Duration::from_secs(10), || {
+        let m = agent.metrics();
+        let launches = m.value(
+            "llm_process_cuda_kernel_launches_total",
+            &[("pid", pid_s.as_str())],
+        )?;
+        let syncs = m.value(
+            "llm_process_cuda_calls_total",
+            &[
+                ("pid", pid_s.as_str()),
+                ("function", "cudaDeviceSynchronize"),
+            ],
+        )?;
+        (syncs == 7.0).then_some(launches)
+    });
+    assert_eq!(
+        counted,
+        Some(7.0),
+        "launches of the container's first calls:\n{}\n{}",
+        agent.metrics().0,
+        agent.log()
+    );
+    drop(workload);
+    let _ = std::process::Command::new("docker")
+        .args(["rm", "-f", &name])
+        .output();
+}
+
 /// A containerized process's series carry their final label set from the first scrape
 /// (the process is held back until Docker names its container): never `container_id` alone,
 /// then the names — a label set that changes mid-life breaks `rate()` and doubles series.

@@ -60,6 +60,19 @@ fn run(
                 _ => {}
             }
         }
+        // Library mappings from the perf records are taken before the ring is read, and
+        // handled after it: every exec that preceded a mapping is in the ring by then, so a
+        // process is never tracked from its mapping before its exec is seen (and detected
+        // twice). An exit read here may precede a mapping made before it: the table does not
+        // bring an exited process back (`Tracker::observe_gpu_user`).
+        let mut mappings = Vec::new();
+        if let Some(records) = &mut mmap_records {
+            records.drain(classify_name, |map| mappings.push(map));
+            shared
+                .counters
+                .library_map_lost
+                .store(records.lost(), Ordering::Relaxed);
+        }
         while let Some(item) = ring.next() {
             let event = decode(&item);
             drop(item);
@@ -105,15 +118,9 @@ fn run(
                 KernelEvent::Malformed => Counters::add(&shared.counters.malformed, 1),
             }
         }
-        if let Some(records) = &mut mmap_records {
-            records.drain(classify_name, |map| {
-                Counters::add(&shared.counters.library_map, 1);
-                super::libraries::on_library_map(shared, map);
-            });
-            shared
-                .counters
-                .library_map_lost
-                .store(records.lost(), Ordering::Relaxed);
+        for map in mappings {
+            Counters::add(&shared.counters.library_map, 1);
+            super::libraries::on_library_map(shared, map);
         }
         if last_housekeeping.elapsed() >= HOUSEKEEPING_INTERVAL {
             last_housekeeping = Instant::now();

@@ -114,7 +114,7 @@ fn classify_interpreter(shared: &Shared, map: &LibraryMap) {
         return;
     }
     let read_at = Instant::now();
-    let Ok((mut facts, _)) = shared.proc.facts(map.pid) else {
+    let Ok((mut facts, sample)) = shared.proc.facts(map.pid) else {
         return;
     };
     if !worth_rechecking(&facts) {
@@ -122,7 +122,11 @@ fn classify_interpreter(shared: &Shared, map: &LibraryMap) {
     }
     facts.libraries = shared.proc.libraries(map.pid).unwrap_or_default();
     facts.libraries.push(map.short_path());
-    if let Observed::Added(id) = observe_with_env(shared, &mut facts, How::Refresh(read_at)) {
+    let how = How::Refresh {
+        read_at,
+        start_ticks: sample.start_ticks,
+    };
+    if let Observed::Added(id) = observe_with_env(shared, &mut facts, how) {
         if tracked.is_some() {
             log_reclassified(shared, map.pid, &id, "framework library mapped");
         } else {

@@ -75,10 +75,14 @@ pub(super) fn log_exited(shared: &Shared, t: &crate::tracker::Tracked, how: &str
 pub(super) enum How {
     /// An exec or fork: the process image is new; what was known about the pid is replaced.
     New,
-    /// A scan or re-examination of a process that did not exec, with facts read at this
-    /// time: it adds or re-identifies, never removes, and never overwrites a newer event's
-    /// facts (see [`crate::tracker::Tracker::refresh`]).
-    Refresh(std::time::Instant),
+    /// A scan or re-examination of a process that did not exec, with facts read at
+    /// `read_at` from the process that started at `start_ticks` (read with them: the pid may
+    /// be gone or reused by the time they are used): it adds or re-identifies, never removes,
+    /// and never overwrites a newer event's facts (see [`crate::tracker::Tracker::refresh`]).
+    Refresh {
+        read_at: std::time::Instant,
+        start_ticks: u64,
+    },
 }
 
 impl How {
@@ -90,7 +94,10 @@ impl How {
     ) -> Observed {
         match self {
             How::New => tracker.observe(facts, start),
-            How::Refresh(read_at) => tracker.refresh(facts, start, read_at),
+            How::Refresh {
+                read_at,
+                start_ticks,
+            } => tracker.refresh(facts, || Some(start_ticks), read_at),
         }
     }
 }

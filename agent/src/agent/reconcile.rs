@@ -141,8 +141,12 @@ pub(super) fn scan(shared: &Shared, repair: bool, read: &mut MapsRead) -> usize 
     candidates.sort_by_key(|(start, _, facts)| (*start, facts.pid));
 
     let mut added = 0;
-    for (_, read_at, mut facts) in candidates {
-        if let Observed::Added(id) = observe_with_env(shared, &mut facts, How::Refresh(read_at)) {
+    for (start_ticks, read_at, mut facts) in candidates {
+        let how = How::Refresh {
+            read_at,
+            start_ticks,
+        };
+        if let Observed::Added(id) = observe_with_env(shared, &mut facts, how) {
             log_detected(
                 shared,
                 facts.pid,
