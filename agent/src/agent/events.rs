@@ -63,9 +63,10 @@ fn run(
         // Library mappings from the perf records are taken before the ring is read, and
         // handled after it: every exec that preceded a mapping is in the ring by then, so a
         // process is never tracked from its mapping before its exec is seen (and detected
-        // twice). An exit read here may precede a mapping made before it: the table does not
-        // bring an exited process back (`Tracker::observe_gpu_user`).
+        // twice). A process whose exit is read here made its mappings before it: they are
+        // dropped (the kernel reports every process's exit, tracked or not).
         let mut mappings = Vec::new();
+        let mut exited = std::collections::HashSet::new();
         if let Some(records) = &mut mmap_records {
             records.drain(classify_name, |map| mappings.push(map));
             shared
@@ -88,6 +89,9 @@ fn run(
                 } => {
                     Counters::add(&shared.counters.exit, 1);
                     shared.exited(pid);
+                    if !mappings.is_empty() {
+                        exited.insert(pid);
+                    }
                     shared
                         .cuda
                         .retired()
@@ -120,7 +124,9 @@ fn run(
         }
         for map in mappings {
             Counters::add(&shared.counters.library_map, 1);
-            super::libraries::on_library_map(shared, map);
+            if !exited.contains(&map.pid) {
+                super::libraries::on_library_map(shared, map);
+            }
         }
         if last_housekeeping.elapsed() >= HOUSEKEEPING_INTERVAL {
             last_housekeeping = Instant::now();

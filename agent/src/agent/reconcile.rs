@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use agent_common::{LOST_CUDA_EVENT, LOST_LIBRARY_MAP};
 
-use super::observe::{log_detected, observe_with_env, How};
+use super::observe::{log_detected, log_reclassified, observe_with_env, How};
 use super::Shared;
 use crate::ebpf::LostCounters;
 use crate::identity::{worth_rechecking, Framework};
@@ -135,18 +135,25 @@ pub(super) fn scan(shared: &Shared, repair: bool, read: &mut MapsRead) -> usize 
         if worth_rechecking(&facts) {
             facts.libraries = shared.proc.libraries(pid).unwrap_or_default();
         }
-        candidates.push((sample.start_ticks, read_at, facts));
+        // A GPU user tracked as this very process is reclassified, not missed.
+        let gpu_user = matches!(tracked, Some((Some(start), false)) if start == sample.start_ticks);
+        candidates.push((sample.start_ticks, read_at, facts, gpu_user));
     }
     read.processes = maps_read;
-    candidates.sort_by_key(|(start, _, facts)| (*start, facts.pid));
+    candidates.sort_by_key(|(start, _, facts, _)| (*start, facts.pid));
 
     let mut added = 0;
-    for (start_ticks, read_at, mut facts) in candidates {
+    for (start_ticks, read_at, mut facts, gpu_user) in candidates {
         let how = How::Refresh {
             read_at,
             start_ticks,
         };
-        if let Observed::Added(id) = observe_with_env(shared, &mut facts, how) {
+        let Observed::Added(id) = observe_with_env(shared, &mut facts, how) else {
+            continue;
+        };
+        if gpu_user {
+            log_reclassified(shared, facts.pid, &id, "scan");
+        } else {
             log_detected(
                 shared,
                 facts.pid,
