@@ -54,7 +54,7 @@ pub fn proc_status_stat(data: &[u8]) {
     let text = String::from_utf8_lossy(data);
     let _ = crate::proc::parse::parse_ns_pid(&text);
     let _ = crate::proc::parse::boot_time(&text);
-    let _ = <procfs::process::Stat as procfs::FromRead>::from_read(data);
+    let _ = crate::proc::parse::stat(data);
 }
 
 /// `/proc/<pid>/cgroup`: the container id, if any, is 64 lowercase hex digits.

@@ -142,29 +142,35 @@ fn ten_thousand_short_cuda_processes_leave_nothing_behind() {
     let log_before = agent.log().len();
     // A poll storm all along: /metrics at 10/s and /api/processes at 100/s.
     let stop = Arc::new(AtomicBool::new(false));
-    let poller = |path: &'static str, every: Duration| {
-        let (stop, addr) = (stop.clone(), agent.addr);
+    // `clients` pollers of `path`, each asking every `every` (a scrape of the churn's table
+    // takes longer than 100 ms here: two scrapers keep 10/s).
+    let poller = |path: &'static str, every: Duration, clients: usize| {
         let count = Arc::new(AtomicU64::new(0));
-        let polled = count.clone();
-        let thread = std::thread::spawn(move || {
-            while !stop.load(Ordering::Relaxed) {
-                let asked = Instant::now();
-                let (code, _, body) = http_get(addr, path, None).expect("polling");
-                assert_eq!(code, 200, "{path}: {body}");
-                polled.fetch_add(1, Ordering::Relaxed);
-                std::thread::sleep(every.saturating_sub(asked.elapsed()));
-            }
-        });
-        (thread, count)
+        let threads: Vec<_> = (0..clients)
+            .map(|_| {
+                let (stop, addr, polled) = (stop.clone(), agent.addr, count.clone());
+                std::thread::spawn(move || {
+                    while !stop.load(Ordering::Relaxed) {
+                        let asked = Instant::now();
+                        let (code, _, body) = http_get(addr, path, None).expect("polling");
+                        assert_eq!(code, 200, "{path}: {body}");
+                        polled.fetch_add(1, Ordering::Relaxed);
+                        std::thread::sleep(every.saturating_sub(asked.elapsed()));
+                    }
+                })
+            })
+            .collect();
+        (threads, count)
     };
-    let (scraper, scrapes) = poller("/metrics", Duration::from_millis(100));
-    let (lister, lists) = poller("/api/processes", Duration::from_millis(10));
+    let (scrapers, scrapes) = poller("/metrics", Duration::from_millis(200), 2);
+    let (listers, lists) = poller("/api/processes", Duration::from_millis(10), 1);
     let started = Instant::now();
     let pids = churn(&program, &plan, PROCESSES);
     let churn = started.elapsed();
     stop.store(true, Ordering::Relaxed);
-    scraper.join().expect("every scrape answered 200");
-    lister.join().expect("every process list answered 200");
+    for t in scrapers.into_iter().chain(listers) {
+        t.join().expect("every poll answered 200");
+    }
     let (scrapes, lists) = (
         scrapes.load(Ordering::Relaxed) as f64,
         lists.load(Ordering::Relaxed) as f64,

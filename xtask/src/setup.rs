@@ -166,6 +166,24 @@ pub fn torch_python() -> Result<PathBuf> {
     if venv.exists() {
         std::fs::remove_dir_all(&venv)?;
     }
+    // Debian's python3 makes virtual environments only with python3-venv (ensurepip).
+    let can_make_venv = Command::new("python3")
+        .args(["-c", "import ensurepip, venv"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !can_make_venv {
+        println!("xtask: installing the Debian package python3-venv (python3 -m venv needs it)");
+        run(Command::new("apt-get").arg("update").arg("-q"))?;
+        run(Command::new("apt-get")
+            .args([
+                "install",
+                "-y",
+                "-q",
+                "--no-install-recommends",
+                "python3-venv",
+            ])
+            .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    }
     run(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
     run(Command::new(&python).args(["-m", "pip", "install", "--quiet", "--no-cache-dir", TORCH]))?;
     std::fs::write(&complete, TORCH)?;

@@ -22,6 +22,8 @@ pub const ENVIRON_LIMIT: usize = 64 * 1024;
 pub const MAPS_LIMIT: usize = 1024 * 1024;
 /// Most bytes of `/proc/<pid>/cgroup` read (a line per hierarchy).
 pub const CGROUP_LIMIT: usize = 16 * 1024;
+/// `/proc/<pid>/stat` is one line of 52 numbers and a 15-byte comm: well under this.
+pub const STAT_LIMIT: usize = 4096;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProcError {
@@ -94,10 +96,14 @@ impl ProcRoot {
     }
 
     pub fn sample(&self, pid: u32) -> Result<ProcSample, ProcError> {
-        let stat = self
-            .process(pid)?
-            .stat()
-            .map_err(|e| self.proc_error(pid, "stat", e))?;
+        let (raw, longer) = self.read_bounded(pid, "stat", STAT_LIMIT)?;
+        let stat = (!longer)
+            .then(|| parse::stat(&raw))
+            .flatten()
+            .ok_or_else(|| ProcError::Parse {
+                path: self.pid_path(pid, "stat"),
+                reason: "not a stat line".into(),
+            })?;
         Ok(ProcSample {
             ppid: stat.ppid.max(0) as u32,
             start_ticks: stat.starttime,
@@ -180,24 +186,6 @@ impl ProcRoot {
 
     pub fn start_ticks(&self, pid: u32) -> Result<u64, ProcError> {
         Ok(self.sample(pid)?.start_ticks)
-    }
-
-    fn process(&self, pid: u32) -> Result<procfs::process::Process, ProcError> {
-        procfs::process::Process::new_with_root(self.root.join(pid.to_string()))
-            .map_err(|e| self.proc_error(pid, "", e))
-    }
-
-    fn proc_error(&self, pid: u32, file: &str, e: procfs::ProcError) -> ProcError {
-        match e {
-            procfs::ProcError::NotFound(_) => ProcError::Gone(pid),
-            procfs::ProcError::Io(source, _) if source.kind() == io::ErrorKind::NotFound => {
-                ProcError::Gone(pid)
-            }
-            other => ProcError::Parse {
-                path: self.pid_path(pid, file),
-                reason: other.to_string(),
-            },
-        }
     }
 
     /// Reads at most `limit` bytes; the flag says whether the file was longer.

@@ -56,6 +56,23 @@ pub fn shared_objects(maps: &[u8]) -> Vec<String> {
     out
 }
 
+/// `/proc/<pid>/stat`, parsed by procfs once it has the kernel's shape: `<pid> (<comm>) <state>
+/// …`. procfs slices the line where it expects a space after the last `)` and panics when a
+/// multi-byte character is there instead (found by the `proc_status_stat` fuzz target); the
+/// kernel always writes a space, so anything else is not a stat line.
+pub fn stat(raw: &[u8]) -> Option<procfs::process::Stat> {
+    let digits = raw.iter().take_while(|b| b.is_ascii_digit()).count();
+    let close = raw.iter().rposition(|&b| b == b')')?;
+    let shaped = digits > 0
+        && raw.get(digits..digits + 2) == Some(b" (")
+        && close > digits + 1
+        && raw.get(close + 1) == Some(&b' ');
+    if !shaped {
+        return None;
+    }
+    <procfs::process::Stat as procfs::FromRead>::from_read(raw).ok()
+}
+
 /// `btime` from /proc/stat.
 pub fn boot_time(stat: &str) -> Option<u64> {
     stat.lines()

@@ -120,3 +120,22 @@ fn innermost_pid_from_nspid() {
     assert_eq!(parse_ns_pid("Name:\tx\n"), None);
     assert_eq!(parse_ns_pid("NSpid:\t\n"), None);
 }
+
+/// What the `proc_status_stat` fuzz target found: procfs panics on a line with a multi-byte
+/// character right after the last `)` (the kernel never writes one: refused before procfs).
+#[test]
+fn stat_lines_not_of_the_kernels_shape_are_refused_not_a_panic() {
+    let crash = b"29117 (cat)\xe0\xad\xdf\xd19100 29100 2377 0 -1 4194331795001104 0 0 0 0 0 0 0 0 0 17 0 0 0 0 0 0 6 140731795004136 14073142976 94097632522240 140731795004116 140731795004175 140731795004136 140731795005419 0\n";
+    assert!(parse::stat(crash).is_none());
+    for bad in [&b""[..], b"(x) S 1", b"12 x) S 1", b"12 (x)S 1", b")( 12"] {
+        assert!(parse::stat(bad).is_none(), "{bad:?}");
+    }
+    // A comm with `)`, spaces and invalid UTF-8, as prctl(PR_SET_NAME) allows.
+    let own = std::fs::read("/proc/self/stat").unwrap();
+    let rest = &own[own.iter().rposition(|&b| b == b')').unwrap() + 1..];
+    let mut hostile = b"4242 (a) b\xff) ".to_vec();
+    hostile.extend_from_slice(&rest[1..]);
+    let stat = parse::stat(&hostile).expect("a kernel-shaped line");
+    assert_eq!(stat.pid, 4242);
+    assert_eq!(parse::stat(&own).unwrap().pid, std::process::id() as i32);
+}
