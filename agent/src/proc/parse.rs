@@ -57,16 +57,18 @@ pub fn shared_objects(maps: &[u8]) -> Vec<String> {
 }
 
 /// `/proc/<pid>/stat`, parsed by procfs once it has the kernel's shape: `<pid> (<comm>) <state>
-/// …`. procfs slices the line where it expects a space after the last `)` and panics when a
-/// multi-byte character is there instead (found by the `proc_status_stat` fuzz target); the
-/// kernel always writes a space, so anything else is not a stat line.
+/// …`. procfs trims the line and slices it two bytes past the last `)`, and panics when that
+/// is not a character boundary or past the end — a multi-byte character or trailing
+/// whitespace there (both found by the `proc_status_stat` fuzz target). The kernel always
+/// writes a space and a state letter there, so anything else is not a stat line.
 pub fn stat(raw: &[u8]) -> Option<procfs::process::Stat> {
     let digits = raw.iter().take_while(|b| b.is_ascii_digit()).count();
     let close = raw.iter().rposition(|&b| b == b')')?;
     let shaped = digits > 0
         && raw.get(digits..digits + 2) == Some(b" (")
         && close > digits + 1
-        && raw.get(close + 1) == Some(&b' ');
+        && raw.get(close + 1) == Some(&b' ')
+        && raw.get(close + 2).is_some_and(u8::is_ascii_graphic);
     if !shaped {
         return None;
     }

@@ -127,7 +127,17 @@ fn innermost_pid_from_nspid() {
 fn stat_lines_not_of_the_kernels_shape_are_refused_not_a_panic() {
     let crash = b"29117 (cat)\xe0\xad\xdf\xd19100 29100 2377 0 -1 4194331795001104 0 0 0 0 0 0 0 0 0 17 0 0 0 0 0 0 6 140731795004136 14073142976 94097632522240 140731795004116 140731795004175 140731795004136 140731795005419 0\n";
     assert!(parse::stat(crash).is_none());
-    for bad in [&b""[..], b"(x) S 1", b"12 x) S 1", b"12 (x)S 1", b")( 12"] {
+    // The second: nothing but whitespace after the last `) ` (procfs trims it away first).
+    let trailing = b"1234 (evil) R (x) \t\x001 1234 1234 0 \xd3\xce\xdf\xd439450 0 0 0 5 37\xff\xff\xff\xff\xff\xff\xffC\xffpuz_allo\x01\x00\x00@\x00\x00\x00\x00674vil) R (x) \t";
+    assert!(parse::stat(trailing).is_none());
+    for bad in [
+        &b""[..],
+        b"(x) S 1",
+        b"12 x) S 1",
+        b"12 (x)S 1",
+        b")( 12",
+        b"12 (x) ",
+    ] {
         assert!(parse::stat(bad).is_none(), "{bad:?}");
     }
     // A comm with `)`, spaces and invalid UTF-8, as prctl(PR_SET_NAME) allows.
