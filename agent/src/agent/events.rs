@@ -65,6 +65,7 @@ fn run(
         // process is never tracked from its mapping before its exec is seen (and detected
         // twice). A process whose exit is read here made its mappings before it: they are
         // dropped (the kernel reports every process's exit, tracked or not).
+        let drain_started = Instant::now();
         let mut mappings = Vec::new();
         let mut exited = std::collections::HashSet::new();
         if let Some(records) = &mut mmap_records {
@@ -128,6 +129,7 @@ fn run(
                 super::libraries::on_library_map(shared, map);
             }
         }
+        shared.set_drained(drain_started);
         if last_housekeeping.elapsed() >= HOUSEKEEPING_INTERVAL {
             last_housekeeping = Instant::now();
             let expired = shared.tracker().expire(Instant::now(), shared.grace);

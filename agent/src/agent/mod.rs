@@ -79,6 +79,9 @@ struct Shared {
     containers: containers::Containers,
     /// Set when the table changed; wakes the sampler.
     changed: (Mutex<bool>, Condvar),
+    /// When the events thread's last complete drain began: every exit that happened before
+    /// it has been handled.
+    drained: Mutex<Instant>,
 }
 
 /// The CUDA probes' attachments, maps, retired generations and launch estimates. Lock order:
@@ -181,7 +184,32 @@ impl Shared {
             servers: Arc::default(),
             containers,
             changed: (Mutex::new(false), Condvar::new()),
+            drained: Mutex::new(Instant::now()),
         }
+    }
+
+    /// The events thread finished a drain that began at `started`.
+    fn set_drained(&self, started: Instant) {
+        *self.drained.lock().unwrap_or_else(|e| e.into_inner()) = started;
+    }
+
+    /// Whether a drain that began after `t` has been handled: a process found gone at `t`
+    /// and still alive in the table then missed its exit event (a busy events thread only
+    /// delays it).
+    fn drained_after(&self, t: Instant) -> bool {
+        *self.drained.lock().unwrap_or_else(|e| e.into_inner()) > t
+    }
+
+    /// Waits up to `limit` for [`Shared::drained_after`]`(t)`; whether it came.
+    fn wait_drained_after(&self, t: Instant, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        while !self.drained_after(t) {
+            if Instant::now() >= deadline || self.stopping() {
+                return false;
+            }
+            std::thread::sleep(DRAIN_INTERVAL);
+        }
+        true
     }
 
     /// The table; a panic in another thread while holding it does not make it unusable.

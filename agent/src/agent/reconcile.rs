@@ -91,10 +91,16 @@ pub(super) fn scan(shared: &Shared, repair: bool, read: &mut MapsRead) -> usize 
         .filter(|t| t.is_alive() && t.observed_at <= listed_at && !present.contains(&t.pid))
         .map(|t| (t.pid, t.start_ticks))
         .collect();
-    for (pid, start) in vanished {
-        if shared.proc.path().join(pid.to_string()).exists() {
-            continue;
-        }
+    let checked = Instant::now();
+    let gone: Vec<(u32, Option<u64>)> = vanished
+        .into_iter()
+        .filter(|(pid, _)| !shared.proc.path().join(pid.to_string()).exists())
+        .collect();
+    // Their exit events may still be in the ring: only what a drain begun since has not
+    // ended is a missed exit (a busy events thread is not a lost event). If none comes soon,
+    // the sampler or the next scan settles them.
+    let drained = gone.is_empty() || shared.wait_drained_after(checked, Duration::from_secs(1));
+    for (pid, start) in gone.into_iter().filter(|_| drained) {
         if shared.exited_as_of(pid, start, listed_at) && repair {
             Counters::add(&shared.counters.missed_exit, 1);
         }

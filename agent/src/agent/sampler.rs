@@ -26,8 +26,9 @@ const SAMPLE_INTERVAL: Duration = Duration::from_secs(1);
 /// of execs costs one pass, not one each). Such a pass reads only the processes it has no
 /// reading of; every process is read again on the next full pass.
 const COALESCE: Duration = Duration::from_millis(5);
-/// A process found gone (or its pid reused) this long ago that is still alive in the table
-/// missed its exit event; younger, its exit event may still be in the ring buffer.
+/// A process found gone (or its pid reused) this long ago that is still alive in the table,
+/// once the events thread has drained the ring since, missed its exit event; younger, or
+/// before that drain, its exit event may still be in the ring buffer.
 const EXIT_EVENT_SLACK: Duration = Duration::from_millis(200);
 /// Longest a new containerised process is held back from export while its container's names
 /// are looked up (a lookup is bounded by 2 s; Docker and CRI bundles answer in milliseconds).
@@ -164,7 +165,9 @@ impl Sampler {
                     // Gone, or the pid now belongs to another process.
                     Ok(_) | Err(ProcError::Gone(_)) => {
                         let since = self.gone.get(&t.pid).copied().unwrap_or(now);
-                        if now.duration_since(since) >= EXIT_EVENT_SLACK {
+                        if now.duration_since(since) >= EXIT_EVENT_SLACK
+                            && shared.drained_after(since)
+                        {
                             if shared.exited_as_of(t.pid, t.start_ticks, since) {
                                 Counters::add(&shared.counters.missed_exit, 1);
                             }
