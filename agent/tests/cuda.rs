@@ -478,6 +478,16 @@ impl TempDir {
         std::fs::create_dir_all(&dir).unwrap();
         TempDir(dir)
     }
+
+    /// The `i`-th copy of `original` (a new file, as in every container image), named
+    /// `libcudart.so.12` in a directory of its own.
+    fn library_copy(&self, original: &std::path::Path, i: usize) -> std::path::PathBuf {
+        let d = self.0.join(i.to_string());
+        std::fs::create_dir_all(&d).unwrap();
+        let path = d.join("libcudart.so.12");
+        std::fs::copy(original, &path).unwrap();
+        path
+    }
 }
 
 impl Drop for TempDir {
@@ -679,13 +689,7 @@ fn library_copies_are_detached_when_unused_so_churn_never_blinds() {
     let dir = TempDir::new("churn");
     let original = tiny_cuda_library();
     let program = cuda_workload("llama-server");
-    let copy = |i: usize| {
-        let d = dir.0.join(i.to_string());
-        std::fs::create_dir_all(&d).unwrap();
-        let path = d.join("libcudart.so.12");
-        std::fs::copy(&original, &path).unwrap();
-        path
-    };
+    let copy = |i: usize| dir.library_copy(&original, i);
     let counted = |pids: &[u32]| {
         wait_for(Duration::from_secs(20), || {
             let m = agent.metrics();
@@ -789,10 +793,7 @@ fn a_full_table_of_unused_libraries_makes_room_for_a_new_one_at_once() {
     let original = tiny_cuda_library();
     let program = cuda_workload("llama-server");
     let run_with_copy = |i: usize| {
-        let d = dir.0.join(i.to_string());
-        std::fs::create_dir_all(&d).unwrap();
-        let lib = d.join("libcudart.so.12");
-        std::fs::copy(&original, &lib).unwrap();
+        let lib = dir.library_copy(&original, i);
         let mut w = CudaWorkload::start(
             &program,
             &["-m", "/models/full.gguf"],

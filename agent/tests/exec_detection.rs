@@ -40,6 +40,27 @@ fn expect_line(out: &mut impl std::io::BufRead, expected: &str) {
     assert_eq!(line.trim(), expected);
 }
 
+/// Starts `python script args…` with stdin and stdout piped; its stdout, to read lines from.
+fn start_script(
+    python: &OsStr,
+    script: &std::path::Path,
+    args: &[&OsStr],
+) -> (
+    std::process::Child,
+    std::io::BufReader<std::process::ChildStdout>,
+) {
+    let mut child = Command::new(python)
+        .arg(script)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let out = std::io::BufReader::new(child.stdout.take().unwrap());
+    (child, out)
+}
+
 fn assert_identity(labels: &Labels, framework: &str, model: &str, role: &str) {
     let got = |k: &str| labels.get(k).map(String::as_str).unwrap_or("");
     assert_eq!(
@@ -477,16 +498,16 @@ fn a_script_is_classified_when_it_maps_a_framework_library() {
          ctypes.CDLL(sys.argv[1])\nprint('imported', flush=True)\nsys.stdin.read()\n",
     )
     .unwrap();
-    let mut child = Command::new("python3")
-        .arg(&script)
-        .arg(&lib)
-        .args(["--model", "Qwen/Qwen2.5-0.5B-Instruct"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let (mut child, mut out) = start_script(
+        OsStr::new("python3"),
+        &script,
+        &[
+            lib.as_os_str(),
+            OsStr::new("--model"),
+            OsStr::new("Qwen/Qwen2.5-0.5B-Instruct"),
+        ],
+    );
     let pid = child.id();
-    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
     expect_line(&mut out, "started");
     std::thread::sleep(Duration::from_millis(300));
     assert!(
@@ -524,17 +545,18 @@ fn a_gpu_user_is_reclassified_when_it_maps_a_framework_library() {
          sys.stdin.read()\n",
     )
     .unwrap();
-    let mut child = Command::new("python3")
-        .arg(&script)
-        .arg(real_libcudart())
-        .arg(&torch)
-        .args(["--model", "Qwen/Qwen2.5-0.5B-Instruct"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let cudart = real_libcudart();
+    let (mut child, mut out) = start_script(
+        OsStr::new("python3"),
+        &script,
+        &[
+            cudart.as_os_str(),
+            torch.as_os_str(),
+            OsStr::new("--model"),
+            OsStr::new("Qwen/Qwen2.5-0.5B-Instruct"),
+        ],
+    );
     let pid = child.id();
-    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
     expect_line(&mut out, "cuda");
     let labels = wait_series(&agent, pid);
     assert_identity(&labels, "unknown", "unknown", "script");
@@ -591,16 +613,12 @@ fn a_real_import_torch_is_pytorch() {
         "import sys, torch\nprint('imported', flush=True)\nsys.stdin.read()\n",
     )
     .unwrap();
-    let mut child = Command::new(&python)
-        .arg(&script)
-        .args(["--model", "meta-llama/Llama-3.2-1B"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let (mut child, mut out) = start_script(
+        &python,
+        &script,
+        &[OsStr::new("--model"), OsStr::new("meta-llama/Llama-3.2-1B")],
+    );
     let pid = child.id();
-    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
     expect_line(&mut out, "imported");
     let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
     assert!(
