@@ -6,3 +6,6 @@ pub mod kernel;
 pub mod nvml;
 pub mod process;
 pub mod servers;
+
+#[cfg(test)]
+mod tests;
