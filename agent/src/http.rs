@@ -23,18 +23,15 @@ use axum::{Json, Router};
 use tokio::net::TcpListener;
 
 use crate::metrics::exposition::{render, Format};
-use crate::metrics::{BuildInfo, Snapshot};
+use crate::metrics::{BuildInfo, Families, ProcessSample};
 use crate::web_config::{BasicAuth, Loaded, WebConfig};
 
 /// What the HTTP surface serves. `gather` may block (it reads /proc or polls); it runs on a
 /// blocking thread, never on the async runtime.
 pub trait MetricsSource: Send + Sync + 'static {
-    fn gather(&self) -> Snapshot;
-    /// The processes `/api/processes` lists; by default what a whole gather finds. A source
-    /// that publishes them should answer without running every collector.
-    fn processes(&self) -> Vec<crate::metrics::ProcessSample> {
-        self.gather().processes
-    }
+    fn gather(&self) -> Families;
+    /// The processes `/api/processes` lists, as published: no collector runs.
+    fn processes(&self) -> Vec<ProcessSample>;
     fn build_info(&self) -> BuildInfo;
     /// `Err(reason)` when the agent cannot do its job (e.g. its event reader stopped).
     fn health(&self) -> Result<(), String>;
@@ -215,7 +212,7 @@ where
     }
 }
 
-async fn gather(source: &Source) -> Result<Snapshot, Response> {
+async fn gather(source: &Source) -> Result<Families, Response> {
     let source = source.clone();
     tokio::task::spawn_blocking(move || source.gather())
         .await
@@ -230,11 +227,11 @@ async fn gather(source: &Source) -> Result<Snapshot, Response> {
 
 async fn metrics(State(source): State<Source>, headers: HeaderMap) -> Response {
     let format = Format::negotiate(headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()));
-    let snapshot = match gather(&source).await {
-        Ok(s) => s,
+    let families = match gather(&source).await {
+        Ok(f) => f,
         Err(r) => return r,
     };
-    let body = render(snapshot, source.build_info(), format);
+    let body = render(families, format);
     ([(header::CONTENT_TYPE, format.content_type())], body).into_response()
 }
 

@@ -6,6 +6,7 @@
 //! are shared with windows-fallback; the eBPF sensor, the /proc reader and the agent runtime
 //! are Linux-only.
 
+pub mod collectors;
 pub mod config;
 pub mod gpuinfo;
 pub mod http;
@@ -22,8 +23,6 @@ pub mod proc;
 
 #[cfg(all(target_os = "linux", feature = "ebpf"))]
 pub mod agent;
-#[cfg(all(target_os = "linux", feature = "ebpf"))]
-pub mod collectors;
 #[cfg(all(target_os = "linux", feature = "ebpf"))]
 pub mod cuda;
 #[cfg(all(target_os = "linux", feature = "ebpf"))]

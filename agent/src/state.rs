@@ -5,6 +5,9 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use serde::Serialize;
 
 use crate::gpuinfo::GpuInfo;
 use crate::metrics::{KindCount, ProcessLabels, ProcessSample};
@@ -104,4 +107,58 @@ pub struct ServersView {
     pub endpoints: Vec<Endpoint>,
     /// Probes since start, by outcome (every outcome, from 0).
     pub probes: Vec<KindCount>,
+}
+
+/// What the NVML sampler (`crate::nvml`) publishes.
+#[derive(Debug, Default, Clone)]
+pub struct NvmlState {
+    pub sample: Option<GpuSample>,
+    pub last_success: Option<SystemTime>,
+    /// The current problem, when there is one.
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct DeviceSample {
+    pub index: u32,
+    pub uuid: String,
+    pub name: String,
+    pub utilization_percent: Option<f64>,
+    pub memory_utilization_percent: Option<f64>,
+    pub memory_total_bytes: Option<f64>,
+    pub memory_used_bytes: Option<f64>,
+    pub memory_free_bytes: Option<f64>,
+    pub temperature_celsius: Option<f64>,
+    pub power_watts: Option<f64>,
+    pub power_limit_watts: Option<f64>,
+    pub sm_clock_hertz: Option<f64>,
+    pub memory_clock_hertz: Option<f64>,
+    pub fan_speed_percent: Option<f64>,
+    pub energy_joules: Option<f64>,
+    pub pcie_tx_bytes_per_second: Option<f64>,
+    pub pcie_rx_bytes_per_second: Option<f64>,
+    pub ecc_corrected_errors: Option<f64>,
+    pub ecc_uncorrected_errors: Option<f64>,
+    /// Active clock throttle reasons by name; empty when unsupported.
+    pub throttle_reasons: Vec<(String, bool)>,
+}
+
+/// One process on one GPU.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct ProcessGpu {
+    pub pid: u32,
+    pub gpu: u32,
+    pub memory_bytes: Option<f64>,
+    pub sm_utilization_percent: Option<f64>,
+    pub memory_utilization_percent: Option<f64>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct GpuSample {
+    pub driver_version: Option<String>,
+    pub cuda_version: Option<String>,
+    pub devices: Vec<DeviceSample>,
+    pub processes: Vec<ProcessGpu>,
+    /// A device answered GpuLost (or NVML lost its initialisation): re-initialise.
+    pub needs_reinit: bool,
 }

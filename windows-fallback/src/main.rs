@@ -3,6 +3,7 @@
 //! reads gpu-info reports with the agent's hardened reader, and asks nvidia-smi when there is
 //! one; `/metrics` serves the last poll with the agent's names and labels.
 
+mod collector;
 mod poller;
 mod smi;
 mod source;
@@ -15,13 +16,17 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use clap::Parser;
+use llmscope::collectors::gpuinfo::GpuInfoCollector;
+use llmscope::collectors::process::ProcessCollector;
 use llmscope::config::parse_duration;
 use llmscope::gpuinfo::{scan, Limits, Processes};
 use llmscope::http::MetricsSource;
-use llmscope::metrics::{BuildInfo, Snapshot};
+use llmscope::metrics::{gather, BuildInfo, Collector, Families, ProcessSample};
+use llmscope::state::{GpuInfoView, ProcessView, Published};
 use llmscope::web_config::WebConfig;
 
-use crate::poller::{Inputs, Poller};
+use crate::collector::SmiCollector;
+use crate::poller::{Inputs, Poll, Poller, SmiView};
 use crate::source::{ProcInfo, ProcessSource, SysinfoSource};
 
 #[derive(Debug, Clone, Parser)]
@@ -82,18 +87,58 @@ struct Config {
     log_format: llmscope::logging::LogFormat,
 }
 
+/// What the last poll published, and the collectors that read it.
 struct Source {
-    last: Mutex<(Snapshot, Instant)>,
+    processes: Arc<Published<ProcessView>>,
+    gpu_info: Arc<Published<GpuInfoView>>,
+    smi: Arc<Published<SmiView>>,
+    collectors: Vec<Box<dyn Collector>>,
+    last_poll: Mutex<Instant>,
     interval: Duration,
 }
 
+impl Source {
+    fn new(config: &Config) -> Source {
+        let processes = Arc::new(Published::default());
+        let gpu_info = Arc::new(Published::default());
+        let smi = Arc::new(Published::default());
+        let mut collectors: Vec<Box<dyn Collector>> =
+            vec![Box::new(ProcessCollector::new(Arc::clone(&processes)))];
+        if config.gpu_info_dir.is_some() {
+            collectors.push(Box::new(GpuInfoCollector::new(Arc::clone(&gpu_info), None)));
+        }
+        if !config.no_nvidia_smi {
+            collectors.push(Box::new(SmiCollector::new(Arc::clone(&smi))));
+        }
+        Source {
+            processes,
+            gpu_info,
+            smi,
+            collectors,
+            last_poll: Mutex::new(Instant::now()),
+            interval: config.interval,
+        }
+    }
+
+    fn publish(&self, polled: Poll) {
+        self.processes.set(polled.processes);
+        if let Some(view) = polled.gpu_info {
+            self.gpu_info.set(view);
+        }
+        if let Some(view) = polled.smi {
+            self.smi.set(view);
+        }
+        *self.last_poll.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
+    }
+}
+
 impl MetricsSource for Source {
-    fn gather(&self) -> Snapshot {
-        self.last
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .0
-            .clone()
+    fn gather(&self) -> Families {
+        gather(&self.collectors, &self.build_info())
+    }
+
+    fn processes(&self) -> Vec<ProcessSample> {
+        self.processes.get().samples.clone()
     }
 
     fn build_info(&self) -> BuildInfo {
@@ -102,10 +147,9 @@ impl MetricsSource for Source {
 
     fn health(&self) -> Result<(), String> {
         let age = self
-            .last
+            .last_poll
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .1
             .elapsed();
         if age <= self.interval * 3 + Duration::from_secs(5) {
             Ok(())
@@ -169,13 +213,12 @@ fn poll_forever(
         let smi = smi
             .as_ref()
             .map(|latest| latest.lock().unwrap_or_else(|e| e.into_inner()).clone());
-        let snapshot = poller.poll(Inputs {
+        source.publish(poller.poll(Inputs {
             processes: listed,
             gpu_info,
             smi,
             now: Instant::now(),
-        });
-        *source.last.lock().unwrap_or_else(|e| e.into_inner()) = (snapshot, Instant::now());
+        }));
         let deadline = Instant::now() + config.interval;
         while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(50));
@@ -241,10 +284,7 @@ fn main() -> ExitCode {
         eprintln!("error: --nvidia-smi-timeout must be at least 100ms");
         return ExitCode::from(2);
     }
-    let source = Arc::new(Source {
-        last: Mutex::new((Snapshot::default(), Instant::now())),
-        interval: config.interval,
-    });
+    let source = Arc::new(Source::new(&config));
     let stop = Arc::new(AtomicBool::new(false));
     let processes = match SysinfoSource::new() {
         Ok(p) => p,

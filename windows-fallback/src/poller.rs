@@ -1,18 +1,36 @@
-//! One poll: the process list, gpu-info reports and nvidia-smi output in, a [`Snapshot`]
-//! out — classified with the agent's own code, tracked with its table (pid + start time, grace
-//! period), encoded by its metric model. Pure over its inputs, so tests drive it with fakes.
+//! One poll: the process list, gpu-info reports and nvidia-smi output in, the views the
+//! collectors read out ([`Poll`]) — classified with the agent's own code, tracked with its
+//! table (pid + start time, grace period). Pure over its inputs, so tests drive it with fakes.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
+use llmscope::collectors::nvml::GpuIndex;
 use llmscope::gpuinfo::{Rejections, Scan};
 use llmscope::identity::ProcessFacts;
-use llmscope::metrics::gpu::{GpuIndex, GpuLabels, GpuSnapshot};
-use llmscope::metrics::{CollectorStatus, KindCount, ProcessLabels, ProcessSample, Snapshot};
+use llmscope::metrics::{KindCount, ProcessLabels, ProcessSample};
+use llmscope::state::{DeviceSample, GpuInfoView, Member, ProcessView};
 use llmscope::tracker::Tracker;
 
 use crate::smi::{SmiApp, SmiGpu, SmiResult};
 use crate::source::ProcInfo;
+
+/// What nvidia-smi said on its last run, joined to the tracked processes.
+#[derive(Debug, Default)]
+pub struct SmiView {
+    pub devices: Vec<DeviceSample>,
+    /// GPU memory each tracked process holds, by GPU.
+    pub processes: Vec<(ProcessLabels, GpuIndex, f64)>,
+    pub error: Option<String>,
+}
+
+/// The views one poll publishes. `None` for a source that is not configured.
+#[derive(Debug, Default)]
+pub struct Poll {
+    pub processes: ProcessView,
+    pub gpu_info: Option<GpuInfoView>,
+    pub smi: Option<SmiView>,
+}
 
 /// What one poll saw. `None` for a source that is not configured.
 pub struct Inputs {
@@ -41,8 +59,7 @@ impl Poller {
         }
     }
 
-    pub fn poll(&mut self, inputs: Inputs) -> Snapshot {
-        let started = Instant::now();
+    pub fn poll(&mut self, inputs: Inputs) -> Poll {
         let now = inputs.now;
         let mut processes = inputs.processes;
         // Parents before children, so children can inherit.
@@ -66,10 +83,16 @@ impl Poller {
         }
         self.tracker.expire(now, self.grace);
 
-        let mut snapshot = Snapshot::default();
+        let mut view = ProcessView::default();
         let mut last = HashMap::new();
         let mut labels: HashMap<u32, ProcessLabels> = HashMap::new();
         for t in self.tracker.all() {
+            let l = ProcessLabels::new(t.pid, &t.name, &t.identity);
+            view.members.push(Member {
+                pid: t.pid,
+                labels: l.clone(),
+                alive: t.is_alive(),
+            });
             let previous = self
                 .last
                 .remove(&t.pid)
@@ -88,8 +111,7 @@ impl Poller {
             let Some((info, at)) = current.or(previous) else {
                 continue;
             };
-            let l = ProcessLabels::new(t.pid, &t.name, &t.identity);
-            snapshot.processes.push(ProcessSample {
+            view.samples.push(ProcessSample {
                 labels: l.clone(),
                 alive: t.is_alive(),
                 cpu_seconds: info.cpu_seconds,
@@ -102,67 +124,43 @@ impl Poller {
             last.insert(t.pid, (info, at));
         }
         self.last = last;
-        snapshot.agent.tracked_processes = self.tracker.len() as u64;
-        snapshot.agent.tracked_dropped = self.tracker.dropped();
-        snapshot.agent.model_names_capped = self.tracker.model_names_capped();
-        snapshot.collectors.push(CollectorStatus {
-            collector: "process",
-            success: true,
-            duration_seconds: started.elapsed().as_secs_f64(),
-        });
-
-        if let Some(gpu_info) = inputs.gpu_info {
-            let ok = self.add_gpu_info(&mut snapshot.gpu, gpu_info, &labels);
-            snapshot.collectors.push(CollectorStatus {
-                collector: "gpu_info",
-                success: ok,
-                duration_seconds: 0.0,
-            });
+        view.members.sort_by_key(|m| m.pid);
+        view.dropped = self.tracker.dropped();
+        view.model_names_capped = self.tracker.model_names_capped();
+        Poll {
+            gpu_info: inputs.gpu_info.map(|scan| self.gpu_info(scan, &labels)),
+            smi: inputs.smi.map(|smi| smi_view(smi, &labels)),
+            processes: view,
         }
-        if let Some(smi) = inputs.smi {
-            let ok = smi.is_ok();
-            if let Ok((gpus, apps)) = smi {
-                add_smi(&mut snapshot.gpu, &gpus, &apps, &labels);
-            }
-            snapshot.collectors.push(CollectorStatus {
-                collector: "nvidia_smi",
-                success: ok,
-                duration_seconds: 0.0,
-            });
-        }
-        snapshot
     }
 
-    fn add_gpu_info(
+    fn gpu_info(
         &mut self,
-        g: &mut GpuSnapshot,
         scan: Result<Scan, String>,
         labels: &HashMap<u32, ProcessLabels>,
-    ) -> bool {
-        let ok = match scan {
+    ) -> GpuInfoView {
+        let mut view = GpuInfoView::default();
+        match scan {
             Ok(scan) => {
                 self.rejected.count(&scan);
-                for info in &scan.accepted {
-                    if let Some(l) = labels.get(&info.pid) {
-                        g.add_report(l.clone(), info);
-                    }
-                }
-                g.info_reports = Some(scan.accepted.len() as f64);
-                true
+                view.reports = scan
+                    .accepted
+                    .into_iter()
+                    .filter_map(|info| Some((labels.get(&info.pid)?.clone(), info)))
+                    .collect();
             }
             Err(e) => {
                 tracing::debug!(error = %e, "reading gpu-info reports failed");
-                g.info_reports = Some(0.0);
-                false
+                view.error = Some(e);
             }
-        };
-        g.info_scans_truncated = self.rejected.scans_truncated();
-        g.info_rejected = self
+        }
+        view.scans_truncated = self.rejected.scans_truncated();
+        view.rejected = self
             .rejected
             .totals()
             .map(|(kind, value)| KindCount { kind, value })
             .collect();
-        ok
+        view
     }
 }
 
@@ -190,49 +188,43 @@ fn gpu_report_pids(gpu_info: &Option<Result<Scan, String>>, smi: &Option<SmiResu
     from_files.chain(from_smi).collect()
 }
 
-fn add_smi(
-    g: &mut GpuSnapshot,
-    gpus: &[SmiGpu],
-    apps: &[SmiApp],
-    labels: &HashMap<u32, ProcessLabels>,
-) {
-    let gl = |d: &SmiGpu| GpuLabels {
-        gpu: d.index.to_string(),
+fn device(d: &SmiGpu) -> DeviceSample {
+    DeviceSample {
+        index: d.index,
         uuid: d.uuid.clone(),
         name: d.name.clone(),
+        utilization_percent: d.utilization_percent,
+        memory_used_bytes: d.memory_used_bytes,
+        memory_total_bytes: d.memory_total_bytes,
+        temperature_celsius: d.temperature_celsius,
+        power_watts: d.power_watts,
+        ..Default::default()
+    }
+}
+
+fn smi_view(smi: SmiResult, labels: &HashMap<u32, ProcessLabels>) -> SmiView {
+    let (gpus, apps): (Vec<SmiGpu>, Vec<SmiApp>) = match smi {
+        Ok(answer) => answer,
+        Err(e) => {
+            return SmiView {
+                error: Some(e),
+                ..Default::default()
+            }
+        }
     };
-    let family = |name: &'static str, f: fn(&SmiGpu) -> Option<f64>| {
-        let series = gpus
-            .iter()
-            .filter_map(|d| f(d).map(|v| (gl(d), v)))
-            .collect();
-        (name, llmscope::metrics::gpu::device_help(name), series)
-    };
-    g.devices = vec![
-        family("nvidia_gpu_utilization", |d| d.utilization_percent),
-        family("nvidia_gpu_memory_used_bytes", |d| d.memory_used_bytes),
-        family("nvidia_gpu_memory_total_bytes", |d| d.memory_total_bytes),
-        family("nvidia_gpu_temperature", |d| d.temperature_celsius),
-        family("nvidia_gpu_power_usage", |d| d.power_watts),
-    ];
     let index_of: HashMap<&str, u32> = gpus.iter().map(|d| (d.uuid.as_str(), d.index)).collect();
-    for app in apps {
-        let (Some(l), Some(index), Some(bytes)) = (
-            labels.get(&app.pid),
-            index_of.get(app.gpu_uuid.as_str()),
-            app.memory_bytes,
-        ) else {
-            continue;
-        };
-        g.process_memory.push((
-            (
-                l.clone(),
-                GpuIndex {
-                    gpu: index.to_string(),
-                },
-            ),
-            bytes,
-        ));
+    let processes = apps
+        .iter()
+        .filter_map(|app| {
+            let l = labels.get(&app.pid)?;
+            let index = index_of.get(app.gpu_uuid.as_str())?;
+            Some((l.clone(), GpuIndex::new(*index), app.memory_bytes?))
+        })
+        .collect();
+    SmiView {
+        devices: gpus.iter().map(device).collect(),
+        processes,
+        error: None,
     }
 }
 

@@ -44,12 +44,12 @@ use crate::collectors::{
 use crate::config::Config;
 use crate::cuda::attach::{Attacher, AttacherStats};
 use crate::cuda::launches::LaunchEstimates;
+use crate::cuda::launches::LaunchMode;
 use crate::ebpf::{CudaMaps, MmapHook, Sensor, TrackedPids};
 use crate::http::MetricsSource;
-use crate::metrics::cuda::LaunchMode;
-use crate::metrics::{gather, BuildInfo, Collector, Snapshot};
-use crate::nvml::NvmlState;
+use crate::metrics::{gather, BuildInfo, Collector, Families};
 use crate::proc::ProcRoot;
+use crate::state::NvmlState;
 use crate::state::{Counters, GpuInfoView, ProcessView, Published, ServersView};
 use crate::tracker::{Observed, Tracker};
 
@@ -342,8 +342,8 @@ struct AgentSource {
 }
 
 impl MetricsSource for AgentSource {
-    fn gather(&self) -> Snapshot {
-        gather(&self.collectors)
+    fn gather(&self) -> Families {
+        gather(&self.collectors, &BuildInfo::new("ebpf"))
     }
 
     /// The sampler's published view: no collector runs, no lock a producer needs is taken.
@@ -513,7 +513,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         )));
     }
     if gpu_info.is_some() {
-        collectors.push(Box::new(GpuInfoCollector::new(shared.gpu_info.clone())));
+        let nvml = (!config.no_nvml).then(|| shared.nvml.clone());
+        collectors.push(Box::new(GpuInfoCollector::new(
+            shared.gpu_info.clone(),
+            nvml,
+        )));
     }
     // Test-only fault injection: a collector that panics on every scrape, to see that it
     // fails alone (the integration tests set LLMSCOPE_TEST_FAULT=collector_panic).
@@ -576,7 +580,7 @@ impl Collector for PanickingCollector {
         "fault"
     }
 
-    fn collect(&self, _: &mut Snapshot) -> Result<(), crate::metrics::CollectError> {
+    fn collect(&self, _: &mut Families) -> Result<(), crate::metrics::CollectError> {
         panic!("fault injected by LLMSCOPE_TEST_FAULT=collector_panic")
     }
 }

@@ -7,7 +7,8 @@ use std::time::{Duration, SystemTime};
 
 use super::observe::track_gpu_user;
 use super::Shared;
-use crate::nvml::{init, sample, GpuSample, NvmlState};
+use crate::nvml::{init, sample};
+use crate::state::{GpuSample, NvmlState};
 
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
 

@@ -13,11 +13,100 @@ use agent_common::cuda::{
     KIND_ALLOC, KIND_FREE, KIND_GRAPH, KIND_LAUNCH, KIND_MEMCPY, KIND_SYNC,
 };
 
+use prometheus_client::encoding::EncodeLabelSet;
+
 use crate::cuda::attach::AttacherStats;
+use crate::cuda::launches::LaunchMode;
 use crate::cuda::library::api_name;
-use crate::metrics::cuda::{Api, ApiDirection, ApiFunction, ApiFunctionCode, LaunchMode};
-use crate::metrics::{CollectError, Collector, KindCount, ProcessLabels, Snapshot};
+use crate::metrics::{CollectError, Collector, Families, Family, ProcessLabels};
 use crate::state::{Member, ProcessView, Published};
+
+static CALLS: Family = Family::counter("llm_process_cuda_calls", "CUDA API calls by API layer and function. Runtime calls may also reach probed driver functions: never add the two layers.");
+static ERRORS: Family = Family::counter("llm_process_cuda_errors", "CUDA API calls that returned an error, by function and error code (functions with return probes: not kernel launches).");
+static OOM: Family = Family::counter("llm_process_cuda_oom", "CUDA allocations that failed with out-of-memory (cudaErrorMemoryAllocation / CUDA_ERROR_OUT_OF_MEMORY).");
+static ALLOC_BYTES: Family = Family::counter(
+    "llm_process_cuda_alloc_bytes",
+    "Bytes of device memory allocated successfully.",
+);
+static FREES: Family = Family::counter("llm_process_cuda_free", "Device memory frees.");
+static DEVICE_MEMORY: Family = Family::gauge(
+    "llm_process_cuda_device_memory_bytes",
+    "Live device memory from allocation/free pairs seen by the probes.",
+);
+static LAUNCHES: Family = Family::counter(
+    "llm_process_cuda_kernel_launches",
+    "Kernel launches (cudaLaunchKernel*, cuLaunchKernel*), counted exactly.",
+);
+/// The same family while launches are sampled: its help says so.
+static LAUNCHES_SAMPLED: Family = Family::counter("llm_process_cuda_kernel_launches", "Kernel launches. EXTRAPOLATED: launch probes are attached for a window of each period (--cuda-overhead-budget); see llmscope_cuda_launch_probe_duty_ratio.");
+static GRAPH_LAUNCHES: Family =
+    Family::counter("llm_process_cuda_graph_launches", "CUDA graph launches.");
+static MEMCPY_BYTES: Family = Family::counter(
+    "llm_process_cuda_memcpy_bytes",
+    "Bytes copied by cudaMemcpy* / cuMemcpy*, by direction (h2d, d2h, d2d, h2h, default).",
+);
+static SYNC_SECONDS: Family = Family::counter(
+    "llm_process_cuda_sync_seconds",
+    "Time the CPU waited in stream / device / event / context synchronize calls.",
+);
+static ATTACHMENTS: Family = Family::gauge(
+    "llmscope_uprobe_attachments",
+    "Uprobe links attached to CUDA libraries now.",
+);
+static LIBRARIES: Family = Family::gauge(
+    "llmscope_cuda_libraries",
+    "CUDA library files probed, by API.",
+);
+static ATTACH_FAILURES: Family = Family::counter(
+    "llmscope_uprobe_attach_failures",
+    "CUDA libraries that could not be probed, by reason.",
+);
+static LIBRARY_DETACHES: Family = Family::counter("llmscope_cuda_library_detaches", "CUDA library files whose probes were removed because no process mapped them any more (--cuda-library-idle-timeout).");
+static DETACH_BACKLOG: Family = Family::gauge("llmscope_uprobe_detach_backlog", "Uprobe links of removed libraries not detached yet: each detach waits for a kernel grace period, done while no attach waits.");
+static ATTACH_REQUESTS_DROPPED: Family = Family::counter("llmscope_cuda_attach_requests_dropped", "Requests to probe a newly mapped CUDA library dropped because the attach queue was full; the next /proc scan probes the library.");
+static LIBRARY_HOOK: Family = Family::gauge("llmscope_library_hook", "How the kernel reports libraries being mapped: fentry or kprobe on security_mmap_file, or none (found by /proc scans only); always 1.");
+static LAUNCH_COUNTING: Family = Family::gauge(
+    "llmscope_cuda_launch_counting",
+    "How kernel launches are counted now (exact, sampled or off); always 1.",
+);
+static LAUNCH_DUTY: Family = Family::gauge(
+    "llmscope_cuda_launch_probe_duty_ratio",
+    "Fraction of the next period the kernel-launch probes will be attached.",
+);
+static LAUNCH_ATTACHED: Family = Family::counter(
+    "llmscope_cuda_launch_probe_attached_seconds",
+    "Time the kernel-launch probes were attached; its rate is the time-weighted duty.",
+);
+static LAUNCH_PERIOD: Family = Family::gauge(
+    "llmscope_cuda_launch_probe_period_seconds",
+    "Period of the launch-probe duty cycle in use (lengthened when a cycle is costly).",
+);
+static LAUNCH_CYCLE_CPU: Family = Family::gauge("llmscope_cuda_launch_probe_cycle_cpu_seconds", "CPU time one attach and detach of the launch probes cost, as last measured; charged to --cuda-overhead-budget.");
+static LAUNCH_CYCLE_WALL: Family = Family::gauge("llmscope_cuda_launch_probe_cycle_wall_seconds", "Wall time one attach and detach of the launch probes took, as last measured (detaches wait for RCU grace periods).");
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct Api {
+    api: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ApiFunction {
+    api: &'static str,
+    function: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ApiFunctionCode {
+    api: &'static str,
+    function: &'static str,
+    code: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ApiDirection {
+    api: &'static str,
+    direction: &'static str,
+}
 
 /// What the CUDA collector reads, and nothing more: implemented by the agent's CUDA state.
 pub trait CudaSource: Send + Sync {
@@ -77,7 +166,7 @@ impl Collector for CudaCollector {
         "cuda"
     }
 
-    fn collect(&self, snapshot: &mut Snapshot) -> Result<(), CollectError> {
+    fn collect(&self, out: &mut Families) -> Result<(), CollectError> {
         let view = self.processes.get();
         let labels: HashMap<u32, &ProcessLabels> =
             view.members.iter().map(|m| (m.pid, &m.labels)).collect();
@@ -150,99 +239,97 @@ impl Collector for CudaCollector {
 
         // Every key comes from a member (the source reads members' images only).
         let l = |tgid: &u32| labels[tgid].clone();
-        let api = |a: u8| Api {
-            api: api_name(a).to_owned(),
+        let api = |a: u8| Api { api: api_name(a) };
+        let mut per_api = |family: &'static Family, sums: Sums<(u32, u8)>| {
+            out.extend(
+                family,
+                sums.into_iter().map(|((t, a), v)| ((l(&t), api(a)), v)),
+            );
         };
-        let per_api = |sums: Sums<(u32, u8)>| {
-            sums.into_iter()
-                .map(|((t, a), v)| ((l(&t), api(a)), v))
-                .collect()
+        per_api(&ALLOC_BYTES, alloc_bytes);
+        per_api(&FREES, frees);
+        let launch_family = match mode {
+            LaunchMode::Sampled => &LAUNCHES_SAMPLED,
+            _ => &LAUNCHES,
         };
-        let cuda = &mut snapshot.cuda;
-        cuda.calls = calls
-            .into_iter()
-            .map(|((t, f), v)| {
+        per_api(launch_family, launches);
+        per_api(&GRAPH_LAUNCHES, graphs);
+        per_api(&SYNC_SECONDS, syncs);
+        out.extend(
+            &CALLS,
+            calls.into_iter().map(|((t, f), v)| {
                 let f = &FUNCTIONS[f as usize];
-                (
-                    (
-                        l(&t),
-                        ApiFunction {
-                            api: api_name(f.api).to_owned(),
-                            function: f.name.to_owned(),
-                        },
-                    ),
-                    v,
-                )
-            })
-            .collect();
-        cuda.errors = errors
-            .into_iter()
-            .map(|((t, f, code), v)| {
+                let function = ApiFunction {
+                    api: api_name(f.api),
+                    function: f.name,
+                };
+                ((l(&t), function), v)
+            }),
+        );
+        out.extend(
+            &ERRORS,
+            errors.into_iter().map(|((t, f, code), v)| {
                 let f = &FUNCTIONS[f as usize];
                 let labels = ApiFunctionCode {
-                    api: api_name(f.api).to_owned(),
-                    function: f.name.to_owned(),
+                    api: api_name(f.api),
+                    function: f.name,
                     code: code.to_string(),
                 };
                 ((l(&t), labels), v)
-            })
-            .collect();
-        cuda.oom = oom.into_iter().map(|(t, v)| (l(&t), v)).collect();
-        cuda.alloc_bytes = per_api(alloc_bytes);
-        cuda.frees = per_api(frees);
-        cuda.launches = per_api(launches);
-        cuda.graph_launches = per_api(graphs);
-        cuda.sync_seconds = per_api(syncs);
-        cuda.memcpy_bytes = copies
-            .into_iter()
-            .map(|((t, a, d), v)| {
-                (
-                    (
-                        l(&t),
-                        ApiDirection {
-                            api: api_name(a).to_owned(),
-                            direction: direction_name(d).to_owned(),
-                        },
-                    ),
-                    v,
-                )
-            })
-            .collect();
+            }),
+        );
+        out.extend(&OOM, oom.into_iter().map(|(t, v)| (l(&t), v)));
+        out.extend(
+            &MEMCPY_BYTES,
+            copies.into_iter().map(|((t, a, d), v)| {
+                let direction = ApiDirection {
+                    api: api_name(a),
+                    direction: direction_name(d),
+                };
+                ((l(&t), direction), v)
+            }),
+        );
         // Frees subtract in two's complement; a free seen without its allocation (probes
         // attached mid-run) cannot take the total below zero.
         let mut device_memory: Vec<_> = live
             .iter()
-            .map(|(tgid, bytes)| (l(tgid), (*bytes as i64).max(0) as f64))
+            .map(|(tgid, bytes)| (*tgid, (*bytes as i64).max(0) as f64))
             .collect();
-        device_memory.sort_by(|a, b| a.0.pid.cmp(&b.0.pid));
-        cuda.device_memory = device_memory;
+        device_memory.sort_by_key(|&(tgid, _)| tgid);
+        out.extend(
+            &DEVICE_MEMORY,
+            device_memory.into_iter().map(|(t, v)| (l(&t), v)),
+        );
 
         let attacher = &reading.attacher;
-        cuda.attachments = attacher.probes as u64;
-        cuda.libraries = attacher
-            .libraries
-            .iter()
-            .map(|&(kind, n)| KindCount {
-                kind,
-                value: n as u64,
-            })
-            .collect();
-        cuda.library_detaches = attacher.detached;
-        cuda.detach_backlog = reading.detach_backlog;
-        cuda.launch_attached_seconds = attacher.launches_attached_seconds();
-        cuda.attach_failures = attacher
-            .failures
-            .iter()
-            .map(|(&kind, &value)| KindCount { kind, value })
-            .collect();
-        cuda.launch_mode = mode;
-        cuda.launch_duty = reading.duty;
-        cuda.launch_period_seconds = reading.period.as_secs_f64();
-        cuda.launch_cycle_cpu_seconds = reading.cycle_cpu.as_secs_f64();
-        cuda.launch_cycle_wall_seconds = reading.cycle_wall.as_secs_f64();
-        cuda.attach_requests_dropped = reading.attach_requests_dropped;
-        cuda.library_hook = reading.library_hook;
-
+        out.set(&ATTACHMENTS, attacher.probes as f64);
+        out.extend(
+            &LIBRARIES,
+            attacher
+                .libraries
+                .iter()
+                .map(|&(kind, n)| ([("api", kind)], n as f64)),
+        );
+        out.extend(
+            &ATTACH_FAILURES,
+            attacher
+                .failures
+                .iter()
+                .map(|(&reason, &n)| ([("reason", reason)], n as f64)),
+        );
+        out.set(&LIBRARY_DETACHES, attacher.detached as f64);
+        out.set(&DETACH_BACKLOG, reading.detach_backlog as f64);
+        out.set(
+            &ATTACH_REQUESTS_DROPPED,
+            reading.attach_requests_dropped as f64,
+        );
+        out.add(&LIBRARY_HOOK, [("hook", reading.library_hook)], 1.0);
+        out.add(&LAUNCH_COUNTING, [("mode", mode.as_str())], 1.0);
+        out.set(&LAUNCH_DUTY, reading.duty);
+        out.set(&LAUNCH_ATTACHED, attacher.launches_attached_seconds());
+        out.set(&LAUNCH_PERIOD, reading.period.as_secs_f64());
+        out.set(&LAUNCH_CYCLE_CPU, reading.cycle_cpu.as_secs_f64());
+        out.set(&LAUNCH_CYCLE_WALL, reading.cycle_wall.as_secs_f64());
         Ok(())
     }
 }

@@ -3,8 +3,15 @@
 use std::sync::Arc;
 
 use crate::ebpf::{LostCounters, LOST_KINDS};
-use crate::metrics::{CollectError, Collector, KindCount, Snapshot};
+use crate::metrics::{CollectError, Collector, Families, Family, KindCount};
 use crate::state::Counters;
+
+static EVENTS: Family = Family::counter("llmscope_events", "Kernel events received, by kind.");
+static EVENTS_LOST: Family = Family::counter("llmscope_events_lost", "Kernel events lost because the ring buffer was full, by kind; reconciliation repairs what they missed.");
+static REPAIRS: Family = Family::counter(
+    "llmscope_reconcile_repairs",
+    "Processes whose exec or exit the /proc reconciliation found missing, by kind.",
+);
 
 pub struct KernelCollector {
     counters: Arc<Counters>,
@@ -22,32 +29,35 @@ impl Collector for KernelCollector {
         "kernel"
     }
 
-    fn collect(&self, snapshot: &mut Snapshot) -> Result<(), CollectError> {
+    fn collect(&self, out: &mut Families) -> Result<(), CollectError> {
         let c = &self.counters;
         let load = Counters::get;
-        let agent = &mut snapshot.agent;
-        agent.events = KindCount::list(&[
+        let events = KindCount::list(&[
             ("exec", load(&c.exec)),
             ("exit", load(&c.exit)),
             ("fork", load(&c.fork)),
             ("library_map", load(&c.library_map)),
             ("malformed", load(&c.malformed)),
         ]);
-        agent.repairs = KindCount::list(&[
+        out.counts(&EVENTS, "kind", &events);
+        let repairs = KindCount::list(&[
             ("missed_exec", load(&c.missed_exec)),
             ("missed_exit", load(&c.missed_exit)),
         ]);
+        out.counts(&REPAIRS, "kind", &repairs);
         let mut lost = self
             .lost
             .read()
             .map_err(|e| CollectError(format!("reading the LOST map: {e}")))?;
         // Perf mmap records lost in user space count with the kernel's library_map losses.
         lost[6] += load(&c.library_map_lost);
-        agent.events_lost = LOST_KINDS
-            .iter()
-            .zip(lost)
-            .map(|(&kind, value)| KindCount { kind, value })
-            .collect();
+        out.extend(
+            &EVENTS_LOST,
+            LOST_KINDS
+                .iter()
+                .zip(lost)
+                .map(|(&kind, value)| ([("kind", kind)], value as f64)),
+        );
         Ok(())
     }
 }

@@ -5,10 +5,30 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use prometheus_client::encoding::EncodeLabelSet;
+
 use crate::http::SdTarget;
-use crate::metrics::{CollectError, Collector, Snapshot};
-use crate::servers::Answer;
+use crate::metrics::{CollectError, Collector, Families, Family};
+use crate::servers::{Answer, LoadedModel};
 use crate::state::{Endpoint, Published, ServersView};
+
+static ENDPOINT: Family = Family::gauge("llm_server_metrics_endpoint", "An inference server's own endpoint (1), by address; state=\"metrics\": published for Prometheus at /api/sd; \"disabled\": the server answers there without metrics (llama.cpp without --metrics); \"ollama_api\": Ollama's /api/ps (no Prometheus metrics; see llm_ollama_*).");
+static PROBES: Family = Family::counter("llmscope_server_probes", "Probes of inference servers' API paths, by outcome (metrics, disabled, ollama; refused, timeout, too_large, wrong_content_type, other: not a target).");
+static OLLAMA_SIZE: Family = Family::gauge("llm_ollama_model_size_bytes", "Size of a model an Ollama server has loaded (GET /api/ps), bytes; model_name is the loaded model.");
+static OLLAMA_VRAM: Family = Family::gauge(
+    "llm_ollama_model_vram_bytes",
+    "Part of a loaded Ollama model held in GPU memory (GET /api/ps), bytes.",
+);
+static OLLAMA_EXPIRY: Family = Family::gauge(
+    "llm_ollama_model_expiry_timestamp_seconds",
+    "When Ollama unloads a model unless it is used again (GET /api/ps), Unix seconds.",
+);
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct EndpointLabels {
+    endpoint: String,
+    state: &'static str,
+}
 
 pub struct ServersCollector {
     servers: Arc<Published<ServersView>>,
@@ -25,16 +45,22 @@ impl Collector for ServersCollector {
         "servers"
     }
 
-    fn collect(&self, snapshot: &mut Snapshot) -> Result<(), CollectError> {
+    fn collect(&self, out: &mut Families) -> Result<(), CollectError> {
         let view = self.servers.get();
-        snapshot.server_endpoints = view
-            .endpoints
-            .iter()
-            .map(|e| (e.labels.clone(), e.target.clone(), e.answer.state()))
-            .collect();
+        out.counts(&PROBES, "kind", &view.probes);
+        out.extend(
+            &ENDPOINT,
+            view.endpoints.iter().map(|e| {
+                let extra = EndpointLabels {
+                    endpoint: e.target.clone(),
+                    state: e.answer.state(),
+                };
+                ((e.labels.clone(), extra), 1.0)
+            }),
+        );
         // One series per (process, model), however many sockets answered for it.
         let mut seen = std::collections::HashSet::new();
-        snapshot.ollama_models = view
+        let models: Vec<_> = view
             .endpoints
             .iter()
             .flat_map(|e| {
@@ -47,12 +73,22 @@ impl Collector for ServersCollector {
                     // The loaded model is the model: `ollama serve` names none itself.
                     let mut labels = e.labels.clone();
                     labels.model_name = m.name.clone();
-                    (labels, m.clone())
+                    (labels, m)
                 })
             })
             .filter(|(labels, _)| seen.insert((labels.pid.clone(), labels.model_name.clone())))
             .collect();
-        snapshot.agent.server_probes = view.probes.clone();
+        let mut each = |family: &'static Family, value: fn(&LoadedModel) -> Option<f64>| {
+            out.extend(
+                family,
+                models
+                    .iter()
+                    .filter_map(|(labels, m)| Some((labels.clone(), value(m)?))),
+            );
+        };
+        each(&OLLAMA_SIZE, |m| Some(m.size_bytes as f64));
+        each(&OLLAMA_VRAM, |m| Some(m.vram_bytes as f64));
+        each(&OLLAMA_EXPIRY, |m| m.expires_at);
         Ok(())
     }
 }

@@ -16,8 +16,8 @@ use super::servers::ServersCollector;
 use crate::gpuinfo::GpuInfo;
 use crate::identity::{Framework, Identity, Role};
 use crate::metrics::{ContainerLabels, KindCount, ProcessLabels, ProcessSample};
-use crate::nvml::{DeviceSample, GpuSample, NvmlState, ProcessGpu};
 use crate::servers::{Answer, LoadedModel};
+use crate::state::{DeviceSample, GpuSample, NvmlState, ProcessGpu};
 use crate::state::{Endpoint, GpuInfoView, Member, ProcessView, Published, ServersView};
 
 fn labels(pid: u32, framework: Framework, model: &str) -> ProcessLabels {
@@ -223,7 +223,7 @@ impl CudaSource for FixedCuda {
             ],
             live: vec![(10, 3 << 20), (11, u64::MAX - 7)],
             launch_totals,
-            launch_mode: crate::metrics::cuda::LaunchMode::Sampled,
+            launch_mode: crate::cuda::launches::LaunchMode::Sampled,
             duty: 0.05,
             period: Duration::from_secs(2),
             cycle_cpu: Duration::from_millis(15),
@@ -285,23 +285,27 @@ fn render_fixed() -> String {
     let servers = servers(&view);
     let gpu_info = gpu_info(&view);
     let view = Arc::new(Published::new(view));
+    let nvml = Arc::new(Published::new(nvml()));
     let collectors: Vec<Box<dyn crate::metrics::Collector>> = vec![
         Box::new(ProcessCollector::new(view.clone())),
         Box::new(ServersCollector::new(Arc::new(Published::new(servers)))),
         Box::new(CudaCollector::new(Arc::new(FixedCuda), view.clone())),
         Box::new(NvmlCollector::new(
-            Arc::new(Published::new(nvml())),
+            nvml.clone(),
             view.clone(),
             Duration::from_secs(1),
         )),
-        Box::new(GpuInfoCollector::new(Arc::new(Published::new(gpu_info)))),
+        Box::new(GpuInfoCollector::new(
+            Arc::new(Published::new(gpu_info)),
+            Some(nvml),
+        )),
     ];
+    let build = crate::metrics::BuildInfo {
+        version: "0.1.0".into(),
+        mode: "ebpf".into(),
+    };
     crate::metrics::exposition::render(
-        crate::metrics::gather(&collectors),
-        crate::metrics::BuildInfo {
-            version: "0.1.0".into(),
-            mode: "ebpf".into(),
-        },
+        crate::metrics::gather(&collectors, &build),
         crate::metrics::exposition::Format::Text,
     )
 }

@@ -17,8 +17,6 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use crate::metrics::cuda::LaunchMode;
-
 /// What one launch-probe hit costs the probed thread: the trap (~0.68 µs on the development
 /// VM, ~0.33 µs on bare metal per DESIGN.md) plus the program (~0.09 µs), as `cargo xtask
 /// bench uprobe` measured it. Used to turn a launch rate into an overhead; on faster hosts
@@ -26,6 +24,28 @@ use crate::metrics::cuda::LaunchMode;
 pub const TRAP_COST: Duration = Duration::from_nanos(800);
 /// The shortest window: below it attach/detach latency dominates.
 pub const MIN_DUTY: f64 = 0.01;
+
+/// How kernel launches are counted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum LaunchMode {
+    /// Probes always attached: exact counts (`--cuda-overhead-budget 100`).
+    #[default]
+    Exact,
+    /// Probes attached for a window of every period; counts extrapolated.
+    Sampled,
+    /// Not counted (`--cuda-overhead-budget 0`).
+    Off,
+}
+
+impl LaunchMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LaunchMode::Exact => "exact",
+            LaunchMode::Sampled => "sampled",
+            LaunchMode::Off => "off",
+        }
+    }
+}
 
 /// The counting mode for a budget given in percent of a core.
 pub fn mode(budget_percent: f64) -> LaunchMode {

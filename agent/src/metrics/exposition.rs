@@ -5,10 +5,16 @@
 //! that matter here: a counter's HELP/TYPE lines name the sample (`x_total`), there are no
 //! `# UNIT` lines, and there is no `# EOF`. [`openmetrics_to_text`] does that translation.
 
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{
+    DescriptorEncoder, EncodeLabelSet, EncodeMetric, LabelSetEncoder, MetricEncoder,
+};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
-use super::encode::SnapshotCollector;
-use super::{BuildInfo, Snapshot};
+use super::{Families, Labels};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Format {
@@ -33,15 +39,61 @@ impl Format {
     }
 }
 
-pub fn render(snapshot: Snapshot, build: BuildInfo, format: Format) -> String {
+pub fn render(families: Families, format: Format) -> String {
     let mut registry = Registry::default();
-    registry.register_collector(Box::new(SnapshotCollector { snapshot, build }));
+    registry.register_collector(Box::new(families));
     let mut out = String::new();
     prometheus_client::encoding::text::encode(&mut out, &registry)
         .expect("encoding into a String cannot fail");
     match format {
         Format::OpenMetrics => out,
         Format::Text => openmetrics_to_text(&out),
+    }
+}
+
+/// A boxed label set, as prometheus-client's encoder takes it.
+struct Dyn<'a>(&'a Labels);
+
+impl EncodeLabelSet for Dyn<'_> {
+    fn encode(&self, encoder: &mut LabelSetEncoder) -> Result<(), std::fmt::Error> {
+        self.0.encode(encoder)
+    }
+}
+
+/// The families of one scrape, written with const metrics (the values were read by the
+/// collectors, not kept in live metric objects).
+impl Collector for Families {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        for (family, samples) in &self.list {
+            let mut metric = encoder.encode_descriptor(
+                family.name,
+                family.help,
+                family.unit.as_ref(),
+                family.kind,
+            )?;
+            if let [(None, value)] = samples.as_slice() {
+                write(family.kind, *value, metric)?;
+                continue;
+            }
+            for (labels, value) in samples {
+                debug_assert!(
+                    labels.is_some(),
+                    "{}: unlabelled among labelled",
+                    family.name
+                );
+                if let Some(labels) = labels {
+                    write(family.kind, *value, metric.encode_family(&Dyn(labels))?)?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn write(kind: MetricType, value: f64, sample: MetricEncoder) -> Result<(), std::fmt::Error> {
+    match kind {
+        MetricType::Counter => ConstCounter::new(value).encode(sample),
+        _ => ConstGauge::new(value).encode(sample),
     }
 }
 
@@ -79,134 +131,51 @@ pub fn openmetrics_to_text(openmetrics: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::identity::{Framework, Identity, Role};
-    use crate::metrics::cuda::{Api, ApiFunction, CudaSnapshot, LaunchMode};
-    use crate::metrics::{AgentStats, CollectorStatus, KindCount, ProcessLabels, ProcessSample};
+    use crate::metrics::Family;
 
-    fn snapshot() -> Snapshot {
-        let id = Identity::new(
-            Framework::Vllm,
-            Role::Server,
-            Some("meta-llama/Llama-3.1-8B-Instruct".into()),
-        );
-        let sample = |pid: u32, alive: bool| ProcessSample {
-            labels: ProcessLabels::new(pid, "python3", &id),
-            alive,
-            cpu_seconds: 12.5,
-            cpu_percent: Some(50.0),
-            memory_bytes: 1 << 30,
-            threads: Some(8),
-            start_time_seconds: 1_700_000_000.0,
-        };
-        let cuda_labels = ProcessLabels::new(10, "python3", &id);
-        Snapshot {
-            server_endpoints: vec![],
-            ollama_models: vec![],
-            cuda: CudaSnapshot {
-                calls: vec![(
-                    (
-                        cuda_labels.clone(),
-                        ApiFunction {
-                            api: "runtime".into(),
-                            function: "cudaMalloc".into(),
-                        },
-                    ),
-                    3.0,
-                )],
-                device_memory: vec![(cuda_labels.clone(), 4096.0)],
-                launches: vec![(
-                    (
-                        cuda_labels,
-                        Api {
-                            api: "runtime".into(),
-                        },
-                    ),
-                    1200.0,
-                )],
-                attachments: 20,
-                launch_mode: LaunchMode::Sampled,
-                launch_duty: 0.25,
-                ..Default::default()
-            },
-            gpu: Default::default(),
-            processes: vec![sample(10, true), sample(11, true), sample(12, false)],
-            collectors: vec![CollectorStatus {
-                collector: "process",
-                success: true,
-                duration_seconds: 0.001,
-            }],
-            agent: AgentStats {
-                tracked_processes: 3,
-                tracked_dropped: 0,
-                model_names_capped: 0,
-                events: vec![KindCount {
-                    kind: "exec",
-                    value: 7,
-                }],
-                events_lost: vec![KindCount {
-                    kind: "exec",
-                    value: 0,
-                }],
-                repairs: vec![],
-                container_lookups: vec![],
-                server_probes: vec![],
-            },
-        }
+    static COUNTED: Family = Family::counter("llmscope_counted", "A counter.");
+    static LEVEL: Family = Family::gauge("llmscope_level", "A gauge.");
+    static TOOK: Family = Family::seconds("llmscope_took", "A duration.");
+
+    fn families() -> Families {
+        let mut f = Families::default();
+        f.add(&COUNTED, [("kind", "exec")], 7.0);
+        f.set(&LEVEL, 3.0);
+        f.add(&TOOK, [("collector", "process")], 0.001);
+        f
     }
 
-    /// The golden exposition: a rename of any metric or label fails here first.
     #[test]
-    fn golden_text_exposition() {
-        let text = render(
-            snapshot(),
-            BuildInfo {
-                version: "0.1.0".into(),
-                mode: "ebpf".into(),
-            },
-            Format::Text,
-        );
-        let labels = r#"pid="10",name="python3",llm_type="llama",model_name="meta-llama/Llama-3.1-8B-Instruct",framework="vllm",role="server""#;
+    fn text_names_counters_with_total_and_has_no_units_or_eof() {
+        let text = render(families(), Format::Text);
         for expected in [
-            "# TYPE llm_process_count gauge".to_owned(),
-            r#"llm_process_count{llm_type="llama",model_name="meta-llama/Llama-3.1-8B-Instruct",framework="vllm"} 2.0"#.to_owned(),
-            format!("llm_process_cpu_percent{{{labels}}} 50.0"),
-            "# TYPE llm_process_cpu_seconds_total counter".to_owned(),
-            format!("llm_process_cpu_seconds_total{{{labels}}} 12.5"),
-            format!("llm_process_memory_bytes{{{labels}}} 1073741824.0"),
-            format!("llm_process_threads{{{labels}}} 8.0"),
-            format!("llm_process_start_time_seconds{{{labels}}} 1700000000.0"),
-            r#"llmscope_build_info{version="0.1.0",mode="ebpf"} 1.0"#.to_owned(),
-            r#"llmscope_collector_success{collector="process"} 1.0"#.to_owned(),
-            r#"llmscope_collector_duration_seconds{collector="process"} 0.001"#.to_owned(),
-            "llmscope_tracked_processes 3.0".to_owned(),
-            "llmscope_tracked_processes_dropped_total 0.0".to_owned(),
-            r#"llmscope_events_total{kind="exec"} 7.0"#.to_owned(),
-            r#"llmscope_events_lost_total{kind="exec"} 0.0"#.to_owned(),
-            format!(r#"llm_process_cuda_calls_total{{{labels},api="runtime",function="cudaMalloc"}} 3.0"#),
-            format!("llm_process_cuda_device_memory_bytes{{{labels}}} 4096.0"),
-            "llmscope_uprobe_attachments 20.0".to_owned(),
-            r#"llmscope_cuda_launch_counting{mode="sampled"} 1.0"#.to_owned(),
-            "llmscope_cuda_launch_probe_duty_ratio 0.25".to_owned(),
+            "# HELP llmscope_counted_total A counter.",
+            "# TYPE llmscope_counted_total counter",
+            r#"llmscope_counted_total{kind="exec"} 7.0"#,
+            "# TYPE llmscope_level gauge",
+            "llmscope_level 3.0",
+            r#"llmscope_took_seconds{collector="process"} 0.001"#,
         ] {
-            assert!(text.lines().any(|l| l == expected), "missing {expected:?} in\n{text}");
+            assert!(
+                text.lines().any(|l| l == expected),
+                "missing {expected:?} in\n{text}"
+            );
         }
         assert!(!text.contains("# EOF") && !text.contains("# UNIT"));
-        assert!(
-            !text.contains("llmscope_reconcile_repairs"),
-            "an empty family is left out"
-        );
-        assert!(
-            text.contains("EXTRAPOLATED"),
-            "sampled launch counts say so in HELP"
-        );
     }
 
     #[test]
     fn openmetrics_keeps_eof_and_units() {
-        let om = render(snapshot(), BuildInfo::new("ebpf"), Format::OpenMetrics);
+        let om = render(families(), Format::OpenMetrics);
         assert!(om.ends_with("# EOF\n"));
-        assert!(om.contains("# UNIT llmscope_collector_duration_seconds seconds"));
-        assert!(om.contains("# TYPE llm_process_cpu_seconds counter"));
+        assert!(om.contains("# UNIT llmscope_took_seconds seconds"));
+        assert!(om.contains("# TYPE llmscope_counted counter"));
+    }
+
+    #[test]
+    fn an_empty_scrape_is_valid() {
+        assert_eq!(render(Families::default(), Format::OpenMetrics), "# EOF\n");
+        assert_eq!(render(Families::default(), Format::Text), "");
     }
 
     #[test]

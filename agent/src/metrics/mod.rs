@@ -1,20 +1,21 @@
-//! The metric model shared by every llmscope binary: a [`Snapshot`] gathered by collectors,
-//! encoded by prometheus-client, served as Prometheus text or OpenMetrics.
-//!
-//! Gather and encode are separate: collectors do the slow work (/proc, kernel maps) and fill
-//! a snapshot; encoding the snapshot is cheap and cannot fail halfway through a collector.
+//! The metric model shared by every llmscope binary. Each collector declares the families
+//! it fills ([`Family`], a `static` beside the code that counts) and adds their samples to the
+//! scrape's [`Families`]; [`gather`] runs the collectors and adds the scrape's own families
+//! (build info, each collector's success and duration); [`exposition`] encodes the result
+//! with prometheus-client. No list of every family exists anywhere: adding a metric is one
+//! `static` and one `add` in one collector file.
 
-pub mod cuda;
-mod encode;
 pub mod exposition;
-pub mod gpu;
 
-use std::time::{Duration, Instant};
+use std::collections::HashMap;
+use std::time::Instant;
 
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Unit;
 use serde::Serialize;
 
 use crate::identity::Identity;
-
 /// The labels of every per-process series.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
 pub struct ProcessLabels {
@@ -111,15 +112,7 @@ pub struct ProcessSample {
     pub start_time_seconds: f64,
 }
 
-/// Whether a collector worked on this scrape, and how long it took.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct CollectorStatus {
-    pub collector: &'static str,
-    pub success: bool,
-    pub duration_seconds: f64,
-}
-
-/// A counter with one label, `kind`.
+/// A count with one label value (a kind, a reason, a result), as producers publish them.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct KindCount {
     pub kind: &'static str,
@@ -135,36 +128,124 @@ impl KindCount {
     }
 }
 
-/// The agent's own health.
-#[derive(Debug, Clone, Default, PartialEq, Serialize)]
-pub struct AgentStats {
-    pub tracked_processes: u64,
-    pub tracked_dropped: u64,
-    /// Processes exported with `model_name="other"` because of the distinct-name cap.
-    pub model_names_capped: u64,
-    /// Kernel events received, by kind (exec, exit).
-    pub events: Vec<KindCount>,
-    /// Kernel events lost (ring buffer full), by kind.
-    pub events_lost: Vec<KindCount>,
-    /// What reconciliation repaired, by kind (missed_exec, missed_exit).
-    pub repairs: Vec<KindCount>,
-    /// Container name lookups by result (ok, not_found, error, dropped).
-    pub container_lookups: Vec<KindCount>,
-    /// Probes of inference servers' endpoints, by outcome.
-    pub server_probes: Vec<KindCount>,
+/// A metric family's descriptor: declared once, as a `static` beside the collector that
+/// fills it. Counters are named without `_total` (the encoder adds it).
+#[derive(Debug)]
+pub struct Family {
+    pub name: &'static str,
+    pub help: &'static str,
+    pub kind: MetricType,
+    pub unit: Option<Unit>,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize)]
-pub struct Snapshot {
-    pub processes: Vec<ProcessSample>,
-    pub cuda: cuda::CudaSnapshot,
-    /// Inference servers' own endpoints: (process, `host:port`, state).
-    pub server_endpoints: Vec<(ProcessLabels, String, &'static str)>,
-    /// Models Ollama servers have loaded (`model_name`: the loaded model).
-    pub ollama_models: Vec<(ProcessLabels, crate::servers::LoadedModel)>,
-    pub gpu: gpu::GpuSnapshot,
-    pub collectors: Vec<CollectorStatus>,
-    pub agent: AgentStats,
+impl Family {
+    pub const fn gauge(name: &'static str, help: &'static str) -> Family {
+        Family {
+            name,
+            help,
+            kind: MetricType::Gauge,
+            unit: None,
+        }
+    }
+
+    pub const fn counter(name: &'static str, help: &'static str) -> Family {
+        Family {
+            name,
+            help,
+            kind: MetricType::Counter,
+            unit: None,
+        }
+    }
+
+    /// A gauge with the unit `seconds` (named without the suffix, which the encoder adds).
+    pub const fn seconds(name: &'static str, help: &'static str) -> Family {
+        Family {
+            name,
+            help,
+            kind: MetricType::Gauge,
+            unit: Some(Unit::Seconds),
+        }
+    }
+}
+
+/// The label set of one sample, whatever its type.
+pub(crate) type Labels = Box<dyn EncodeLabelSet + Send + Sync>;
+
+/// One sample: its labels (none in an unlabelled family's one sample) and value.
+pub(crate) type Sample = (Option<Labels>, f64);
+
+/// The samples of one scrape, by family, in the order families were first added. A family
+/// no collector added a sample to is left out of the exposition.
+#[derive(Default)]
+pub struct Families {
+    list: Vec<(&'static Family, Vec<Sample>)>,
+    index: HashMap<&'static str, usize>,
+}
+
+impl Families {
+    fn samples(&mut self, family: &'static Family) -> &mut Vec<Sample> {
+        let i = *self.index.entry(family.name).or_insert_with(|| {
+            self.list.push((family, Vec::new()));
+            self.list.len() - 1
+        });
+        debug_assert!(
+            std::ptr::eq(self.list[i].0, family) || self.list[i].0.help == family.help,
+            "{} declared twice with different help",
+            family.name
+        );
+        &mut self.list[i].1
+    }
+
+    /// One labelled sample.
+    pub fn add<L>(&mut self, family: &'static Family, labels: L, value: f64)
+    where
+        L: EncodeLabelSet + Send + Sync + 'static,
+    {
+        self.samples(family).push((Some(Box::new(labels)), value));
+    }
+
+    /// Labelled samples; nothing (and no family) when there are none.
+    pub fn extend<L>(
+        &mut self,
+        family: &'static Family,
+        samples: impl IntoIterator<Item = (L, f64)>,
+    ) where
+        L: EncodeLabelSet + Send + Sync + 'static,
+    {
+        for (labels, value) in samples {
+            self.add(family, labels, value);
+        }
+    }
+
+    /// The one sample of an unlabelled family.
+    pub fn set(&mut self, family: &'static Family, value: f64) {
+        self.samples(family).push((None, value));
+    }
+
+    /// Counts by one label (`kind`, `reason`, …): every count, 0 included.
+    pub fn counts(&mut self, family: &'static Family, label: &'static str, counts: &[KindCount]) {
+        self.extend(
+            family,
+            counts.iter().map(|c| ([(label, c.kind)], c.value as f64)),
+        );
+    }
+
+    fn append(&mut self, other: Families) {
+        for (family, samples) in other.list {
+            self.samples(family).extend(samples);
+        }
+    }
+
+    /// The family names, in order (for tests and debugging).
+    pub fn names(&self) -> Vec<&'static str> {
+        self.list.iter().map(|(f, _)| f.name).collect()
+    }
+}
+
+impl std::fmt::Debug for Families {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.names()).finish()
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -172,38 +253,57 @@ pub struct Snapshot {
 pub struct CollectError(pub String);
 
 /// A source of metrics. A collector that fails never fails the scrape: it shows up as
-/// `llmscope_collector_success{collector="…"} 0`, and whatever it did fill in stays.
+/// `llmscope_collector_success{collector="…"} 0`, and whatever it did add stays.
 /// Collectors only read what producers published (`&self`): any number of scrapes may run
 /// at once and see the same values.
 pub trait Collector: Send + Sync {
     fn name(&self) -> &'static str;
-    fn collect(&self, snapshot: &mut Snapshot) -> Result<(), CollectError>;
+    fn collect(&self, out: &mut Families) -> Result<(), CollectError>;
 }
 
-/// Runs every collector into one snapshot, recording success and duration of each; a
-/// collector that fails or panics shows as `llmscope_collector_success{collector} 0`.
-pub fn gather(collectors: &[Box<dyn Collector>]) -> Snapshot {
-    let mut snapshot = Snapshot::default();
+static BUILD_INFO: Family = Family::gauge(
+    "llmscope_build_info",
+    "llmscope version and mode; always 1.",
+);
+static COLLECTOR_SUCCESS: Family = Family::gauge(
+    "llmscope_collector_success",
+    "Whether the collector worked on this scrape (1) or failed (0).",
+);
+static COLLECTOR_DURATION: Family = Family::seconds(
+    "llmscope_collector_duration",
+    "How long the collector took on this scrape.",
+);
+
+/// Runs every collector, each into its own families (merged after it returns), and adds the
+/// scrape's own: build info, and each collector's success and duration. A collector that
+/// fails or panics shows as `llmscope_collector_success{collector} 0`.
+pub fn gather(collectors: &[Box<dyn Collector>], build: &BuildInfo) -> Families {
+    let mut out = Families::default();
+    let mut status = Vec::with_capacity(collectors.len());
     for c in collectors {
         let started = Instant::now();
-        // A collector that panics fails alone: what it filled in stays, the scrape goes on.
-        let result =
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| c.collect(&mut snapshot)))
-                .unwrap_or_else(|_| Err(CollectError("the collector panicked".into())));
+        let mut own = Families::default();
+        // A collector that panics fails alone: what it added stays, the scrape goes on.
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| c.collect(&mut own)))
+            .unwrap_or_else(|_| Err(CollectError("the collector panicked".into())));
         if let Err(e) = &result {
             tracing::debug!(collector = c.name(), error = %e, "collector failed");
         }
-        snapshot.collectors.push(CollectorStatus {
-            collector: c.name(),
-            success: result.is_ok(),
-            duration_seconds: secs(started.elapsed()),
-        });
+        out.append(own);
+        status.push((c.name(), result.is_ok(), started.elapsed().as_secs_f64()));
     }
-    snapshot
-}
-
-fn secs(d: Duration) -> f64 {
-    d.as_secs_f64()
+    out.add(&BUILD_INFO, build.clone(), 1.0);
+    for &(name, ok, _) in &status {
+        out.add(
+            &COLLECTOR_SUCCESS,
+            [("collector", name)],
+            if ok { 1.0 } else { 0.0 },
+        );
+    }
+    for (name, _, seconds) in status {
+        out.add(&COLLECTOR_DURATION, [("collector", name)], seconds);
+    }
+    out
 }
 
 /// Static facts about this build, exported as `llmscope_build_info`.
@@ -227,12 +327,15 @@ impl BuildInfo {
 mod tests {
     use super::*;
 
+    static TRACKED: Family = Family::gauge("tracked", "A test family.");
+
     struct Panics;
     impl Collector for Panics {
         fn name(&self) -> &'static str {
             "panics"
         }
-        fn collect(&self, _: &mut Snapshot) -> Result<(), CollectError> {
+        fn collect(&self, out: &mut Families) -> Result<(), CollectError> {
+            out.add(&TRACKED, [("by", "panics")], 1.0);
             panic!("a bug in a collector")
         }
     }
@@ -242,22 +345,31 @@ mod tests {
         fn name(&self) -> &'static str {
             "counts"
         }
-        fn collect(&self, s: &mut Snapshot) -> Result<(), CollectError> {
-            s.agent.tracked_processes = 3;
+        fn collect(&self, out: &mut Families) -> Result<(), CollectError> {
+            out.add(&TRACKED, [("by", "counts")], 3.0);
             Ok(())
         }
     }
 
     #[test]
-    fn a_panicking_collector_fails_alone() {
+    fn a_panicking_collector_fails_alone_and_keeps_what_it_added() {
         let collectors: Vec<Box<dyn Collector>> = vec![Box::new(Panics), Box::new(Counts)];
-        let snapshot = gather(&collectors);
-        let status: Vec<(&str, bool)> = snapshot
-            .collectors
-            .iter()
-            .map(|c| (c.collector, c.success))
-            .collect();
-        assert_eq!(status, [("panics", false), ("counts", true)]);
-        assert_eq!(snapshot.agent.tracked_processes, 3);
+        let text = exposition::render(
+            gather(&collectors, &BuildInfo::new("ebpf")),
+            exposition::Format::Text,
+        );
+        for line in [
+            r#"llmscope_collector_success{collector="panics"} 0.0"#,
+            r#"llmscope_collector_success{collector="counts"} 1.0"#,
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} in\n{text}");
+        }
+        let tracked: Vec<&str> = text.lines().filter(|l| l.starts_with("tracked{")).collect();
+        assert_eq!(
+            tracked,
+            [r#"tracked{by="panics"} 1.0"#, r#"tracked{by="counts"} 3.0"#],
+            "one family, both samples"
+        );
+        assert_eq!(text.matches("# TYPE tracked ").count(), 1);
     }
 }

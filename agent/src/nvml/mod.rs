@@ -6,69 +6,14 @@
 //! reported as 0. `NotFound` from the process-utilisation call means "no samples".
 
 use std::path::PathBuf;
-use std::time::SystemTime;
 
+use crate::state::{DeviceSample, GpuSample, ProcessGpu};
 use nvml_wrapper::enum_wrappers::device::{
     Clock, EccCounter, MemoryError, PcieUtilCounter, TemperatureSensor,
 };
 use nvml_wrapper::enums::device::UsedGpuMemory;
 use nvml_wrapper::error::NvmlError;
 use nvml_wrapper::{Device, Nvml};
-use serde::Serialize;
-
-/// What the sampler publishes and the collector reads.
-#[derive(Debug, Default, Clone)]
-pub struct NvmlState {
-    pub sample: Option<GpuSample>,
-    pub last_success: Option<SystemTime>,
-    /// The current problem, when there is one.
-    pub error: Option<String>,
-}
-
-#[derive(Debug, Clone, Default, PartialEq, Serialize)]
-pub struct DeviceSample {
-    pub index: u32,
-    pub uuid: String,
-    pub name: String,
-    pub utilization_percent: Option<f64>,
-    pub memory_utilization_percent: Option<f64>,
-    pub memory_total_bytes: Option<f64>,
-    pub memory_used_bytes: Option<f64>,
-    pub memory_free_bytes: Option<f64>,
-    pub temperature_celsius: Option<f64>,
-    pub power_watts: Option<f64>,
-    pub power_limit_watts: Option<f64>,
-    pub sm_clock_hertz: Option<f64>,
-    pub memory_clock_hertz: Option<f64>,
-    pub fan_speed_percent: Option<f64>,
-    pub energy_joules: Option<f64>,
-    pub pcie_tx_bytes_per_second: Option<f64>,
-    pub pcie_rx_bytes_per_second: Option<f64>,
-    pub ecc_corrected_errors: Option<f64>,
-    pub ecc_uncorrected_errors: Option<f64>,
-    /// Active clock throttle reasons by name; empty when unsupported.
-    pub throttle_reasons: Vec<(String, bool)>,
-}
-
-/// One process on one GPU.
-#[derive(Debug, Clone, Default, PartialEq, Serialize)]
-pub struct ProcessGpu {
-    pub pid: u32,
-    pub gpu: u32,
-    pub memory_bytes: Option<f64>,
-    pub sm_utilization_percent: Option<f64>,
-    pub memory_utilization_percent: Option<f64>,
-}
-
-#[derive(Debug, Clone, Default, PartialEq, Serialize)]
-pub struct GpuSample {
-    pub driver_version: Option<String>,
-    pub cuda_version: Option<String>,
-    pub devices: Vec<DeviceSample>,
-    pub processes: Vec<ProcessGpu>,
-    /// A device answered GpuLost (or NVML lost its initialisation): re-initialise.
-    pub needs_reinit: bool,
-}
 
 /// Loads NVML: the library at `lib` when given, else the system's libnvidia-ml.so.1.
 pub fn init(lib: Option<&PathBuf>) -> Result<Nvml, NvmlError> {

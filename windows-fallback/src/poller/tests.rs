@@ -39,8 +39,9 @@ fn inputs(processes: Vec<ProcInfo>, now: Instant) -> Inputs {
     }
 }
 
-fn labels_of(s: &Snapshot, pid: u32) -> Option<&ProcessLabels> {
+fn labels_of(s: &Poll, pid: u32) -> Option<&ProcessLabels> {
     s.processes
+        .samples
         .iter()
         .find(|p| p.labels.pid == pid.to_string())
         .map(|p| &p.labels)
@@ -91,12 +92,18 @@ fn classifies_with_the_agents_code_and_expires_after_grace() {
     let mut later = world();
     later.iter_mut().find(|p| p.pid == 40).unwrap().cpu_seconds = 3.0;
     let s = poller.poll(inputs(later, t0 + Duration::from_secs(2)));
-    let p = s.processes.iter().find(|p| p.labels.pid == "40").unwrap();
+    let p = s
+        .processes
+        .samples
+        .iter()
+        .find(|p| p.labels.pid == "40")
+        .unwrap();
     assert_eq!(p.cpu_percent, Some(100.0));
     let gone: Vec<ProcInfo> = world().into_iter().filter(|p| p.pid != 40).collect();
     let s = poller.poll(inputs(gone.clone(), t0 + Duration::from_secs(4)));
     let p = s
         .processes
+        .samples
         .iter()
         .find(|p| p.labels.pid == "40")
         .expect("kept through the grace period");
@@ -159,46 +166,40 @@ fn gpu_reports_and_nvidia_smi_join_the_identities() {
         smi: Some(Ok((gpus, apps))),
         now: Instant::now(),
     });
-    let g = &s.gpu;
+    let g = s.gpu_info.as_ref().unwrap();
     let allocated: Vec<(&str, &str, f64)> = g
-        .process_allocated
+        .reports
         .iter()
-        .map(|((l, _), v)| (l.pid.as_str(), l.framework.as_str(), *v))
+        .map(|(l, info)| {
+            (
+                l.pid.as_str(),
+                l.framework.as_str(),
+                info.gpu_memory_allocated_bytes,
+            )
+        })
         .collect();
     assert_eq!(
         allocated,
         vec![("40", "vllm", 3e9), ("60", "unknown", 3e9)],
         "a process that reports GPU use is tracked"
     );
-    assert_eq!(g.process_memory.len(), 1);
-    assert_eq!(g.process_memory[0].0 .0.framework, "llama.cpp");
+    let smi = s.smi.as_ref().unwrap();
+    assert_eq!(smi.processes.len(), 1);
+    assert_eq!(smi.processes[0].0.framework, "llama.cpp");
     let rejected: Vec<(&str, u64)> = g
-        .info_rejected
+        .rejected
         .iter()
         .filter(|c| c.value > 0)
         .map(|c| (c.kind, c.value))
         .collect();
     assert_eq!(rejected, [("symlink", 2)]);
     assert_eq!(
-        g.info_rejected.len(),
+        g.rejected.len(),
         llmscope::gpuinfo::REASONS.len(),
         "every reason from 0"
     );
-    let util = g
-        .devices
-        .iter()
-        .find(|(n, _, _)| *n == "nvidia_gpu_utilization")
-        .unwrap();
-    assert_eq!(util.2[0].1, 37.0);
-    let statuses: Vec<(&str, bool)> = s
-        .collectors
-        .iter()
-        .map(|c| (c.collector, c.success))
-        .collect();
-    assert_eq!(
-        statuses,
-        vec![("process", true), ("gpu_info", true), ("nvidia_smi", true)]
-    );
+    assert_eq!(smi.devices[0].utilization_percent, Some(37.0));
+    assert_eq!((&g.error, &smi.error), (&None, &None));
 
     let s = poller.poll(Inputs {
         processes: world(),
@@ -206,10 +207,11 @@ fn gpu_reports_and_nvidia_smi_join_the_identities() {
         smi: Some(Err("nvidia-smi: not found".into())),
         now: Instant::now(),
     });
+    let smi = s.smi.unwrap();
     assert_eq!(
-        s.collectors.last().map(|c| (c.collector, c.success)),
-        Some(("nvidia_smi", false)),
+        smi.error.as_deref(),
+        Some("nvidia-smi: not found"),
         "a missing nvidia-smi is a failing collector, not an error"
     );
-    assert!(s.gpu.devices.is_empty());
+    assert!(smi.devices.is_empty());
 }
