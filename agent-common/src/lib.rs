@@ -39,19 +39,58 @@ pub const LIB_FRAMEWORK: u32 = 3;
 /// `PROT_EXEC`: only executable mappings of a file are libraries being loaded.
 pub const PROT_EXEC: u64 = 0x4;
 
-/// Indexes of the per-CPU `LOST` counter array: ring buffer reservations that failed.
-pub const LOST_EXEC: u32 = 0;
-pub const LOST_EXIT: u32 = 1;
-pub const LOST_FORK: u32 = 2;
-/// Ring buffer full for a CUDA first-use, OOM or retirement record.
-pub const LOST_CUDA_EVENT: u32 = 3;
-/// The CUDA counter map was full: a (process, function) pair went uncounted.
-pub const LOST_CUDA_STATS: u32 = 4;
-/// The live-allocation map was full: an allocation is not tracked for live memory.
-pub const LOST_CUDA_ALLOC: u32 = 5;
-/// Ring buffer full for a library-map record.
-pub const LOST_LIBRARY_MAP: u32 = 6;
-pub const LOST_SLOTS: u32 = 7;
+/// An enum whose variants are label values: `#[repr(u32)]` (the kernel indexes arrays with
+/// it), `ALL` in declaration order and `as_str()`, generated from one list so the two can
+/// never disagree.
+#[macro_export]
+macro_rules! label_enum {
+    (
+        $(#[$meta:meta])*
+        $vis:vis enum $name:ident {
+            $($(#[$vmeta:meta])* $variant:ident = $text:literal,)+
+        }
+    ) => {
+        $(#[$meta])*
+        #[repr(u32)]
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+        $vis enum $name {
+            $($(#[$vmeta])* $variant,)+
+        }
+
+        impl $name {
+            /// Every variant, in declaration order.
+            pub const ALL: &'static [$name] = &[$($name::$variant,)+];
+
+            /// The label value.
+            pub const fn as_str(self) -> &'static str {
+                match self {
+                    $($name::$variant => $text,)+
+                }
+            }
+        }
+    };
+}
+
+label_enum! {
+    /// The slots of the per-CPU `LOST` counter array: what a failed ring buffer reservation or
+    /// a full map lost. Userspace exports them as `llmscope_events_lost_total{kind}`.
+    pub enum Lost {
+        Exec = "exec",
+        Exit = "exit",
+        Fork = "fork",
+        /// Ring buffer full for a CUDA first-use, OOM or retirement record.
+        CudaEvent = "cuda_event",
+        /// The CUDA counter map was full: a (process, function) pair went uncounted.
+        CudaCounter = "cuda_counter",
+        /// The live-allocation map was full: an allocation is not tracked for live memory.
+        CudaAllocation = "cuda_allocation",
+        /// Ring buffer full for a library-map record.
+        LibraryMap = "library_map",
+    }
+}
+
+/// Entries of the `LOST` array.
+pub const LOST_SLOTS: u32 = Lost::ALL.len() as u32;
 
 /// `clone_flags` bits the fork program filters on (include/uapi/linux/sched.h).
 pub const CLONE_VFORK: u64 = 0x0000_4000;
@@ -166,6 +205,20 @@ mod pod {
 }
 
 pub mod cuda;
+
+#[cfg(test)]
+mod labels {
+    use super::*;
+
+    #[test]
+    fn a_lost_kind_is_its_slot_and_its_place_in_all() {
+        for (i, kind) in Lost::ALL.iter().enumerate() {
+            assert_eq!(*kind as usize, i);
+        }
+        assert_eq!(LOST_SLOTS, 7);
+        assert_eq!(Lost::LibraryMap.as_str(), "library_map");
+    }
+}
 
 #[cfg(test)]
 mod layout {

@@ -8,8 +8,7 @@ use agent_common::{
         AllocKey, Cookie, CudaKey, CudaStat, Pending, PendingKey, API_DRIVER, CUDA_OOM,
         DIR_DEFAULT, DIR_FROM_ARG, KIND_ALLOC, KIND_FREE, KIND_MEMCPY, KIND_SYNC, RUNTIME_ALLOCS,
     },
-    CudaOomEvent, PidEvent, EVENT_CUDA_FIRST_USE, EVENT_CUDA_OOM, LOST_CUDA_ALLOC, LOST_CUDA_EVENT,
-    LOST_CUDA_STATS,
+    CudaOomEvent, Lost, PidEvent, EVENT_CUDA_FIRST_USE, EVENT_CUDA_OOM,
 };
 use aya_ebpf::{
     bindings::{BPF_NOEXIST, BPF_RB_NO_WAKEUP},
@@ -240,7 +239,7 @@ fn generation(tgid: u32) -> Option<u32> {
     match unsafe { CUDA_SEEN.get(&tgid) } {
         Some(g) => Some(*g),
         None => {
-            count_lost(LOST_CUDA_STATS);
+            count_lost(Lost::CudaCounter);
             None
         }
     }
@@ -271,7 +270,7 @@ fn add(key: &CudaKey, calls: u64, bytes: u64, nanos: u64) {
             match CUDA_STATS.get_ptr_mut(key) {
                 Some(p) => p,
                 None => {
-                    count_lost(LOST_CUDA_STATS);
+                    count_lost(Lost::CudaCounter);
                     return;
                 }
             }
@@ -298,7 +297,7 @@ fn record_allocation(tgid: u32, generation: u32, ptr: u64, size: u64) {
         ptr,
     };
     if CUDA_ALLOCS.insert(&key, &size, 0).is_err() {
-        count_lost(LOST_CUDA_ALLOC);
+        count_lost(Lost::CudaAllocation);
         return;
     }
     live_add(tgid, size);
@@ -328,7 +327,7 @@ fn live_add(tgid: u32, delta: u64) {
             match CUDA_LIVE.get_ptr_mut(&tgid) {
                 Some(p) => p,
                 None => {
-                    count_lost(LOST_CUDA_ALLOC);
+                    count_lost(Lost::CudaAllocation);
                     return;
                 }
             }
@@ -359,7 +358,7 @@ fn report_first_use(tgid: u32) {
             });
             entry.submit(BPF_RB_NO_WAKEUP as u64);
         }
-        None => count_lost(LOST_CUDA_EVENT),
+        None => count_lost(Lost::CudaEvent),
     }
 }
 
@@ -376,6 +375,6 @@ fn report_oom(tgid: u32, function: u8, code: u32, size: u64) {
             });
             entry.submit(BPF_RB_NO_WAKEUP as u64);
         }
-        None => count_lost(LOST_CUDA_EVENT),
+        None => count_lost(Lost::CudaEvent),
     }
 }

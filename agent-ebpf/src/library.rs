@@ -9,7 +9,7 @@
 //! mapping exists; userspace reads `/proc/<pid>/maps` a drain interval later.
 
 use agent_common::{
-    LibraryMapEvent, EVENT_LIBRARY_MAP, LIB_NAME_LEN, LIB_PREFIX_LEN, LOST_LIBRARY_MAP, PROT_EXEC,
+    LibraryMapEvent, Lost, EVENT_LIBRARY_MAP, LIB_NAME_LEN, LIB_PREFIX_LEN, PROT_EXEC,
 };
 use aya_ebpf::{
     bindings::BPF_RB_NO_WAKEUP,
@@ -94,7 +94,7 @@ fn library_mapped(file: *const u8, prot: u64) {
         return;
     };
     let Some(mut entry) = EVENTS.reserve::<LibraryMapEvent>(0) else {
-        count_lost(LOST_LIBRARY_MAP);
+        count_lost(Lost::LibraryMap);
         return;
     };
     let ev = entry.as_mut_ptr();

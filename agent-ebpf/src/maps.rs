@@ -1,6 +1,6 @@
 //! Maps shared by every program of the object.
 
-use agent_common::LOST_SLOTS;
+use agent_common::{Lost, LOST_SLOTS};
 use aya_ebpf::{
     macros::map,
     maps::{HashMap, PerCpuArray, RingBuf},
@@ -11,7 +11,7 @@ use aya_ebpf::{
 #[map]
 pub static EVENTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
 
-/// Per-CPU counts of records that could not be sent or counted, by `LOST_*` slot.
+/// Per-CPU counts of records that could not be sent or counted, by [`Lost`] slot.
 #[map]
 pub static LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(LOST_SLOTS, 0);
 
@@ -20,8 +20,8 @@ pub static LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(LOST_SLOTS, 0)
 #[map]
 pub static TRACKED: HashMap<u32, u32> = HashMap::with_max_entries(8192, 0);
 
-pub fn count_lost(slot: u32) {
-    if let Some(counter) = LOST.get_ptr_mut(slot) {
+pub fn count_lost(kind: Lost) {
+    if let Some(counter) = LOST.get_ptr_mut(kind as u32) {
         // SAFETY: a per-CPU slot is only touched by programs on this CPU, one at a time.
         unsafe { *counter += 1 };
     }

@@ -7,9 +7,8 @@
 use crate::cuda::retire;
 use crate::maps::{count_lost, EVENTS, TRACKED};
 use agent_common::{
-    ExecEvent, ExitEvent, ForkEvent, ARGV_LEN, CLONE_THREAD, CLONE_VFORK, EVENT_CUDA_RETIRED,
-    EVENT_EXEC, EVENT_EXIT, EVENT_FORK, FILENAME_LEN, LOST_CUDA_EVENT, LOST_EXEC, LOST_EXIT,
-    LOST_FORK,
+    ExecEvent, ExitEvent, ForkEvent, Lost, ARGV_LEN, CLONE_THREAD, CLONE_VFORK, EVENT_CUDA_RETIRED,
+    EVENT_EXEC, EVENT_EXIT, EVENT_FORK, FILENAME_LEN,
 };
 use aya_ebpf::{
     bindings::BPF_RB_NO_WAKEUP,
@@ -99,11 +98,11 @@ pub fn sched_process_exit(ctx: TracePointContext) -> u32 {
         return 0;
     }
     let tgid = (pid_tgid >> 32) as u32;
-    send_end(EVENT_EXIT, tgid, retire(tgid), LOST_EXIT);
+    send_end(EVENT_EXIT, tgid, retire(tgid), Lost::Exit);
     0
 }
 
-fn send_end(kind: u32, tgid: u32, cuda_generation: u32, lost_slot: u32) {
+fn send_end(kind: u32, tgid: u32, cuda_generation: u32, lost: Lost) {
     match EVENTS.reserve::<ExitEvent>(0) {
         Some(mut entry) => {
             entry.write(ExitEvent {
@@ -115,7 +114,7 @@ fn send_end(kind: u32, tgid: u32, cuda_generation: u32, lost_slot: u32) {
             });
             entry.submit(BPF_RB_NO_WAKEUP as u64);
         }
-        None => count_lost(lost_slot),
+        None => count_lost(lost),
     }
 }
 
@@ -148,7 +147,7 @@ pub fn task_newtask(ctx: TracePointContext) -> u32 {
             });
             entry.submit(BPF_RB_NO_WAKEUP as u64);
         }
-        None => count_lost(LOST_FORK),
+        None => count_lost(Lost::Fork),
     }
     0
 }
@@ -163,11 +162,11 @@ fn try_exec(ctx: &TracePointContext) -> Result<(), ()> {
             EVENT_CUDA_RETIRED,
             (pid_tgid >> 32) as u32,
             generation,
-            LOST_CUDA_EVENT,
+            Lost::CudaEvent,
         );
     }
     let Some(mut entry) = EVENTS.reserve::<ExecEvent>(0) else {
-        count_lost(LOST_EXEC);
+        count_lost(Lost::Exec);
         return Ok(());
     };
     let ev = entry.as_mut_ptr();

@@ -43,10 +43,19 @@ pub struct Containers {
     cache: Mutex<HashMap<String, Entry>>,
     queue: Option<SyncSender<String>>,
     /// Lookups by result: ok, not_found, error, dropped.
-    results: [AtomicU64; 4],
+    results: [AtomicU64; Lookup::ALL.len()],
 }
 
-const RESULTS: [&str; 4] = ["ok", "not_found", "error", "dropped"];
+agent_common::label_enum! {
+    /// How a container name lookup ended (`kind` of `llmscope_container_lookups_total`).
+    enum Lookup {
+        Ok = "ok",
+        NotFound = "not_found",
+        Error = "error",
+        /// The lookup queue was full.
+        Dropped = "dropped",
+    }
+}
 
 impl Containers {
     /// A resolver (`enabled`: some runtime can be asked; otherwise names are never looked
@@ -93,7 +102,7 @@ impl Containers {
                 cache.insert(id.to_owned(), Entry::Pending);
             }
             Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
-                self.results[3].fetch_add(1, Ordering::Relaxed);
+                self.results[Lookup::Dropped as usize].fetch_add(1, Ordering::Relaxed);
             }
         }
     }
@@ -125,11 +134,11 @@ impl Containers {
     }
 
     pub fn results(&self) -> Vec<KindCount> {
-        RESULTS
+        Lookup::ALL
             .iter()
             .zip(&self.results)
-            .map(|(&kind, n)| KindCount {
-                kind,
+            .map(|(kind, n)| KindCount {
+                kind: kind.as_str(),
                 value: n.load(Ordering::Relaxed),
             })
             .collect()
@@ -201,12 +210,12 @@ pub(super) fn spawn(
                     (None, None) => Ok(None),
                 };
                 let (entry, result) = match asked {
-                    Ok(Some(labels)) => (Entry::Known(labels), 0),
+                    Ok(Some(labels)) => (Entry::Known(labels), Lookup::Ok),
                     Ok(None) => (
                         Entry::Unknown {
                             retry_at: Instant::now() + RETRY_AFTER,
                         },
-                        1,
+                        Lookup::NotFound,
                     ),
                     Err(e) => {
                         if !warned {
@@ -217,11 +226,11 @@ pub(super) fn spawn(
                             Entry::Unknown {
                                 retry_at: Instant::now() + RETRY_AFTER,
                             },
-                            2,
+                            Lookup::Error,
                         )
                     }
                 };
-                containers.results[result].fetch_add(1, Ordering::Relaxed);
+                containers.results[result as usize].fetch_add(1, Ordering::Relaxed);
                 let mut cache = containers.cache();
                 // Forgotten meanwhile (its processes are gone): nothing to record.
                 if cache.contains_key(&id) {

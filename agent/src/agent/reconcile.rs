@@ -9,7 +9,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use agent_common::{LOST_CUDA_EVENT, LOST_LIBRARY_MAP};
+use agent_common::Lost;
 
 use super::observe::{log_detected, log_reclassified, observe_with_env, How};
 use super::Shared;
@@ -62,10 +62,10 @@ pub(super) struct MapsRead {
 
 /// Library mappings and first CUDA calls the kernel lost, since start.
 fn library_losses(shared: &Shared, lost: &LostCounters) -> u64 {
-    let kernel = lost.read().map_or(u64::MAX, |l| {
-        l[LOST_LIBRARY_MAP as usize] + l[LOST_CUDA_EVENT as usize]
-    });
-    kernel.saturating_add(Counters::get(&shared.counters.library_map_lost))
+    lost.read(Counters::get(&shared.counters.library_map_lost))
+        .map_or(u64::MAX, |l| {
+            l.get(Lost::LibraryMap) + l.get(Lost::CudaEvent)
+        })
 }
 
 /// One pass over /proc; returns how many LLM processes it added. With `repair`, what it

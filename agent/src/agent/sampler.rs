@@ -12,7 +12,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use super::observe::track_gpu_user;
 use super::Shared;
-use crate::ebpf::{LostCounters, LOST_KINDS};
+use crate::ebpf::{LostCounters, LostCounts};
 use crate::gpuinfo::{scan, Limits, Processes, Rejections};
 use crate::metrics::{KindCount, ProcessLabels, ProcessSample};
 use crate::proc::{ProcError, ProcRoot, ProcSample};
@@ -48,7 +48,7 @@ pub(super) fn spawn(
         .name("llmscope-sampler".into())
         .spawn(move || {
             let mut sampler = Sampler::default();
-            let mut lost_before = [0u64; LOST_KINDS.len()];
+            let mut lost_before = LostCounts::default();
             let mut next_full = Instant::now();
             while !shared.stopping() {
                 heartbeat.beat();
@@ -81,16 +81,16 @@ pub(super) fn spawn(
 
 /// The `events_lost` log event: once a second at most, for each kind that lost records
 /// since the last look (the counts themselves are `llmscope_events_lost_total`).
-fn log_lost(shared: &Shared, lost: &LostCounters, before: &mut [u64; LOST_KINDS.len()]) {
-    let Ok(mut now) = lost.read() else {
+fn log_lost(shared: &Shared, lost: &LostCounters, before: &mut LostCounts) {
+    let Ok(now) = lost.read(Counters::get(&shared.counters.library_map_lost)) else {
         return;
     };
-    now[6] += Counters::get(&shared.counters.library_map_lost);
-    for ((kind, was), is) in LOST_KINDS.iter().zip(before.iter()).zip(now) {
-        if is > *was {
+    for (kind, is) in now.iter() {
+        let was = before.get(kind);
+        if is > was {
             tracing::warn!(
                 event = "events_lost",
-                kind,
+                kind = kind.as_str(),
                 lost = is - was,
                 total = is,
                 "kernel events lost (ring buffer or map full); the /proc scans repair what they missed"
@@ -253,7 +253,7 @@ impl Sampler {
                     tracing::warn!(
                         event = "gpu_info_rejected",
                         file = %r.file.escape_debug(),
-                        reason = r.reason,
+                        reason = r.reason.as_str(),
                         "gpu-info report refused"
                     );
                 }

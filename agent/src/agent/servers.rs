@@ -15,7 +15,9 @@ use std::time::{Duration, Instant};
 
 use super::Shared;
 use crate::metrics::KindCount;
-use crate::servers::{api, listening, local_addresses, probe, socket_inodes, Api, Outcome};
+use crate::servers::{
+    api, listening, local_addresses, probe, socket_inodes, Api, Outcome, ProbeKind,
+};
 use crate::state::{Endpoint, Member, ServersView};
 use crate::tracker::Tracked;
 
@@ -94,7 +96,7 @@ struct Discovery {
     advertise: Option<String>,
     known: HashMap<(u32, Option<u64>), Probed>,
     /// Probes since start, by outcome.
-    probes: HashMap<&'static str, u64>,
+    probes: HashMap<ProbeKind, u64>,
 }
 
 impl Discovery {
@@ -132,10 +134,10 @@ impl Discovery {
                 .values()
                 .flat_map(|p| p.endpoints.iter().cloned())
                 .collect(),
-            probes: Outcome::KINDS
+            probes: ProbeKind::ALL
                 .iter()
                 .map(|k| KindCount {
-                    kind: k,
+                    kind: k.as_str(),
                     value: self.probes.get(k).copied().unwrap_or(0),
                 })
                 .collect(),

@@ -315,7 +315,7 @@ impl Collector for CudaCollector {
             attacher
                 .failures
                 .iter()
-                .map(|(&reason, &n)| ([("reason", reason)], n as f64)),
+                .map(|(reason, &n)| ([("reason", reason.as_str())], n as f64)),
         );
         out.set(&LIBRARY_DETACHES, attacher.detached as f64);
         out.set(&DETACH_BACKLOG, reading.detach_backlog as f64);

@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use crate::ebpf::{LostCounters, LOST_KINDS};
+use crate::ebpf::LostCounters;
 use crate::metrics::{CollectError, Collector, Families, Family, KindCount};
 use crate::state::Counters;
 
@@ -45,18 +45,14 @@ impl Collector for KernelCollector {
             ("missed_exit", load(&c.missed_exit)),
         ]);
         out.counts(&REPAIRS, "kind", &repairs);
-        let mut lost = self
+        let lost = self
             .lost
-            .read()
+            .read(load(&c.library_map_lost))
             .map_err(|e| CollectError(format!("reading the LOST map: {e}")))?;
-        // Perf mmap records lost in user space count with the kernel's library_map losses.
-        lost[6] += load(&c.library_map_lost);
         out.extend(
             &EVENTS_LOST,
-            LOST_KINDS
-                .iter()
-                .zip(lost)
-                .map(|(&kind, value)| ([("kind", kind)], value as f64)),
+            lost.iter()
+                .map(|(kind, value)| ([("kind", kind.as_str())], value as f64)),
         );
         Ok(())
     }

@@ -13,6 +13,7 @@ use super::gpuinfo::GpuInfoCollector;
 use super::nvml::NvmlCollector;
 use super::process::ProcessCollector;
 use super::servers::ServersCollector;
+use crate::cuda::attach::AttachFailure;
 use crate::gpuinfo::GpuInfo;
 use crate::identity::{Framework, Identity, Role};
 use crate::metrics::{ContainerLabels, KindCount, ProcessLabels, ProcessSample};
@@ -232,7 +233,12 @@ impl CudaSource for FixedCuda {
                 let mut a = crate::cuda::attach::AttacherStats::default();
                 a.probes = 31;
                 a.libraries = vec![("runtime", 1), ("driver", 1)];
-                a.failures = [("unreadable", 2), ("no_symbols", 0)].into_iter().collect();
+                a.failures = [
+                    (AttachFailure::Unreadable, 2),
+                    (AttachFailure::NoCudaSymbols, 0),
+                ]
+                .into_iter()
+                .collect();
                 a.detached = 3;
                 a
             },

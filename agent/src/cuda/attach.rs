@@ -30,18 +30,20 @@ use aya::Ebpf;
 use super::library::{api_name, MappedLibrary};
 use super::symbols::{Offsets, SymbolCache};
 
-/// Every reason an attach can fail for: exported at 0 from start-up, so that `increase()`
-/// sees the first failure.
-pub const FAILURE_REASONS: &[&str] = &[
-    "process_gone",
-    "deleted_file",
-    "file_gone",
-    "unreadable",
-    "too_many_libraries",
-    "no_cuda_symbols",
-    "attach_error",
-    "launch_attach_error",
-];
+agent_common::label_enum! {
+    /// Why a library could not be probed (`reason` of `llmscope_uprobe_attach_failures_total`;
+    /// every reason is exported at 0 from start-up, so that `increase()` sees the first).
+    pub enum AttachFailure {
+        ProcessGone = "process_gone",
+        DeletedFile = "deleted_file",
+        FileGone = "file_gone",
+        Unreadable = "unreadable",
+        TooManyLibraries = "too_many_libraries",
+        NoCudaSymbols = "no_cuda_symbols",
+        AttachError = "attach_error",
+        LaunchAttachError = "launch_attach_error",
+    }
+}
 
 /// Most (mount namespace, path) keys remembered per library file; the first (its name in
 /// logs) stays.
@@ -89,7 +91,7 @@ struct Library {
 pub enum Outcome {
     Attached { probes: usize },
     AlreadyProbed,
-    Failed(&'static str),
+    Failed(AttachFailure),
 }
 
 pub struct Attacher {
@@ -102,7 +104,7 @@ pub struct Attacher {
     /// Links of libraries removed to make room, to drop once the attacher is unlocked.
     evicted: Vec<UProbeLink>,
     symbols: SymbolCache,
-    failures: BTreeMap<&'static str, u64>,
+    failures: BTreeMap<AttachFailure, u64>,
     detached: u64,
     launches_attached: bool,
     /// Since when the launch probes are attached, and for how long they were before.
@@ -120,7 +122,7 @@ impl Attacher {
             tracked: Vec::new(),
             evicted: Vec::new(),
             symbols: SymbolCache::default(),
-            failures: FAILURE_REASONS.iter().map(|r| (*r, 0)).collect(),
+            failures: AttachFailure::ALL.iter().map(|&r| (r, 0)).collect(),
             detached: 0,
             launches_attached,
             launches_since: launches_attached.then(Instant::now),
@@ -134,9 +136,8 @@ impl Attacher {
         let outcome = self.try_attach(procfs, pid, lib);
         match outcome {
             Outcome::Failed(reason) => {
-                debug_assert!(FAILURE_REASONS.contains(&reason), "{reason}");
                 *self.failures.entry(reason).or_default() += 1;
-                tracing::warn!(event = "uprobe_attach_failed", pid, library = %lib.path.escape_debug(), reason, "cannot probe a CUDA library");
+                tracing::warn!(event = "uprobe_attach_failed", pid, library = %lib.path.escape_debug(), reason = reason.as_str(), "cannot probe a CUDA library");
             }
             Outcome::Attached { probes } => {
                 tracing::info!(pid, library = %lib.path, api = api_name(lib.api), probes, "CUDA library probed")
@@ -161,7 +162,7 @@ impl Attacher {
     fn try_attach(&mut self, procfs: &Path, pid: u32, lib: &MappedLibrary) -> Outcome {
         let pid_dir = procfs.join(pid.to_string());
         let Ok(mount_ns) = std::fs::read_link(pid_dir.join("ns/mnt")) else {
-            return Outcome::Failed("process_gone");
+            return Outcome::Failed(AttachFailure::ProcessGone);
         };
         let key = (mount_ns.to_string_lossy().into_owned(), lib.path.clone());
         if let Some(library) = self.libraries.iter_mut().find(|l| l.keys.contains(&key)) {
@@ -170,7 +171,7 @@ impl Attacher {
         }
         let target = if lib.deleted {
             if lib.range.is_empty() {
-                return Outcome::Failed("deleted_file");
+                return Outcome::Failed(AttachFailure::DeletedFile);
             }
             pid_dir.join("map_files").join(&lib.range)
         } else {
@@ -182,9 +183,9 @@ impl Attacher {
         }) {
             Ok(opened) => opened,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Outcome::Failed("file_gone")
+                return Outcome::Failed(AttachFailure::FileGone)
             }
-            Err(_) => return Outcome::Failed("unreadable"),
+            Err(_) => return Outcome::Failed(AttachFailure::Unreadable),
         };
         let opened = file;
         let file = (meta.dev(), meta.ino());
@@ -199,16 +200,16 @@ impl Attacher {
             return Outcome::AlreadyProbed;
         }
         if self.libraries.len() >= self.max_libraries && !self.make_room(procfs) {
-            return Outcome::Failed("too_many_libraries");
+            return Outcome::Failed(AttachFailure::TooManyLibraries);
         }
         let offsets = match self.symbols.offsets(&target, lib.api) {
             Ok(o) => o,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Outcome::Failed("file_gone")
+                return Outcome::Failed(AttachFailure::FileGone)
             }
             Err(e) => {
                 tracing::debug!(error = %e, target = %target.display(), "cannot read the library's symbols");
-                return Outcome::Failed("unreadable");
+                return Outcome::Failed(AttachFailure::Unreadable);
             }
         };
         let mut library = Library {
@@ -229,11 +230,11 @@ impl Attacher {
             return Outcome::Failed(reason);
         }
         if library.fixed_links.is_empty() {
-            return Outcome::Failed("no_cuda_symbols");
+            return Outcome::Failed(AttachFailure::NoCudaSymbols);
         }
         if self.launches_attached {
             let failed = attach_launches(&mut self.ebpf, &mut library);
-            self.failures_add("launch_attach_error", failed);
+            self.failures_add(AttachFailure::LaunchAttachError, failed);
         }
         let probes = library.fixed_links.len() + library.launch_links.len();
         self.libraries.push(library);
@@ -334,7 +335,7 @@ impl Attacher {
             for library in &mut self.libraries {
                 failed += attach_launches(&mut self.ebpf, library);
             }
-            self.failures_add("launch_attach_error", failed);
+            self.failures_add(AttachFailure::LaunchAttachError, failed);
         } else {
             let program = uprobe(&mut self.ebpf, Program::Entry);
             detached.0 = self
@@ -386,7 +387,7 @@ pub struct AttacherStats {
     /// Library files probed, by API.
     pub libraries: Vec<(&'static str, usize)>,
     /// Libraries that could not be probed, by reason.
-    pub failures: BTreeMap<&'static str, u64>,
+    pub failures: BTreeMap<AttachFailure, u64>,
     /// Libraries detached because no process mapped them any more, since start.
     pub detached: u64,
     launches_total: Duration,
@@ -403,8 +404,7 @@ impl AttacherStats {
 }
 
 impl Attacher {
-    fn failures_add(&mut self, reason: &'static str, n: u64) {
-        debug_assert!(FAILURE_REASONS.contains(&reason), "{reason}");
+    fn failures_add(&mut self, reason: AttachFailure, n: u64) {
         if n > 0 {
             *self.failures.entry(reason).or_default() += n;
         }
@@ -491,7 +491,7 @@ fn uprobe(ebpf: &mut Ebpf, program: Program) -> &mut UProbe {
 
 /// Entry (and, where the table says so, return) probes on every non-launch function the file
 /// defines. An error leaves what was attached in `library` for the caller to roll back.
-fn attach_fixed(ebpf: &mut Ebpf, library: &mut Library) -> Result<(), &'static str> {
+fn attach_fixed(ebpf: &mut Ebpf, library: &mut Library) -> Result<(), AttachFailure> {
     let offsets = library.offsets.clone();
     for &(id, offset) in offsets.iter() {
         let f = &FUNCTIONS[id as usize];
@@ -562,17 +562,19 @@ fn attach_one(
     target: &Path,
     id: u8,
     offset: u64,
-) -> Result<UProbeLinkId, &'static str> {
+) -> Result<UProbeLinkId, AttachFailure> {
     let point = UProbeAttachPoint {
         location: UProbeAttachLocation::AbsoluteOffset(offset),
         cookie: Some(cookie(id)),
     };
     match uprobe(ebpf, program).attach(point, target, UProbeScope::AllProcesses) {
         Ok(link) => Ok(link),
-        Err(ProgramError::UProbeError(UProbeError::FileError { .. })) => Err("file_gone"),
+        Err(ProgramError::UProbeError(UProbeError::FileError { .. })) => {
+            Err(AttachFailure::FileGone)
+        }
         Err(e) => {
             tracing::debug!(error = %e, target = %target.display(), "uprobe attach failed");
-            Err("attach_error")
+            Err(AttachFailure::AttachError)
         }
     }
 }

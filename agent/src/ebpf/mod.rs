@@ -9,10 +9,7 @@ pub mod perf_mmap;
 use std::path::Path;
 
 use agent_common::cuda::{AllocKey, CudaKey, CudaStat};
-use agent_common::{
-    LOST_CUDA_ALLOC, LOST_CUDA_EVENT, LOST_CUDA_STATS, LOST_EXEC, LOST_EXIT, LOST_FORK,
-    LOST_LIBRARY_MAP,
-};
+use agent_common::{Lost, LOST_SLOTS};
 use aya::maps::lpm_trie::{Key, LpmTrie};
 use aya::maps::{HashMap, MapData, PerCpuArray, RingBuf};
 use aya::programs::{FEntry, KProbe, ProgramError, TracePoint, UProbe};
@@ -82,38 +79,33 @@ impl MmapHook {
 /// The per-CPU counters of ring buffer reservations that failed.
 pub struct LostCounters(PerCpuArray<MapData, u64>);
 
-/// What [`LostCounters::read`] counts, in its order (`kind` of `llmscope_events_lost_total`).
-pub const LOST_KINDS: [&str; 7] = [
-    "exec",
-    "exit",
-    "fork",
-    "cuda_event",
-    "cuda_counter",
-    "cuda_allocation",
-    "library_map",
-];
+/// Records lost since load, by kind.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LostCounts([u64; LOST_SLOTS as usize]);
+
+impl LostCounts {
+    pub fn get(&self, kind: Lost) -> u64 {
+        self.0[kind as usize]
+    }
+
+    /// Every kind with its count, in slot order.
+    pub fn iter(&self) -> impl Iterator<Item = (Lost, u64)> + '_ {
+        Lost::ALL.iter().map(|&kind| (kind, self.get(kind)))
+    }
+}
 
 impl LostCounters {
-    /// Records lost since load, summed over CPUs: exec, exit, fork, CUDA events, CUDA
-    /// counters (map full), CUDA allocations (map full), library maps.
-    pub fn read(&self) -> Result<[u64; 7], String> {
-        let sum = |slot: u32| -> Result<u64, String> {
-            Ok(self
-                .0
-                .get(&slot, 0)
-                .map_err(|e| e.to_string())?
-                .iter()
-                .sum())
-        };
-        Ok([
-            sum(LOST_EXEC)?,
-            sum(LOST_EXIT)?,
-            sum(LOST_FORK)?,
-            sum(LOST_CUDA_EVENT)?,
-            sum(LOST_CUDA_STATS)?,
-            sum(LOST_CUDA_ALLOC)?,
-            sum(LOST_LIBRARY_MAP)?,
-        ])
+    /// Records lost since load, summed over CPUs. Perf mmap records lost in user space
+    /// (`user_library_maps`, when that is the library hook) count with the kernel's
+    /// library-map losses.
+    pub fn read(&self, user_library_maps: u64) -> Result<LostCounts, String> {
+        let mut counts = LostCounts::default();
+        for &kind in Lost::ALL {
+            let per_cpu = self.0.get(&(kind as u32), 0).map_err(|e| e.to_string())?;
+            counts.0[kind as usize] = per_cpu.iter().sum();
+        }
+        counts.0[Lost::LibraryMap as usize] += user_library_maps;
+        Ok(counts)
     }
 }
 

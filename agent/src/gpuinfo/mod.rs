@@ -63,24 +63,26 @@ pub trait Processes {
     fn find(&self, pid: u32, start_time_ticks: u64) -> Vec<u32>;
 }
 
-/// Why a report is refused: every reason [`scan`] gives.
-pub const REASONS: &[&str] = &[
-    "ambiguous_process",
-    "invalid_value",
-    "malformed",
-    "no_matching_process",
-    "not_a_regular_file",
-    "older_than_process",
-    "pid_mismatch",
-    "process_gone",
-    "stale",
-    "symlink",
-    "too_large",
-    "too_many_files",
-    "unreadable",
-    "unsupported_version",
-    "wrong_owner",
-];
+agent_common::label_enum! {
+    /// Why a report is refused (`reason` of `llmscope_gpu_info_rejected_total`).
+    pub enum Reason {
+        AmbiguousProcess = "ambiguous_process",
+        InvalidValue = "invalid_value",
+        Malformed = "malformed",
+        NoMatchingProcess = "no_matching_process",
+        NotARegularFile = "not_a_regular_file",
+        OlderThanProcess = "older_than_process",
+        PidMismatch = "pid_mismatch",
+        ProcessGone = "process_gone",
+        Stale = "stale",
+        Symlink = "symlink",
+        TooLarge = "too_large",
+        TooManyFiles = "too_many_files",
+        Unreadable = "unreadable",
+        UnsupportedVersion = "unsupported_version",
+        WrongOwner = "wrong_owner",
+    }
+}
 
 /// A file as it was when refused: (modification time, size). The same refused version is
 /// counted once, however many scans see it.
@@ -90,7 +92,7 @@ pub type FileVersion = Option<(SystemTime, u64)>;
 pub struct Rejection {
     pub file: String,
     pub version: FileVersion,
-    pub reason: &'static str,
+    pub reason: Reason,
 }
 
 #[derive(Debug, Default, PartialEq)]
@@ -106,7 +108,7 @@ impl Scan {
     pub fn rejected_by_reason(&self) -> BTreeMap<&'static str, u64> {
         let mut out = BTreeMap::new();
         for r in &self.rejected {
-            *out.entry(r.reason).or_default() += 1;
+            *out.entry(r.reason.as_str()).or_default() += 1;
         }
         out
     }
@@ -117,8 +119,8 @@ impl Scan {
 /// files of the last scan (bounded like the scan).
 #[derive(Debug)]
 pub struct Rejections {
-    last: HashMap<String, (FileVersion, &'static str)>,
-    totals: BTreeMap<&'static str, u64>,
+    last: HashMap<String, (FileVersion, Reason)>,
+    totals: BTreeMap<Reason, u64>,
     truncated: u64,
 }
 
@@ -126,7 +128,7 @@ impl Default for Rejections {
     fn default() -> Self {
         Rejections {
             last: HashMap::new(),
-            totals: REASONS.iter().map(|&r| (r, 0)).collect(),
+            totals: Reason::ALL.iter().map(|&r| (r, 0)).collect(),
             truncated: 0,
         }
     }
@@ -156,7 +158,7 @@ impl Rejections {
     }
 
     pub fn totals(&self) -> impl Iterator<Item = (&'static str, u64)> + '_ {
-        self.totals.iter().map(|(&k, &v)| (k, v))
+        self.totals.iter().map(|(k, &v)| (k.as_str(), v))
     }
 }
 
@@ -184,7 +186,7 @@ pub fn scan(
             if out.rejected.len() >= 2 * limits.max_files {
                 continue;
             }
-            "too_many_files"
+            Reason::TooManyFiles
         } else {
             considered += 1;
             match read_one(&entry.path(), pid, limits, processes, now) {
@@ -222,36 +224,38 @@ fn read_one(
     limits: &Limits,
     processes: &dyn Processes,
     now: SystemTime,
-) -> Result<GpuInfo, &'static str> {
+) -> Result<GpuInfo, Reason> {
     let file = open_untrusted(path)?;
-    let meta = file.metadata().map_err(|_| "unreadable")?;
+    let meta = file.metadata().map_err(|_| Reason::Unreadable)?;
     if !meta.is_file() {
-        return Err("not_a_regular_file");
+        return Err(Reason::NotARegularFile);
     }
     if meta.len() > limits.max_bytes {
-        return Err("too_large");
+        return Err(Reason::TooLarge);
     }
     let mut text = Vec::with_capacity(meta.len() as usize);
     file.take(limits.max_bytes + 1)
         .read_to_end(&mut text)
-        .map_err(|_| "unreadable")?;
+        .map_err(|_| Reason::Unreadable)?;
     if text.len() as u64 > limits.max_bytes {
-        return Err("too_large");
+        return Err(Reason::TooLarge);
     }
     let mut info = schema::parse(&text)?;
     if info.pid != pid {
-        return Err("pid_mismatch");
+        return Err(Reason::PidMismatch);
     }
     // The writer, as the agent sees it.
     let writer = match info.start_time_ticks {
         None => pid,
         Some(ticks) => match processes.find(pid, ticks)[..] {
             [one] => one,
-            [] => return Err("no_matching_process"),
-            _ => return Err("ambiguous_process"),
+            [] => return Err(Reason::NoMatchingProcess),
+            _ => return Err(Reason::AmbiguousProcess),
         },
     };
-    let (uid, started) = processes.owner_and_start(writer).ok_or("process_gone")?;
+    let (uid, started) = processes
+        .owner_and_start(writer)
+        .ok_or(Reason::ProcessGone)?;
     if let Some(uid) = uid {
         check_owner(&meta, uid)?;
     }
@@ -261,7 +265,7 @@ fn read_one(
         .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
         .map_or(0.0, |d| d.as_secs_f64());
     if modified + 1.0 < started {
-        return Err("older_than_process");
+        return Err(Reason::OlderThanProcess);
     }
     info.pid = writer;
     let now = now
@@ -270,56 +274,56 @@ fn read_one(
     if info.timestamp + limits.ttl.as_secs_f64() < now
         || info.timestamp > now + limits.ttl.as_secs_f64()
     {
-        return Err("stale");
+        return Err(Reason::Stale);
     }
     Ok(info)
 }
 
 #[cfg(unix)]
-fn open_untrusted(path: &Path) -> Result<std::fs::File, &'static str> {
+fn open_untrusted(path: &Path) -> Result<std::fs::File, Reason> {
     use std::os::unix::fs::OpenOptionsExt;
     std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC | libc::O_NOCTTY)
         .open(path)
         .map_err(|e| match e.raw_os_error() {
-            Some(libc::ELOOP) => "symlink",
-            Some(libc::ENOENT) => "process_gone",
-            _ => "unreadable",
+            Some(libc::ELOOP) => Reason::Symlink,
+            Some(libc::ENOENT) => Reason::ProcessGone,
+            _ => Reason::Unreadable,
         })
 }
 
 #[cfg(unix)]
-fn check_owner(meta: &std::fs::Metadata, uid: u32) -> Result<(), &'static str> {
+fn check_owner(meta: &std::fs::Metadata, uid: u32) -> Result<(), Reason> {
     use std::os::unix::fs::MetadataExt;
     if meta.uid() == uid {
         Ok(())
     } else {
-        Err("wrong_owner")
+        Err(Reason::WrongOwner)
     }
 }
 
 /// Windows: refuse symlinks and junctions (reparse points) instead of following them.
 #[cfg(windows)]
-fn open_untrusted(path: &Path) -> Result<std::fs::File, &'static str> {
+fn open_untrusted(path: &Path) -> Result<std::fs::File, Reason> {
     use std::os::windows::fs::OpenOptionsExt;
     const FILE_FLAG_OPEN_REPARSE_POINT: u32 = 0x0020_0000;
     let meta = std::fs::symlink_metadata(path).map_err(|e| match e.kind() {
-        std::io::ErrorKind::NotFound => "process_gone",
-        _ => "unreadable",
+        std::io::ErrorKind::NotFound => Reason::ProcessGone,
+        _ => Reason::Unreadable,
     })?;
     if meta.file_type().is_symlink() {
-        return Err("symlink");
+        return Err(Reason::Symlink);
     }
     std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(FILE_FLAG_OPEN_REPARSE_POINT)
         .open(path)
-        .map_err(|_| "unreadable")
+        .map_err(|_| Reason::Unreadable)
 }
 
 /// Windows owners are SIDs, not uids: the caller passes none (see [`Processes`]).
 #[cfg(windows)]
-fn check_owner(_meta: &std::fs::Metadata, _uid: u32) -> Result<(), &'static str> {
+fn check_owner(_meta: &std::fs::Metadata, _uid: u32) -> Result<(), Reason> {
     Ok(())
 }

@@ -2,6 +2,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::Reason;
+
 pub const SCHEMA_VERSION: u32 = 1;
 
 /// One process's report about its use of one GPU.
@@ -37,11 +39,11 @@ fn default_version() -> u32 {
 }
 
 /// Parses and validates; the error is the rejection reason.
-pub(crate) fn parse(text: &[u8]) -> Result<GpuInfo, &'static str> {
+pub(crate) fn parse(text: &[u8]) -> Result<GpuInfo, Reason> {
     // serde_json refuses nesting deeper than 128 levels and NaN/Infinity literals itself.
-    let info: GpuInfo = serde_json::from_slice(text).map_err(|_| "malformed")?;
+    let info: GpuInfo = serde_json::from_slice(text).map_err(|_| Reason::Malformed)?;
     if info.version != SCHEMA_VERSION {
-        return Err("unsupported_version");
+        return Err(Reason::UnsupportedVersion);
     }
     let bytes_ok = |v: f64| (0.0..1e18).contains(&v);
     let util_ok = info
@@ -53,7 +55,7 @@ pub(crate) fn parse(text: &[u8]) -> Result<GpuInfo, &'static str> {
         || !info.timestamp.is_finite()
         || info.gpu_index > 1024
     {
-        return Err("invalid_value");
+        return Err(Reason::InvalidValue);
     }
     Ok(info)
 }

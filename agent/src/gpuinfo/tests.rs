@@ -141,7 +141,7 @@ fn every_hostile_file_is_refused_for_its_reason() {
     // is counted again.
     let mut counted = Rejections::default();
     assert!(counted.totals().all(|(_, n)| n == 0), "every reason from 0");
-    assert_eq!(counted.totals().count(), REASONS.len());
+    assert_eq!(counted.totals().count(), Reason::ALL.len());
     counted.count(&scan);
     let again = super::scan(
         &dir.0,

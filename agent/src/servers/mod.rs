@@ -11,7 +11,7 @@ pub(crate) mod sockets;
 
 pub use addresses::local_addresses;
 pub use ollama::LoadedModel;
-pub use probe::{probe, Answer, Outcome};
+pub use probe::{probe, Answer, Outcome, ProbeKind};
 pub use sockets::{listening, parse_tcp_table, socket_inodes};
 
 use crate::identity::Framework;

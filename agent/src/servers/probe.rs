@@ -53,28 +53,31 @@ pub enum Outcome {
     Other,
 }
 
-impl Outcome {
-    pub const KINDS: [&'static str; 8] = [
-        "metrics",
-        "disabled",
-        "ollama",
-        "refused",
-        "timeout",
-        "too_large",
-        "wrong_content_type",
-        "other",
-    ];
+agent_common::label_enum! {
+    /// What a probe found (`kind` of `llmscope_server_probes_total`).
+    pub enum ProbeKind {
+        Metrics = "metrics",
+        Disabled = "disabled",
+        Ollama = "ollama",
+        Refused = "refused",
+        Timeout = "timeout",
+        TooLarge = "too_large",
+        WrongContentType = "wrong_content_type",
+        Other = "other",
+    }
+}
 
-    pub fn kind(&self) -> &'static str {
+impl Outcome {
+    pub fn kind(&self) -> ProbeKind {
         match self {
-            Outcome::Answered(Answer::Metrics) => "metrics",
-            Outcome::Answered(Answer::Disabled) => "disabled",
-            Outcome::Answered(Answer::Ollama(_)) => "ollama",
-            Outcome::Refused => "refused",
-            Outcome::Timeout => "timeout",
-            Outcome::TooLarge => "too_large",
-            Outcome::WrongContentType => "wrong_content_type",
-            Outcome::Other => "other",
+            Outcome::Answered(Answer::Metrics) => ProbeKind::Metrics,
+            Outcome::Answered(Answer::Disabled) => ProbeKind::Disabled,
+            Outcome::Answered(Answer::Ollama(_)) => ProbeKind::Ollama,
+            Outcome::Refused => ProbeKind::Refused,
+            Outcome::Timeout => ProbeKind::Timeout,
+            Outcome::TooLarge => ProbeKind::TooLarge,
+            Outcome::WrongContentType => ProbeKind::WrongContentType,
+            Outcome::Other => ProbeKind::Other,
         }
     }
 }

@@ -1,6 +1,6 @@
 use std::time::{Duration, Instant};
 
-use llmscope::gpuinfo::{GpuInfo, Rejection, Scan};
+use llmscope::gpuinfo::{GpuInfo, Reason, Rejection, Scan};
 
 use super::*;
 
@@ -143,7 +143,7 @@ fn gpu_reports_and_nvidia_smi_join_the_identities() {
             .map(|file| Rejection {
                 file: file.into(),
                 version: None,
-                reason: "symlink",
+                reason: Reason::Symlink,
             })
             .into(),
         truncated: false,
@@ -193,11 +193,7 @@ fn gpu_reports_and_nvidia_smi_join_the_identities() {
         .map(|c| (c.kind, c.value))
         .collect();
     assert_eq!(rejected, [("symlink", 2)]);
-    assert_eq!(
-        g.rejected.len(),
-        llmscope::gpuinfo::REASONS.len(),
-        "every reason from 0"
-    );
+    assert_eq!(g.rejected.len(), Reason::ALL.len(), "every reason from 0");
     assert_eq!(smi.devices[0].utilization_percent, Some(37.0));
     assert_eq!((&g.error, &smi.error), (&None, &None));
 
