@@ -680,15 +680,24 @@ fn signed_urls_leak_nothing_and_model_names_are_capped() {
     }
 }
 
+/// An agent with a fault injected: the faults exist only in a build with the `test-faults`
+/// feature, which `cargo xtask test` enables.
+fn agent_with_fault(fault: &str) -> Agent {
+    if !cfg!(feature = "test-faults") {
+        panic!("LLMSCOPE_TEST_FAULT needs the test-faults feature: run cargo xtask test");
+    }
+    Agent::start_with_env(
+        &["--rescan-interval", "1h"],
+        &[("LLMSCOPE_TEST_FAULT", fault)],
+    )
+}
+
 /// The ring reader stalls, then dies (faults injected for tests): /healthz answers 503
 /// naming the thread while it is stalled, and a dead one stops the agent with a non-zero exit
 /// code so that a supervisor restarts it.
 #[test]
 fn a_stalled_or_dead_ring_reader_fails_health_and_the_process() {
-    let stalled = Agent::start_with_env(
-        &["--rescan-interval", "1h"],
-        &[("LLMSCOPE_TEST_FAULT", "events_stall")],
-    );
+    let stalled = agent_with_fault("events_stall");
     let unhealthy = wait_for(Duration::from_secs(30), || {
         stalled.get("/healthz").ok().filter(|(code, body)| {
             *code == 503 && body.contains("thread events has made no progress")
@@ -702,10 +711,7 @@ fn a_stalled_or_dead_ring_reader_fails_health_and_the_process() {
     );
     drop(stalled);
 
-    let mut dead = Agent::start_with_env(
-        &["--rescan-interval", "1h"],
-        &[("LLMSCOPE_TEST_FAULT", "events_panic")],
-    );
+    let mut dead = agent_with_fault("events_panic");
     let status = dead
         .exit_status(Duration::from_secs(20))
         .expect("the agent keeps running without its ring reader");
@@ -722,10 +728,7 @@ fn a_stalled_or_dead_ring_reader_fails_health_and_the_process() {
 /// next scrapes work too (nothing poisoned).
 #[test]
 fn a_panicking_collector_fails_alone() {
-    let agent = Agent::start_with_env(
-        &["--rescan-interval", "1h"],
-        &[("LLMSCOPE_TEST_FAULT", "collector_panic")],
-    );
+    let agent = agent_with_fault("collector_panic");
     for _ in 0..3 {
         let m = agent.metrics();
         assert_eq!(

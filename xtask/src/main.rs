@@ -112,6 +112,9 @@ fn run(args: Vec<String>) -> Result<()> {
     Ok(())
 }
 
+/// The agent's test-only fault injection (never in a release build).
+const TEST_FEATURES: &str = "llmscope-agent/test-faults";
+
 /// How long `cargo xtask test` runs each fuzz target.
 const FUZZ_SECONDS_IN_TEST: u64 = 10;
 
@@ -148,6 +151,8 @@ fn test(args: Vec<String>) -> Result<()> {
         "--exclude",
         "agent-ebpf",
         "--all-targets",
+        "--features",
+        TEST_FEATURES,
         "--",
         "-D",
         "warnings",
@@ -160,7 +165,14 @@ fn test(args: Vec<String>) -> Result<()> {
     let torch_python = setup::torch_python()?;
     // Integration tests start agents and process storms: one at a time, so they do not
     // compete for this machine's two cores.
-    let mut cargo_args = vec!["test", "--workspace", "--exclude", "agent-ebpf"];
+    let mut cargo_args = vec![
+        "test",
+        "--workspace",
+        "--exclude",
+        "agent-ebpf",
+        "--features",
+        TEST_FEATURES,
+    ];
     cargo_args.extend(args.iter().map(String::as_str));
     if !args.iter().any(|a| a == "--") {
         cargo_args.push("--");

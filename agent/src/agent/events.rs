@@ -41,25 +41,13 @@ fn run(
     mut mmap_records: Option<MmapRecords>,
     heartbeat: &super::health::Heartbeat,
 ) {
-    // Test-only fault injection: the integration tests kill (`events_panic`) or stall
-    // (`events_stall`) the ring reader a second after start, to see /healthz and the exit
-    // code tell the truth.
-    let fault = std::env::var("LLMSCOPE_TEST_FAULT").unwrap_or_default();
-    let started = Instant::now();
+    #[cfg(feature = "test-faults")]
+    let fault = super::faults::EventsFault::injected();
     let mut last_housekeeping = Instant::now();
     while !shared.stopping() {
         heartbeat.beat();
-        if !fault.is_empty() && started.elapsed() > Duration::from_secs(1) {
-            match fault.as_str() {
-                "events_panic" => panic!("fault injected by LLMSCOPE_TEST_FAULT=events_panic"),
-                "events_stall" => {
-                    while !shared.stopping() {
-                        std::thread::sleep(Duration::from_millis(50));
-                    }
-                }
-                _ => {}
-            }
-        }
+        #[cfg(feature = "test-faults")]
+        fault.strike(|| shared.stopping());
         // Library mappings from the perf records are taken before the ring is read, and
         // handled after it: every exec that preceded a mapping is in the ring by then, so a
         // process is never tracked from its mapping before its exec is seen (and detected

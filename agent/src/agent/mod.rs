@@ -25,6 +25,8 @@
 mod containers;
 mod cuda;
 mod events;
+#[cfg(feature = "test-faults")]
+mod faults;
 mod health;
 mod libraries;
 mod nvml;
@@ -519,11 +521,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             nvml,
         )));
     }
-    // Test-only fault injection: a collector that panics on every scrape, to see that it
-    // fails alone (the integration tests set LLMSCOPE_TEST_FAULT=collector_panic).
-    if std::env::var("LLMSCOPE_TEST_FAULT").as_deref() == Ok("collector_panic") {
-        collectors.push(Box::new(PanickingCollector));
-    }
+    #[cfg(feature = "test-faults")]
+    collectors.extend(faults::collector());
     let source = Arc::new(AgentSource {
         collectors,
         health: shared.health.clone(),
@@ -570,18 +569,6 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     match died {
         Some(name) => Err(anyhow::anyhow!("the {name} thread died")),
         None => Ok(()),
-    }
-}
-
-struct PanickingCollector;
-
-impl Collector for PanickingCollector {
-    fn name(&self) -> &'static str {
-        "fault"
-    }
-
-    fn collect(&self, _: &mut Families) -> Result<(), crate::metrics::CollectError> {
-        panic!("fault injected by LLMSCOPE_TEST_FAULT=collector_panic")
     }
 }
 
