@@ -82,7 +82,7 @@ fn main() {
     }
     println!(
         "llmscope exec benchmark ({} CPUs)\n",
-        std::thread::available_parallelism().map_or(0, |n| n.get())
+        std::thread::available_parallelism().map_or(0, std::num::NonZero::get)
     );
 
     // The syscall tax, alternating without / with the agent.

@@ -23,11 +23,17 @@ impl<T> Published<T> {
     }
 
     pub fn get(&self) -> Arc<T> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
     pub fn set(&self, value: T) {
-        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Arc::new(value);
+        *self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(value);
     }
 }
 

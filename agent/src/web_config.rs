@@ -95,7 +95,7 @@ impl WebConfig {
     pub fn current(&self) -> Arc<Loaded> {
         self.current
             .read()
-            .unwrap_or_else(|e| e.into_inner())
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
             .clone()
     }
 }
@@ -119,7 +119,9 @@ fn reload_on_change(path: &Path, mut versions: Versions, current: &Weak<RwLock<A
                 let Some(current) = current.upgrade() else {
                     return;
                 };
-                *current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(loaded);
+                *current
+                    .write()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(loaded);
                 versions = new_versions;
                 tracing::info!(file = %path.display(), "web configuration reloaded");
             }
@@ -223,7 +225,7 @@ fn tls_acceptor(
     ca_file: Option<&Path>,
 ) -> Result<tokio_rustls::TlsAcceptor, String> {
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert_file)
-        .and_then(|certs| certs.collect())
+        .and_then(Iterator::collect)
         .map_err(|e| format!("cert_file {}: {e}", cert_file.display()))?;
     if certs.is_empty() {
         return Err(format!(
@@ -342,7 +344,7 @@ impl BasicAuth {
         if self
             .passed
             .lock()
-            .unwrap_or_else(|e| e.into_inner())
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
             .contains(&key)
         {
             return true;
@@ -361,7 +363,10 @@ impl BasicAuth {
         .await
         .unwrap_or(false);
         if ok {
-            let mut passed = self.passed.lock().unwrap_or_else(|e| e.into_inner());
+            let mut passed = self
+                .passed
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
             if passed.len() >= MAX_REMEMBERED {
                 passed.clear();
             }

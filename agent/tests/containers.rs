@@ -378,10 +378,9 @@ fn the_image_detects_processes_with_the_daemonsets_security_context() {
         have_image("llmscope:dev"),
         "no llmscope:dev image: run cargo xtask image (cargo xtask test does)"
     );
-    let daemonset = std::fs::read_to_string(
-        support::demo::root().join("deploy/kubernetes/base/daemonset.yaml"),
-    )
-    .unwrap();
+    let daemonset =
+        std::fs::read_to_string(demo::root().join("deploy/kubernetes/base/daemonset.yaml"))
+            .unwrap();
     for needle in [
         "privileged: false",
         "readOnlyRootFilesystem: true",

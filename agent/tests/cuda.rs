@@ -361,7 +361,7 @@ fn parallel_processes_are_counted_exactly() {
         .collect();
     agent.wait_cuda_libraries(1.0);
     std::thread::scope(|s| {
-        for w in workloads.iter_mut() {
+        for w in &mut workloads {
             s.spawn(move || w.run());
         }
     });

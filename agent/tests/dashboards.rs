@@ -115,7 +115,7 @@ fn every_panel_query_returns_data_and_every_rule_evaluates() {
                 let expr = expand(target["expr"].as_str().unwrap());
                 let r = demo.query(&expr).expect("Prometheus answers");
                 checked += 1;
-                let empty = r["data"]["result"].as_array().is_none_or(|a| a.is_empty());
+                let empty = r["data"]["result"].as_array().is_none_or(Vec::is_empty);
                 if r["status"] != "success" || empty {
                     failures.push(format!("{file} / {}: {expr}\n  → {r}", panel["title"]));
                 }
@@ -228,7 +228,7 @@ fn check_metric_reference(exposition: &str) {
 /// Debian's VictoriaMetrics, for one test: its own storage, on a free port.
 struct VictoriaMetrics {
     addr: std::net::SocketAddr,
-    _process: support::prometheus::Killed,
+    _process: prometheus::Killed,
     dir: std::path::PathBuf,
 }
 
@@ -237,7 +237,7 @@ impl VictoriaMetrics {
         let port = free_port();
         let dir = std::env::temp_dir().join(format!("llmscope-vm-{port}"));
         let _ = std::fs::remove_dir_all(&dir);
-        let process = support::prometheus::Killed(
+        let process = prometheus::Killed(
             Command::new("victoria-metrics")
                 .arg(format!("-httpListenAddr=127.0.0.1:{port}"))
                 .arg(format!("-storageDataPath={}", dir.display()))
@@ -266,10 +266,7 @@ impl VictoriaMetrics {
 
     /// The result of `expr` through VictoriaMetrics' Prometheus-compatible query API.
     fn query(&self, expr: &str) -> serde_json::Value {
-        let path = format!(
-            "/api/v1/query?query={}",
-            support::prometheus::percent_encode(expr)
-        );
+        let path = format!("/api/v1/query?query={}", prometheus::percent_encode(expr));
         let (_, _, body) = http_get(self.addr, &path, None).unwrap();
         serde_json::from_str(&body).unwrap_or(serde_json::Value::Null)
     }
@@ -330,7 +327,7 @@ fn every_query_and_recording_rule_works_on_victoria_metrics_through_remote_write
         .iter()
         .filter_map(|(what, expr)| {
             let r = vm.query(expr);
-            let empty = r["data"]["result"].as_array().is_none_or(|a| a.is_empty());
+            let empty = r["data"]["result"].as_array().is_none_or(Vec::is_empty);
             (r["status"] != "success" || empty).then(|| format!("{what}: {expr}\n  → {r}"))
         })
         .collect();

@@ -307,7 +307,7 @@ fn kubernetes_manifests_validate() {
     let kustomization = std::fs::read_to_string(dir.join("base/kustomization.yaml")).unwrap();
     for file in std::fs::read_dir(dir.join("base"))
         .unwrap()
-        .filter_map(|e| e.ok())
+        .filter_map(Result::ok)
         .map(|e| e.file_name().into_string().unwrap())
     {
         if file.ends_with(".yaml") && file != "kustomization.yaml" {

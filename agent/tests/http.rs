@@ -211,10 +211,9 @@ fn web_config_requires_basic_auth_and_serves_tls() {
         .expect("running openssl");
     assert!(made.status.success(), "{made:?}");
     // The example the compose stack documents, with this test's hash.
-    let example = std::fs::read_to_string(
-        support::demo::root().join("deploy/compose/web-config/web.yml.example"),
-    )
-    .unwrap();
+    let example =
+        std::fs::read_to_string(demo::root().join("deploy/compose/web-config/web.yml.example"))
+            .unwrap();
     assert!(example.contains("$2y$10$REPLACE_WITH_YOUR_BCRYPT_HASH"));
     let tls = dir.join("web.yml");
     std::fs::write(

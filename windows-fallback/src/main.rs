@@ -128,7 +128,10 @@ impl Source {
         if let Some(view) = polled.smi {
             self.smi.set(view);
         }
-        *self.last_poll.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
+        *self
+            .last_poll
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Instant::now();
     }
 }
 
@@ -149,7 +152,7 @@ impl MetricsSource for Source {
         let age = self
             .last_poll
             .lock()
-            .unwrap_or_else(|e| e.into_inner())
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
             .elapsed();
         if age <= self.interval * 3 + Duration::from_secs(5) {
             Ok(())
@@ -210,9 +213,12 @@ fn poll_forever(
             scan(dir, &limits, &Polled(&listed), SystemTime::now())
                 .map_err(|e| format!("--gpu-info-dir {}: {e}", dir.display()))
         });
-        let smi = smi
-            .as_ref()
-            .map(|latest| latest.lock().unwrap_or_else(|e| e.into_inner()).clone());
+        let smi = smi.as_ref().map(|latest| {
+            latest
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .clone()
+        });
         source.publish(poller.poll(Inputs {
             processes: listed,
             gpu_info,
@@ -252,7 +258,9 @@ fn spawn_smi(config: &Config, stop: Arc<AtomicBool>) -> Arc<Mutex<smi::SmiResult
                     Err(_) => {}
                     Ok(_) => last_error = None,
                 }
-                *shared.lock().unwrap_or_else(|e| e.into_inner()) = result;
+                *shared
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = result;
                 let deadline = Instant::now() + interval;
                 while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
                     std::thread::sleep(Duration::from_millis(50));
@@ -260,7 +268,9 @@ fn spawn_smi(config: &Config, stop: Arc<AtomicBool>) -> Arc<Mutex<smi::SmiResult
             }
         });
     if let Err(e) = spawned {
-        *latest.lock().unwrap_or_else(|e| e.into_inner()) =
+        *latest
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) =
             Err(format!("cannot start the nvidia-smi thread: {e}"));
     }
     latest

@@ -51,7 +51,7 @@ impl ProcessSource for SysinfoSource {
             .filter(|p| p.thread_kind().is_none())
             .map(|p| ProcInfo {
                 pid: p.pid().as_u32(),
-                ppid: p.parent().map_or(0, |pp| pp.as_u32()),
+                ppid: p.parent().map_or(0, sysinfo::Pid::as_u32),
                 name: p.name().to_string_lossy().into_owned(),
                 exe: p
                     .exe()

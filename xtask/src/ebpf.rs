@@ -143,7 +143,7 @@ fn ensure_bpf_linker(toolchain: &Toolchain) -> Result<()> {
     let sysroot_lib = toolchain.sysroot()?.join("lib");
     let libllvm = std::fs::read_dir(&sysroot_lib)
         .with_context(|| format!("reading {}", sysroot_lib.display()))?
-        .filter_map(|e| e.ok())
+        .filter_map(Result::ok)
         .map(|e| e.path())
         .find(|p| {
             p.file_name()

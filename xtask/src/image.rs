@@ -180,7 +180,7 @@ fn local_builder() -> Result<String> {
     let rustup = home.join(".rustup");
     let cargo_home = home.join(".cargo");
     let nightly = std::fs::read_dir(rustup.join("toolchains"))?
-        .filter_map(|e| e.ok())
+        .filter_map(Result::ok)
         .map(|e| e.path())
         .find(|p| {
             p.file_name()

@@ -78,7 +78,9 @@ impl Containers {
     }
 
     fn cache(&self) -> std::sync::MutexGuard<'_, HashMap<String, Entry>> {
-        self.cache.lock().unwrap_or_else(|e| e.into_inner())
+        self.cache
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Asks for the container's name unless it is known, pending, or failed recently (the

@@ -106,7 +106,7 @@ fn run(
                 } => super::cuda::on_oom(shared, pid, function, code, size),
                 KernelEvent::LibraryMap(map) => {
                     Counters::add(&shared.counters.library_map, 1);
-                    super::libraries::on_library_map(shared, map)
+                    super::libraries::on_library_map(shared, map);
                 }
                 KernelEvent::Malformed => Counters::add(&shared.counters.malformed, 1),
             }
@@ -154,7 +154,7 @@ fn on_exec(shared: &Shared, rec: ExecRecord) {
     match observe_with_env(shared, &mut facts, How::New) {
         Observed::Added(id) => log_detected(shared, pid, &id, "exec"),
         Observed::Dropped => {
-            tracing::warn!(pid, "process table full (--max-processes): not tracked")
+            tracing::warn!(pid, "process table full (--max-processes): not tracked");
         }
         _ => {}
     }

@@ -80,7 +80,7 @@ impl Health {
         });
         self.beats
             .lock()
-            .unwrap_or_else(|e| e.into_inner())
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
             .push(beat.clone());
         Heartbeat {
             beat,
@@ -95,7 +95,10 @@ impl Health {
 
     /// The first dead thread, if any.
     pub fn dead(&self) -> Option<&'static str> {
-        let beats = self.beats.lock().unwrap_or_else(|e| e.into_inner());
+        let beats = self
+            .beats
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         beats
             .iter()
             .find(|b| b.dead.load(Ordering::Relaxed))
@@ -105,7 +108,10 @@ impl Health {
     /// Ok, or what is wrong: dead threads and threads past their stall limit, by name.
     pub fn check(&self) -> Result<(), String> {
         let now = self.now_ms();
-        let beats = self.beats.lock().unwrap_or_else(|e| e.into_inner());
+        let beats = self
+            .beats
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let problems: Vec<String> = beats
             .iter()
             .filter_map(|b| {

@@ -124,7 +124,10 @@ impl std::ops::DerefMut for AttacherGuard<'_> {
 
 impl Drop for AttacherGuard<'_> {
     fn drop(&mut self) {
-        *self.stats.lock().unwrap_or_else(|e| e.into_inner()) = self.attacher.stats();
+        *self
+            .stats
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = self.attacher.stats();
     }
 }
 
@@ -133,12 +136,14 @@ impl CudaState {
     fn attacher_stats(&self) -> AttacherStats {
         self.attacher_stats
             .lock()
-            .unwrap_or_else(|e| e.into_inner())
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
             .clone()
     }
 
     fn retired(&self) -> MutexGuard<'_, cuda::Retired> {
-        self.retired.lock().unwrap_or_else(|e| e.into_inner())
+        self.retired
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Attach requests dropped because the attach queue was full.
@@ -148,17 +153,24 @@ impl CudaState {
 
     fn attacher(&self) -> AttacherGuard<'_> {
         AttacherGuard {
-            attacher: self.attacher.lock().unwrap_or_else(|e| e.into_inner()),
+            attacher: self
+                .attacher
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
             stats: &self.attacher_stats,
         }
     }
 
     fn maps(&self) -> MutexGuard<'_, CudaMaps> {
-        self.maps.lock().unwrap_or_else(|e| e.into_inner())
+        self.maps
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn launches(&self) -> MutexGuard<'_, LaunchEstimates> {
-        self.launches.lock().unwrap_or_else(|e| e.into_inner())
+        self.launches
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
@@ -192,14 +204,21 @@ impl Shared {
 
     /// The events thread finished a drain that began at `started`.
     fn set_drained(&self, started: Instant) {
-        *self.drained.lock().unwrap_or_else(|e| e.into_inner()) = started;
+        *self
+            .drained
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = started;
     }
 
     /// Whether a drain that began after `t` has been handled: a process found gone at `t`
     /// and still alive in the table then missed its exit event (a busy events thread only
     /// delays it).
     fn drained_after(&self, t: Instant) -> bool {
-        *self.drained.lock().unwrap_or_else(|e| e.into_inner()) > t
+        *self
+            .drained
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            > t
     }
 
     /// Waits up to `limit` for [`Shared::drained_after`]`(t)`; whether it came.
@@ -216,25 +235,31 @@ impl Shared {
 
     /// The table; a panic in another thread while holding it does not make it unusable.
     fn tracker(&self) -> MutexGuard<'_, Tracker> {
-        self.tracker.lock().unwrap_or_else(|e| e.into_inner())
+        self.tracker
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// The table changed: the sampler publishes a new view soon.
     fn table_changed(&self) {
         let (flag, wake) = &self.changed;
-        *flag.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        *flag
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = true;
         wake.notify_one();
     }
 
     /// Waits up to `timeout` for a change to the table; true when there was one.
     fn wait_for_change(&self, timeout: Duration) -> bool {
         let (flag, wake) = &self.changed;
-        let guard = flag.lock().unwrap_or_else(|e| e.into_inner());
+        let guard = flag
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let (mut guard, _) = wake
             .wait_timeout_while(guard, timeout, |changed| {
                 !*changed && !self.stop.load(Ordering::Relaxed)
             })
-            .unwrap_or_else(|e| e.into_inner());
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         std::mem::take(&mut *guard)
     }
 
@@ -249,7 +274,7 @@ impl Shared {
         let mut kernel = self
             .kernel_tracked
             .lock()
-            .unwrap_or_else(|e| e.into_inner());
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         match &observed {
             Observed::Added(_) => {
                 if let Err(e) = kernel.insert(pid) {
@@ -313,7 +338,7 @@ impl Shared {
         if exited {
             self.kernel_tracked
                 .lock()
-                .unwrap_or_else(|e| e.into_inner())
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
                 .remove(pid);
             self.table_changed();
         }
@@ -587,9 +612,9 @@ fn join_within(
     handle: std::thread::JoinHandle<()>,
     limit: Duration,
 ) -> Result<std::thread::Result<()>, ()> {
-    let deadline = std::time::Instant::now() + limit;
+    let deadline = Instant::now() + limit;
     while !handle.is_finished() {
-        if std::time::Instant::now() >= deadline {
+        if Instant::now() >= deadline {
             return Err(());
         }
         std::thread::sleep(Duration::from_millis(10));

@@ -128,7 +128,11 @@ pub(super) fn observe_with_env(shared: &Shared, facts: &mut ProcessFacts, how: H
 /// A process that uses CUDA is always worth a series: tracked with its own identity when it
 /// has one, else as `framework="unknown"`.
 pub(super) fn track_gpu_user(shared: &Shared, pid: u32, via: &str) {
-    if shared.tracker().get(pid).is_some_and(|t| t.is_alive()) {
+    if shared
+        .tracker()
+        .get(pid)
+        .is_some_and(super::super::tracker::Tracked::is_alive)
+    {
         return;
     }
     let Ok((facts, sample)) = shared.proc.facts(pid) else {

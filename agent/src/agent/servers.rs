@@ -105,7 +105,7 @@ impl Discovery {
             .tracker()
             .all()
             .into_iter()
-            .filter(|t| t.is_alive())
+            .filter(Tracked::is_alive)
             .filter_map(|t| Some((api(t.identity.framework)?, t)))
             .take(MAX_SERVERS)
             .collect();

@@ -230,7 +230,7 @@ impl Collector for CudaCollector {
                 KIND_LAUNCH => *launches.entry(per_api).or_default() += n,
                 KIND_GRAPH => *graphs.entry(per_api).or_default() += n,
                 KIND_MEMCPY => {
-                    *copies.entry((k.tgid, f.api, k.direction)).or_default() += v.bytes as f64
+                    *copies.entry((k.tgid, f.api, k.direction)).or_default() += v.bytes as f64;
                 }
                 KIND_SYNC => *syncs.entry(per_api).or_default() += v.nanos as f64 / 1e9,
                 _ => {}

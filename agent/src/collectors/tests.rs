@@ -190,7 +190,7 @@ fn gpu_info(view: &ProcessView) -> GpuInfoView {
 struct FixedCuda;
 
 impl CudaSource for FixedCuda {
-    fn read(&self, _: &[crate::state::Member]) -> CudaReading {
+    fn read(&self, _: &[Member]) -> CudaReading {
         let id = |name: &str| FUNCTIONS.iter().position(|f| f.name == name).unwrap() as u8;
         let key = |tgid, name, direction, code| CudaKey {
             tgid,

@@ -140,7 +140,7 @@ impl Attacher {
                 tracing::warn!(event = "uprobe_attach_failed", pid, library = %lib.path.escape_debug(), reason = reason.as_str(), "cannot probe a CUDA library");
             }
             Outcome::Attached { probes } => {
-                tracing::info!(pid, library = %lib.path, api = api_name(lib.api), probes, "CUDA library probed")
+                tracing::info!(pid, library = %lib.path, api = api_name(lib.api), probes, "CUDA library probed");
             }
             Outcome::AlreadyProbed => {}
         }
@@ -458,7 +458,7 @@ fn each_mapped_file(procfs: &Path, pid: u32, mut found: impl FnMut((u64, u64)) -
             Ok(_) => {}
         }
         let mut fields = line
-            .split(|b| b.is_ascii_whitespace())
+            .split(u8::is_ascii_whitespace)
             .filter(|f| !f.is_empty())
             .skip(3);
         let (Some(device), Some(inode)) = (fields.next(), fields.next()) else {

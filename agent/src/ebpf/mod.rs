@@ -18,16 +18,22 @@ use aya::{Ebpf, EbpfLoader};
 pub use events::{decode, ExecRecord, KernelEvent};
 
 /// The compiled eBPF object, built by `cargo xtask build-ebpf` and embedded at compile time.
-static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("LLMSCOPE_EBPF_OBJECT"));
+#[cfg(not(llmscope_no_ebpf_object))]
+static EBPF_OBJECT: Option<&[u8]> = Some(aya::include_bytes_aligned!(env!("LLMSCOPE_EBPF_OBJECT")));
+/// Built before the object existed (see build.rs): loading says so.
+#[cfg(llmscope_no_ebpf_object)]
+static EBPF_OBJECT: Option<&[u8]> = None;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SensorError {
+    #[error("this binary was built without its eBPF object: run `cargo xtask build-ebpf` and build it again (`cargo xtask run` does both)")]
+    NoObject,
     #[error("tracefs is not mounted and mounting it at /sys/kernel/tracing failed: {0} (the agent needs root or CAP_SYS_ADMIN for that; or mount it: mount -t tracefs nodev /sys/kernel/tracing)")]
     Tracefs(std::io::Error),
     #[error("loading the eBPF object: {0} (needs root, or CAP_BPF + CAP_PERFMON, and a kernel ≥ 5.15 with BTF)")]
     Load(#[from] aya::EbpfError),
     #[error("eBPF program {0}: {1}")]
-    Program(&'static str, aya::programs::ProgramError),
+    Program(&'static str, ProgramError),
     #[error("eBPF map {0}: {1}")]
     Map(&'static str, String),
     #[error("tracepoint {0} has an unexpected layout: {1}")]
@@ -228,7 +234,7 @@ impl Sensor {
             .map_max_entries("TRACKED", max_processes)
             .map_max_entries("CUDA_SEEN", max_processes)
             .map_max_entries("CUDA_LIVE", max_processes)
-            .load(EBPF_OBJECT)?;
+            .load(EBPF_OBJECT.ok_or(SensorError::NoObject)?)?;
         let (parent_off, tgid_off) = (task[0], task[1]);
         for (category, name) in [
             ("sched", "sched_process_exec"),
@@ -258,7 +264,7 @@ impl Sensor {
                     mmap_hook = MmapHook::PerfMmap;
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, "no perf mmap records either: CUDA and framework libraries are found by the /proc scans only (--rescan-interval)")
+                    tracing::warn!(error = %e, "no perf mmap records either: CUDA and framework libraries are found by the /proc scans only (--rescan-interval)");
                 }
             }
         }

@@ -64,7 +64,7 @@ impl ProcessLabels {
     }
 }
 
-impl prometheus_client::encoding::EncodeLabelSet for ProcessLabels {
+impl EncodeLabelSet for ProcessLabels {
     fn encode(
         &self,
         encoder: &mut prometheus_client::encoding::LabelSetEncoder,

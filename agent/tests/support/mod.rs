@@ -177,7 +177,9 @@ fn fixture_dir() -> &'static Path {
 /// Compiles `source` (relative to tests/fixtures) once, with extra `cc` arguments.
 fn compiled(output: &str, source: &str, extra: &[&str]) -> PathBuf {
     static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    let _guard = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let _guard = LOCK
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let path = fixture_dir().join(output);
     if !path.exists() {
         std::fs::create_dir_all(path.parent().unwrap()).unwrap();
