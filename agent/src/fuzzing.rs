@@ -107,8 +107,10 @@ pub fn oci_config(data: &[u8]) {
 
 /// Docker's `/containers/<id>/json` answer: names and labels come from whoever ran it.
 pub fn docker_inspect(data: &[u8]) {
-    if let Ok(Some(c)) = crate::identity::docker::parse_inspect(data) {
-        let _ = (sanitize_label(&c.name), sanitize_label(&c.pod));
+    if let Ok(Some(answer)) = crate::http_client::parse(data, true) {
+        if let Ok(Some(c)) = crate::identity::docker::parse_inspect(&answer) {
+            let _ = (sanitize_label(&c.name), sanitize_label(&c.pod));
+        }
     }
 }
 
@@ -117,9 +119,12 @@ pub fn probe_response(data: &[u8]) {
     use crate::identity::Framework;
     for framework in [Framework::Vllm, Framework::Sglang, Framework::Ollama] {
         let api = crate::servers::api(framework).expect("a server framework");
-        for complete in [false, true] {
+        for eof in [false, true] {
+            let Ok(Some(answer)) = crate::http_client::parse(data, eof) else {
+                continue;
+            };
             if let crate::servers::Outcome::Answered(crate::servers::Answer::Ollama(models)) =
-                crate::servers::probe::classify(data, api, complete)
+                crate::servers::probe::classify(&answer, api)
             {
                 assert!(models.len() <= crate::servers::ollama::MAX_MODELS);
                 for m in &models {

@@ -10,6 +10,7 @@ pub mod collectors;
 pub mod config;
 pub mod gpuinfo;
 pub mod http;
+pub mod http_client;
 pub mod identity;
 pub mod logging;
 pub mod metrics;

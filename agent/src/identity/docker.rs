@@ -1,24 +1,49 @@
 //! Docker's Engine API, for what a container id alone does not say: the container's name
 //! and image, and, for containers the kubelet started through Docker (cri-dockerd), the pod,
 //! namespace and container name from the labels it sets. One `GET /containers/<id>/json`
-//! over the local socket, HTTP/1.0 (the daemon answers and closes: no chunking, no
-//! keep-alive), with timeouts and a size limit; the caller runs it off the scrape path.
+//! over the local socket with the bounded client (`crate::http_client`: one deadline, a size
+//! limit); the caller runs it off the scrape path.
 
-use std::io::{Read, Write};
+use std::collections::HashMap;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use serde::Deserialize;
+
+use crate::http_client::{self, Limits, Request, Response};
+
 /// Largest inspect answer read (a container with thousands of labels or mounts is still far
 /// below it).
-const MAX_RESPONSE: u64 = 1024 * 1024;
+const MAX_RESPONSE: usize = 1024 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DockerError {
     #[error("{0}: {1}")]
     Io(PathBuf, std::io::Error),
+    #[error("{0}: {1}")]
+    Http(PathBuf, http_client::HttpError),
     #[error("{0}: unexpected answer: {1}")]
     Protocol(PathBuf, String),
+}
+
+/// The part of Docker's inspect answer read.
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct Inspect {
+    #[serde(default)]
+    name: String,
+    #[serde(default)]
+    config: Option<InspectConfig>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct InspectConfig {
+    #[serde(default)]
+    image: String,
+    #[serde(default)]
+    labels: Option<HashMap<String, String>>,
 }
 
 /// What Docker says about a container, as label values (sanitised by the caller).
@@ -55,62 +80,57 @@ impl Docker {
                 format!("not a container id: {id:?}"),
             ));
         }
-        let io = |e| DockerError::Io(self.socket.clone(), e);
-        let mut stream = UnixStream::connect(&self.socket).map_err(io)?;
-        stream.set_read_timeout(Some(self.timeout)).map_err(io)?;
-        stream.set_write_timeout(Some(self.timeout)).map_err(io)?;
-        write!(
-            stream,
-            "GET /containers/{id}/json HTTP/1.0\r\nHost: docker\r\n\r\n"
-        )
-        .map_err(io)?;
-        let mut raw = Vec::new();
-        stream
-            .take(MAX_RESPONSE + 1)
-            .read_to_end(&mut raw)
-            .map_err(io)?;
-        if raw.len() as u64 > MAX_RESPONSE {
-            return Err(DockerError::Protocol(
-                self.socket.clone(),
-                "answer too large".into(),
-            ));
-        }
-        parse_inspect(&raw).map_err(|e| DockerError::Protocol(self.socket.clone(), e))
+        let conn = UnixStream::connect(&self.socket)
+            .map_err(|e| DockerError::Io(self.socket.clone(), e))?;
+        let path = format!("/containers/{id}/json");
+        let request = Request {
+            host: "docker",
+            path: &path,
+            accept: "application/json",
+        };
+        let limits = Limits {
+            timeout: self.timeout,
+            max_bytes: MAX_RESPONSE,
+        };
+        let answer = http_client::get(conn, &request, limits, |_| false)
+            .map_err(|e| DockerError::Http(self.socket.clone(), e))?;
+        parse_inspect(&answer).map_err(|e| DockerError::Protocol(self.socket.clone(), e))
     }
 }
 
-pub(crate) fn parse_inspect(raw: &[u8]) -> Result<Option<DockerContainer>, String> {
-    let split = raw
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .ok_or("no end of headers")?;
-    let head = String::from_utf8_lossy(&raw[..split]);
-    let status: u16 = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or("no status")?;
-    match status {
+pub(crate) fn parse_inspect(answer: &Response) -> Result<Option<DockerContainer>, String> {
+    match answer.status {
+        200 if !answer.complete => return Err("answer too large or cut short".into()),
         200 => {}
         404 => return Ok(None),
         other => return Err(format!("status {other}")),
     }
-    let body: serde_json::Value =
-        serde_json::from_slice(&raw[split + 4..]).map_err(|e| e.to_string())?;
-    let text = |v: &serde_json::Value| v.as_str().unwrap_or_default().to_owned();
-    let labels = &body["Config"]["Labels"];
+    let inspect: Inspect = serde_json::from_slice(&answer.body).map_err(|e| e.to_string())?;
+    let config = inspect.config.unwrap_or(InspectConfig {
+        image: String::new(),
+        labels: None,
+    });
+    let labels = config.labels.unwrap_or_default();
+    let label = |key: &str| labels.get(key).cloned().unwrap_or_default();
     Ok(Some(DockerContainer {
-        name: text(&body["Name"]).trim_start_matches('/').to_owned(),
-        image: text(&body["Config"]["Image"]),
-        pod: text(&labels["io.kubernetes.pod.name"]),
-        namespace: text(&labels["io.kubernetes.pod.namespace"]),
-        kubernetes_container: text(&labels["io.kubernetes.container.name"]),
+        name: inspect.name.trim_start_matches('/').to_owned(),
+        image: config.image,
+        pod: label("io.kubernetes.pod.name"),
+        namespace: label("io.kubernetes.pod.namespace"),
+        kubernetes_container: label("io.kubernetes.container.name"),
     }))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn parse_inspect(raw: &[u8]) -> Result<Option<DockerContainer>, String> {
+        let answer = http_client::parse(raw, true)
+            .map_err(|e| e.to_string())?
+            .ok_or("no head")?;
+        super::parse_inspect(&answer)
+    }
 
     #[test]
     fn inspect_answers() {

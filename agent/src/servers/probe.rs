@@ -1,10 +1,11 @@
-//! One bounded GET of a server's API path: a connect timeout, one deadline for the whole
-//! answer (a server that drips a byte a second is cut off, not waited on), a size limit,
-//! HTTP/1.0 (the server answers and closes). Only what the answer is gets kept, never the body.
+//! One bounded GET of a server's API path (`crate::http_client`: a connect timeout, one
+//! deadline for the whole answer, a size limit), read only until its kind is clear. Only what
+//! the answer is gets kept, never the body.
 
-use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use crate::http_client::{self, HttpError, Limits, Request, Response};
 
 use super::ollama::{parse_ps, LoadedModel};
 use super::Api;
@@ -83,92 +84,47 @@ impl Outcome {
 }
 
 pub fn probe(addr: SocketAddr, api: Api) -> Outcome {
-    let Ok(mut stream) = TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT) else {
+    let Ok(conn) = TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT) else {
         return Outcome::Refused;
     };
-    let deadline = Instant::now() + ANSWER_TIMEOUT;
-    let _ = stream.set_write_timeout(Some(ANSWER_TIMEOUT));
-    let accept = match api {
-        Api::Metrics { .. } => "text/plain",
-        Api::OllamaPs => "application/json",
+    let host = addr.to_string();
+    let request = Request {
+        host: &host,
+        path: api.path(),
+        accept: match api {
+            Api::Metrics { .. } => "text/plain",
+            Api::OllamaPs => "application/json",
+        },
     };
-    if write!(
-        stream,
-        "GET {} HTTP/1.0\r\nHost: {addr}\r\nAccept: {accept}\r\n\r\n",
-        api.path()
-    )
-    .is_err()
-    {
-        return Outcome::Other;
-    }
-    let mut raw = Vec::with_capacity(16 * 1024);
-    let mut chunk = [0u8; 16 * 1024];
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() || stream.set_read_timeout(Some(left)).is_err() {
-            return Outcome::Timeout;
-        }
-        match stream.read(&mut chunk) {
-            Ok(0) => return classify(&raw, api, true),
-            Ok(n) => {
-                raw.extend_from_slice(&chunk[..n.min(MAX_READ - raw.len())]);
-                if raw.len() >= MAX_READ {
-                    return classify(&raw, api, false);
-                }
-                // Metrics are recognised by their first names: no need to read them all.
-                if let Outcome::Answered(answer) = classify(&raw, api, false) {
-                    return Outcome::Answered(answer);
-                }
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) =>
-            {
-                return Outcome::Timeout
-            }
-            Err(_) => return classify(&raw, api, true),
-        }
+    let limits = Limits {
+        timeout: ANSWER_TIMEOUT,
+        max_bytes: MAX_READ,
+    };
+    // Metrics are recognised by their first names: no need to read them all.
+    let answered = |r: &Response| matches!(classify(r, api), Outcome::Answered(_));
+    match http_client::get(conn, &request, limits, answered) {
+        Ok(r) => classify(&r, api),
+        Err(HttpError::Timeout(_)) => Outcome::Timeout,
+        Err(HttpError::TooLarge(_)) => Outcome::TooLarge,
+        Err(HttpError::Io(_) | HttpError::Malformed(_)) => Outcome::Other,
     }
 }
 
-/// What `raw` (the answer so far; `complete` when the server closed) says.
-pub(crate) fn classify(raw: &[u8], api: Api, complete: bool) -> Outcome {
-    let Some(end) = raw.windows(4).position(|w| w == b"\r\n\r\n") else {
-        return if complete {
-            Outcome::Other
-        } else {
-            Outcome::TooLarge
-        };
-    };
-    let head = String::from_utf8_lossy(&raw[..end]);
-    let body = &raw[end + 4..];
-    let status: u16 = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let content_type = head.lines().skip(1).find_map(|l| {
-        let (name, value) = l.split_once(':')?;
-        name.trim()
-            .eq_ignore_ascii_case("content-type")
-            .then(|| value.trim().to_ascii_lowercase())
-    });
-    let incomplete = if complete {
+/// What an answer (all of it, or as far as it was read) says.
+pub(crate) fn classify(r: &Response, api: Api) -> Outcome {
+    let incomplete = if r.complete {
         Outcome::Other
     } else {
         Outcome::TooLarge
     };
-    match (api, status) {
+    match (api, r.status) {
         // llama.cpp's server answers 501 on /metrics unless started with --metrics.
         (Api::Metrics { .. }, 501) => Outcome::Answered(Answer::Disabled),
         (Api::Metrics { prefixes, .. }, 200) => {
             let named = prefixes
                 .iter()
-                .any(|p| body.windows(p.len()).any(|w| w == p.as_bytes()));
-            let text = content_type.as_deref().is_none_or(|t| {
+                .any(|p| r.body.windows(p.len()).any(|w| w == p.as_bytes()));
+            let text = r.content_type.as_deref().is_none_or(|t| {
                 t.starts_with("text/plain") || t.starts_with("application/openmetrics-text")
             });
             match (named, text) {
@@ -177,11 +133,11 @@ pub(crate) fn classify(raw: &[u8], api: Api, complete: bool) -> Outcome {
                 (false, _) => incomplete,
             }
         }
-        (Api::OllamaPs, 200) if complete => parse_ps(body)
+        (Api::OllamaPs, 200) if r.complete => parse_ps(&r.body)
             .map(|models| Outcome::Answered(Answer::Ollama(models)))
             .unwrap_or(Outcome::Other),
         (Api::OllamaPs, 200) => incomplete,
-        _ if complete => Outcome::Other,
+        _ if r.complete => Outcome::Other,
         _ => incomplete,
     }
 }
@@ -192,8 +148,17 @@ mod tests {
     use crate::identity::Framework;
     use crate::servers::api;
 
+    /// What `raw` says, read to its end (`complete`) or cut there.
+    fn outcome(raw: &[u8], api: Api, complete: bool) -> Outcome {
+        match http_client::parse(raw, complete) {
+            Ok(Some(r)) => classify(&r, api),
+            Ok(None) => Outcome::TooLarge,
+            Err(_) => Outcome::Other,
+        }
+    }
+
     fn metrics(answer: &str, framework: Framework) -> Outcome {
-        classify(answer.as_bytes(), api(framework).unwrap(), true)
+        outcome(answer.as_bytes(), api(framework).unwrap(), true)
     }
 
     #[test]
@@ -227,14 +192,14 @@ mod tests {
     fn a_partial_answer_is_too_large_unless_it_names_the_framework() {
         let vllm = api(Framework::Vllm).unwrap();
         let junk = format!("HTTP/1.1 200 OK\r\n\r\n{}", "x".repeat(1000));
-        assert_eq!(classify(junk.as_bytes(), vllm, false), Outcome::TooLarge);
+        assert_eq!(outcome(junk.as_bytes(), vllm, false), Outcome::TooLarge);
         assert_eq!(
-            classify(b"HTTP/1.1 200 OK\r\nX: ", vllm, false),
+            outcome(b"HTTP/1.1 200 OK\r\nX: ", vllm, false),
             Outcome::TooLarge
         );
         let named = "HTTP/1.1 200 OK\r\n\r\n# TYPE vllm:num_requests_running gauge\n";
         assert_eq!(
-            classify(named.as_bytes(), vllm, false),
+            outcome(named.as_bytes(), vllm, false),
             Outcome::Answered(Answer::Metrics)
         );
     }

@@ -3,8 +3,8 @@
 #![allow(dead_code)]
 
 use std::collections::HashMap;
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+
+use std::net::{SocketAddr, TcpListener};
 use std::time::{Duration, Instant};
 
 /// Polls `f` every 20 ms until it returns Some or `limit` passes. The limit only bounds a
@@ -39,30 +39,35 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-/// GET over HTTP/1.0; returns (status, headers, body).
+/// GET with the agent's own bounded client; returns (status, content type, body). An
+/// answer cut short is an error.
 pub fn http_get(
     addr: SocketAddr,
     path: &str,
     accept: Option<&str>,
-) -> std::io::Result<(u16, String, String)> {
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
-    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-    let accept = accept
-        .map(|a| format!("Accept: {a}\r\n"))
-        .unwrap_or_default();
-    write!(
-        stream,
-        "GET {path} HTTP/1.0\r\nHost: {addr}\r\n{accept}\r\n"
-    )?;
-    let mut raw = String::new();
-    stream.read_to_string(&mut raw)?;
-    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
-    let code = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    Ok((code, head.to_owned(), body.to_owned()))
+) -> Result<(u16, String, String), llmscope::http_client::HttpError> {
+    use llmscope::http_client::{get_tcp, HttpError, Limits, Request};
+    let host = addr.to_string();
+    let request = Request {
+        host: &host,
+        path,
+        accept: accept.unwrap_or("*/*"),
+    };
+    let limits = Limits {
+        timeout: Duration::from_secs(10),
+        max_bytes: 256 << 20,
+    };
+    let answer = get_tcp(addr, &request, Duration::from_secs(2), limits)?;
+    if !answer.complete {
+        return Err(HttpError::Malformed(format!(
+            "{path}: the answer was cut short"
+        )));
+    }
+    Ok((
+        answer.status,
+        answer.content_type.unwrap_or_default(),
+        String::from_utf8_lossy(&answer.body).into_owned(),
+    ))
 }
 
 /// A scraped exposition.

@@ -86,7 +86,7 @@ impl Agent {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    pub fn get(&self, path: &str) -> std::io::Result<(u16, String)> {
+    pub fn get(&self, path: &str) -> Result<(u16, String), llmscope::http_client::HttpError> {
         http_get(self.addr, path, None).map(|(code, _, body)| (code, body))
     }
 
