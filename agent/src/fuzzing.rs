@@ -74,8 +74,8 @@ pub fn proc_cgroup(data: &[u8]) {
 
 /// `/proc/<pid>/net/tcp{,6}`, `fib_trie` and `if_inet6` of any network namespace.
 pub fn proc_net(data: &[u8]) {
+    let _ = crate::servers::parse_tcp_table(data);
     let text = String::from_utf8_lossy(data);
-    let _ = crate::servers::parse_tcp_table(&text);
     let _ = crate::servers::addresses::parse_fib_trie(&text);
     let _ = crate::servers::addresses::parse_if_inet6(&text);
 }

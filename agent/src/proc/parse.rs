@@ -75,14 +75,17 @@ pub fn stat(raw: &[u8]) -> Option<procfs::process::Stat> {
     <procfs::process::Stat as procfs::FromRead>::from_read(raw).ok()
 }
 
-/// `btime` from /proc/stat.
+/// `btime` from /proc/stat. Not procfs's `KernelStats`: it parses every CPU line and
+/// requires fields a proc root under test does not have, for one number.
 pub fn boot_time(stat: &str) -> Option<u64> {
     stat.lines()
         .find_map(|l| l.strip_prefix("btime "))
         .and_then(|v| v.trim().parse().ok())
 }
 
-/// The innermost pid of a status file's `NSpid:` line.
+/// The innermost pid of a status file's `NSpid:` line. Not procfs's `Status`: it requires
+/// every field of the file and parses them all (the `Name:` any process chooses included,
+/// where procfs's parsers have panicked before, see `stat`), for one line.
 pub fn parse_ns_pid(status: &str) -> Option<u32> {
     status
         .lines()

@@ -1,7 +1,8 @@
 //! The addresses a process's network namespace answers on, other than loopback: where a
 //! server in a pod or another container is reached from outside it. Read through the
 //! process's own `/proc/<pid>/net` (its namespace's view), so no `setns` is needed:
-//! IPv4 local routes from `fib_trie`, global IPv6 addresses from `if_inet6`.
+//! IPv4 local routes from `fib_trie`, global IPv6 addresses from `if_inet6` (procfs reads
+//! neither file).
 
 use std::collections::BTreeSet;
 use std::io::Read;
