@@ -13,7 +13,8 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use super::Shared;
+use super::health::Health;
+use super::table::{Changed, Life};
 use crate::identity::docker::Docker;
 use crate::identity::oci::Bundles;
 use crate::identity::{sanitize_label, ContainerRef};
@@ -161,15 +162,18 @@ impl Sources {
     }
 }
 
+/// Looks up the containers `jobs` names, records them in `containers`, and signals
+/// `changed` (the sampler relabels).
 pub(super) fn spawn(
-    shared: Arc<Shared>,
+    containers: Arc<Containers>,
+    changed: Arc<Changed>,
+    life: Arc<Life>,
+    health: &Arc<Health>,
     jobs: Receiver<String>,
     sources: Sources,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     // Beats between lookups; a lookup is bounded by its timeout.
-    let heartbeat = shared
-        .health
-        .register("containers", Some(LOOKUP_TIMEOUT * 10));
+    let heartbeat = health.register("containers", Some(LOOKUP_TIMEOUT * 10));
     std::thread::Builder::new()
         .name("llmscope-containers".into())
         .spawn(move || {
@@ -178,14 +182,13 @@ pub(super) fn spawn(
                 .as_deref()
                 .map(|s| Docker::new(s, LOOKUP_TIMEOUT));
             let mut warned = false;
-            while !shared.stopping() {
+            while !life.stopping() {
                 heartbeat.beat();
                 let id = match jobs.recv_timeout(Duration::from_millis(200)) {
                     Ok(id) => id,
                     Err(RecvTimeoutError::Timeout) => continue,
                     Err(RecvTimeoutError::Disconnected) => return,
                 };
-                let containers = &shared.containers;
                 let from_bundle = sources.bundles.names(&id).map(|k| ContainerLabels {
                     container_id: String::new(),
                     container: sanitize_label(&k.container),
@@ -239,7 +242,7 @@ pub(super) fn spawn(
                     cache.insert(id, entry);
                 }
                 drop(cache);
-                shared.table_changed();
+                changed.signal();
             }
         })
 }

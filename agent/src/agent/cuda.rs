@@ -9,9 +9,11 @@ use std::time::{Duration, Instant};
 
 use agent_common::cuda::{AllocKey, CudaKey, FUNCTIONS, KIND_LAUNCH};
 
+use super::health::Health;
 use super::libraries::AttachJob;
 use super::observe::track_gpu_user;
-use super::{CudaState, Shared};
+use super::table::{Life, Table};
+use super::CudaState;
 use crate::collectors::cuda::{CudaReading, CudaSource};
 use crate::cuda::launches::{next_duty, period, ProcessFunction};
 use crate::state::Member;
@@ -22,9 +24,9 @@ const MAX_RETIRED: usize = 65_536;
 
 /// The first probe hit of a process: track it (as `framework="unknown"` when nothing
 /// classifies it) and probe any other CUDA library it maps.
-pub(super) fn on_first_use(shared: &Shared, pid: u32) {
-    track_gpu_user(shared, pid, "first CUDA call");
-    shared.cuda.queue.send(AttachJob::Discover { pid });
+pub(super) fn on_first_use(table: &Table, cuda: &CudaState, pid: u32) {
+    track_gpu_user(table, pid, "first CUDA call");
+    cuda.queue.send(AttachJob::Discover { pid });
 }
 
 /// Counter generations of process images that ended (exit, or exec after calling CUDA): the
@@ -87,19 +89,19 @@ impl Retired {
 /// period is over, and of images whose end was never reported (found orphaned twice in a
 /// row: an end drained but not yet retired when one sweep ran is retired by the next).
 /// Runs on the sampler thread once a second.
-pub(super) fn sweep(shared: &Shared, now: Instant) {
+pub(super) fn sweep(cuda: &CudaState, grace: Duration, now: Instant) {
     // What is retired, copied out: the events thread takes this lock on every exit, and
     // must not wait for the pass over the maps below.
     let (expired, retired, suspects) = {
-        let mut retired = shared.cuda.retired();
-        let expired = retired.expire(now, shared.grace);
+        let mut retired = cuda.retired();
+        let expired = retired.expire(now, grace);
         (
             expired,
             retired.members.clone(),
             std::mem::take(&mut retired.suspects),
         )
     };
-    let mut maps = shared.cuda.maps();
+    let mut maps = cuda.maps();
     let current: HashMap<u32, u32> = maps.seen.iter().filter_map(Result::ok).collect();
     let mut orphans: HashSet<(u32, u32)> = HashSet::new();
     let mut doomed = |tgid: u32, generation: u32| {
@@ -132,9 +134,9 @@ pub(super) fn sweep(shared: &Shared, now: Instant) {
         let _ = maps.allocs.remove(k);
     }
     drop(maps);
-    shared.cuda.retired().suspects = orphans;
+    cuda.retired().suspects = orphans;
     if !expired.is_empty() {
-        let mut launches = shared.cuda.launches();
+        let mut launches = cuda.launches();
         for (tgid, generation) in expired {
             launches.forget(tgid, generation);
         }
@@ -211,13 +213,13 @@ impl CudaSource for CudaState {
 }
 
 /// The `cuda_oom` log event.
-pub(super) fn on_oom(shared: &Shared, pid: u32, function: u32, code: u32, size: u64) {
-    let (framework, model_name) = shared
+pub(super) fn on_oom(table: &Table, pid: u32, function: u32, code: u32, size: u64) {
+    let (framework, model_name) = table
         .tracker()
         .get(pid)
         .map(|t| (t.identity.framework.as_str(), t.identity.model_name.clone()))
         .unwrap_or(("unknown", "unknown".into()));
-    let c = shared.container_labels(pid);
+    let c = table.container_labels(pid);
     let function = FUNCTIONS.get(function as usize).map_or("?", |f| f.name);
     tracing::warn!(
         event = "cuda_oom",
@@ -237,21 +239,21 @@ pub(super) fn on_oom(shared: &Shared, pid: u32, function: u32, code: u32, size: 
 
 /// Runs the launch-probe duty cycle until the agent stops.
 pub(super) fn spawn_launch_sampler(
-    shared: Arc<Shared>,
+    cuda: Arc<CudaState>,
+    life: Arc<Life>,
+    health: &Arc<Health>,
     budget_percent: f64,
     configured_period: Duration,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     // Beats once a period; the period can grow to whatever the budget needs.
-    let heartbeat = shared
-        .health
-        .register("launches", Some(Duration::from_secs(600)));
+    let heartbeat = health.register("launches", Some(Duration::from_secs(600)));
     std::thread::Builder::new()
         .name("llmscope-launches".into())
         .spawn(move || {
             let mut duty = crate::cuda::launches::MIN_DUTY;
             // What the last attach + detach cost: CPU (charged to the budget) and wall time.
             let mut cycle = Cycle::default();
-            while !shared.stopping() {
+            while !life.stopping() {
                 heartbeat.beat();
                 let started = Instant::now();
                 let period = period(configured_period, budget_percent, cycle.cpu);
@@ -259,18 +261,18 @@ pub(super) fn spawn_launch_sampler(
                 // launching mid-period is then mis-counted by at most half a period per edge.
                 let window = period.mul_f64(duty);
                 let gap = period.saturating_sub(window) / 2;
-                shared.sleep(gap);
-                let attach = Cycle::measure(|| drop(shared.cuda.attacher().set_launches(true)));
-                let before = launch_counts(&shared);
+                life.sleep(gap);
+                let attach = Cycle::measure(|| drop(cuda.attacher().set_launches(true)));
+                let before = launch_counts(&cuda);
                 let opened = Instant::now();
-                shared.sleep(window);
-                let after = launch_counts(&shared);
+                life.sleep(window);
+                let after = launch_counts(&cuda);
                 let observed = opened.elapsed();
                 if duty < 1.0 {
                     // The attacher is unlocked before the links are dropped (a statement's
                     // temporaries go first).
                     let detach = Cycle::measure(|| {
-                        let detached = shared.cuda.attacher().set_launches(false);
+                        let detached = cuda.attacher().set_launches(false);
                         drop(detached);
                     });
                     // Only a real cycle is a measurement (1.0 keeps the probes attached).
@@ -285,7 +287,7 @@ pub(super) fn spawn_launch_sampler(
                     .filter(|(_, c)| *c > 0)
                     .collect();
                 let max_rate = {
-                    let mut estimates = shared.cuda.launches();
+                    let mut estimates = cuda.launches();
                     let max_rate = estimates.add_window(&seen, observed, observed.max(period));
                     duty = next_duty(duty, budget_percent, max_rate, cycle.cpu, period);
                     estimates.duty = duty;
@@ -295,9 +297,9 @@ pub(super) fn spawn_launch_sampler(
                     max_rate
                 };
                 tracing::trace!(max_rate, duty, ?cycle, ?period, "launch probe window");
-                shared.sleep(period.saturating_sub(started.elapsed()));
+                life.sleep(period.saturating_sub(started.elapsed()));
             }
-            let detached = shared.cuda.attacher().set_launches(false);
+            let detached = cuda.attacher().set_launches(false);
             drop(detached);
         })
 }
@@ -336,8 +338,8 @@ fn process_cpu_time() -> Duration {
 }
 
 /// Raw launch counts per process image and function from the kernel's counters.
-pub(super) fn launch_counts(shared: &Shared) -> HashMap<ProcessFunction, u64> {
-    let maps = shared.cuda.maps();
+pub(super) fn launch_counts(cuda: &CudaState) -> HashMap<ProcessFunction, u64> {
+    let maps = cuda.maps();
     maps.stats
         .iter()
         .filter_map(Result::ok)

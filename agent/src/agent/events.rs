@@ -9,8 +9,11 @@ use std::time::{Duration, Instant};
 
 use aya::maps::{MapData, RingBuf};
 
+use super::health::Health;
 use super::observe::{log_detected, observe_with_env, How};
-use super::{Shared, DRAIN_INTERVAL};
+use super::table::Table;
+use super::CudaState;
+use super::DRAIN_INTERVAL;
 use crate::cuda::library::classify_name;
 use crate::ebpf::perf_mmap::MmapRecords;
 use crate::ebpf::{decode, ExecRecord, KernelEvent};
@@ -21,22 +24,46 @@ use crate::tracker::Observed;
 /// How often exited processes past their grace period are expired.
 const HOUSEKEEPING_INTERVAL: Duration = Duration::from_millis(100);
 
+/// Reads the kernel's records into `table` (and `cuda`'s retired generations and attach
+/// queue), counting them in `counters`.
 pub(super) fn spawn(
-    shared: Arc<Shared>,
+    table: Arc<Table>,
+    cuda: Arc<CudaState>,
+    counters: Arc<Counters>,
+    health: &Arc<Health>,
     ring: RingBuf<MapData>,
     mmap_records: Option<MmapRecords>,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
-    let heartbeat = shared.health.register("events", Some(STALL_LIMIT));
+    let heartbeat = health.register("events", Some(STALL_LIMIT));
     std::thread::Builder::new()
         .name("llmscope-events".into())
-        .spawn(move || run(&shared, ring, mmap_records, &heartbeat))
+        .spawn(move || {
+            let handles = Handles {
+                table: &table,
+                cuda: &cuda,
+                counters: &counters,
+            };
+            run(handles, ring, mmap_records, &heartbeat);
+        })
+}
+
+/// What the events thread writes.
+#[derive(Clone, Copy)]
+struct Handles<'a> {
+    table: &'a Table,
+    cuda: &'a CudaState,
+    counters: &'a Counters,
 }
 
 /// The events thread beats every drain (10 ms); silent this long, it is reported stalled.
 const STALL_LIMIT: Duration = Duration::from_secs(10);
 
 fn run(
-    shared: &Shared,
+    Handles {
+        table,
+        cuda,
+        counters,
+    }: Handles,
     mut ring: RingBuf<MapData>,
     mut mmap_records: Option<MmapRecords>,
     heartbeat: &super::health::Heartbeat,
@@ -44,10 +71,10 @@ fn run(
     #[cfg(feature = "test-faults")]
     let fault = super::faults::EventsFault::injected();
     let mut last_housekeeping = Instant::now();
-    while !shared.stopping() {
+    while !table.stopping() {
         heartbeat.beat();
         #[cfg(feature = "test-faults")]
-        fault.strike(|| shared.stopping());
+        fault.strike(|| table.stopping());
         // Library mappings from the perf records are taken before the ring is read, and
         // handled after it: every exec that preceded a mapping is in the ring by then, so a
         // process is never tracked from its mapping before its exec is seen (and detected
@@ -58,8 +85,7 @@ fn run(
         let mut exited = std::collections::HashSet::new();
         if let Some(records) = &mut mmap_records {
             records.drain(classify_name, |map| mappings.push(map));
-            shared
-                .counters
+            counters
                 .library_map_lost
                 .store(records.lost(), Ordering::Relaxed);
         }
@@ -68,68 +94,62 @@ fn run(
             drop(item);
             match event {
                 KernelEvent::Exec(rec) => {
-                    Counters::add(&shared.counters.exec, 1);
-                    on_exec(shared, rec);
+                    Counters::add(&counters.exec, 1);
+                    on_exec(table, rec);
                 }
                 KernelEvent::Exit {
                     pid,
                     cuda_generation,
                     ..
                 } => {
-                    Counters::add(&shared.counters.exit, 1);
-                    shared.exited(pid);
+                    Counters::add(&counters.exit, 1);
+                    table.exited(pid);
                     if !mappings.is_empty() {
                         exited.insert(pid);
                     }
-                    shared
-                        .cuda
-                        .retired()
-                        .retire(pid, cuda_generation, Instant::now());
+                    cuda.retired().retire(pid, cuda_generation, Instant::now());
                 }
                 KernelEvent::CudaRetired {
                     pid,
                     cuda_generation,
-                } => shared
-                    .cuda
-                    .retired()
-                    .retire(pid, cuda_generation, Instant::now()),
+                } => cuda.retired().retire(pid, cuda_generation, Instant::now()),
                 KernelEvent::Fork { pid, ppid, .. } => {
-                    Counters::add(&shared.counters.fork, 1);
-                    on_fork(shared, pid, ppid);
+                    Counters::add(&counters.fork, 1);
+                    on_fork(table, pid, ppid);
                 }
-                KernelEvent::CudaFirstUse { pid } => super::cuda::on_first_use(shared, pid),
+                KernelEvent::CudaFirstUse { pid } => super::cuda::on_first_use(table, cuda, pid),
                 KernelEvent::CudaOom {
                     pid,
                     function,
                     code,
                     size,
-                } => super::cuda::on_oom(shared, pid, function, code, size),
+                } => super::cuda::on_oom(table, pid, function, code, size),
                 KernelEvent::LibraryMap(map) => {
-                    Counters::add(&shared.counters.library_map, 1);
-                    super::libraries::on_library_map(shared, map);
+                    Counters::add(&counters.library_map, 1);
+                    super::libraries::on_library_map(table, cuda, map);
                 }
-                KernelEvent::Malformed => Counters::add(&shared.counters.malformed, 1),
+                KernelEvent::Malformed => Counters::add(&counters.malformed, 1),
             }
         }
         for map in mappings {
-            Counters::add(&shared.counters.library_map, 1);
+            Counters::add(&counters.library_map, 1);
             if !exited.contains(&map.pid) {
-                super::libraries::on_library_map(shared, map);
+                super::libraries::on_library_map(table, cuda, map);
             }
         }
-        shared.set_drained(drain_started);
+        table.set_drained(drain_started);
         if last_housekeeping.elapsed() >= HOUSEKEEPING_INTERVAL {
             last_housekeeping = Instant::now();
-            let expired = shared.tracker().expire(Instant::now(), shared.grace);
+            let expired = table.tracker().expire(Instant::now(), table.grace);
             if expired > 0 {
-                shared.table_changed();
+                table.table_changed();
             }
         }
         std::thread::sleep(DRAIN_INTERVAL);
     }
 }
 
-fn on_exec(shared: &Shared, rec: ExecRecord) {
+fn on_exec(table: &Table, rec: ExecRecord) {
     let pid = rec.pid;
     let mut facts = ProcessFacts {
         pid,
@@ -142,17 +162,17 @@ fn on_exec(shared: &Shared, rec: ExecRecord) {
     };
     if rec.argv_truncated {
         // The kernel copied the first bytes; /proc has the rest while the process lives.
-        if let Ok(full) = shared.proc.cmdline(pid) {
+        if let Ok(full) = table.proc.cmdline(pid) {
             if !full.is_empty() {
                 facts.argv = full;
             }
         }
     }
     if facts.ppid == 0 {
-        facts.ppid = shared.proc.sample(pid).map(|s| s.ppid).unwrap_or(0);
+        facts.ppid = table.proc.sample(pid).map(|s| s.ppid).unwrap_or(0);
     }
-    match observe_with_env(shared, &mut facts, How::New) {
-        Observed::Added(id) => log_detected(shared, pid, &id, "exec"),
+    match observe_with_env(table, &mut facts, How::New) {
+        Observed::Added(id) => log_detected(table, pid, &id, "exec"),
         Observed::Dropped => {
             tracing::warn!(pid, "process table full (--max-processes): not tracked");
         }
@@ -163,8 +183,8 @@ fn on_exec(shared: &Shared, rec: ExecRecord) {
 /// A tracked process forked without exec (the kernel reports only those): the child runs
 /// the same program, so it is classified from the parent's program and its own command line.
 /// A fork that execs soon after is re-classified by its exec event.
-fn on_fork(shared: &Shared, pid: u32, ppid: u32) {
-    let Some(parent) = shared.tracker().get(ppid).cloned() else {
+fn on_fork(table: &Table, pid: u32, ppid: u32) {
+    let Some(parent) = table.tracker().get(ppid).cloned() else {
         return;
     };
     let mut facts = ProcessFacts {
@@ -172,11 +192,11 @@ fn on_fork(shared: &Shared, pid: u32, ppid: u32) {
         ppid,
         comm: parent.name,
         exe: parent.exe,
-        argv: shared.proc.cmdline(pid).unwrap_or_default(),
+        argv: table.proc.cmdline(pid).unwrap_or_default(),
         env: Vec::new(),
         libraries: Vec::new(),
     };
-    if let Observed::Added(id) = observe_with_env(shared, &mut facts, How::New) {
+    if let Observed::Added(id) = observe_with_env(table, &mut facts, How::New) {
         tracing::debug!(
             pid,
             ppid,

@@ -18,11 +18,14 @@ use std::time::{Duration, Instant};
 use agent_common::{LIB_CUDA_DRIVER, LIB_CUDA_RUNTIME, LIB_FRAMEWORK};
 use aya::programs::uprobe::UProbeLink;
 
+use super::health::Health;
 use super::observe::{log_detected, log_reclassified, observe_with_env, track_gpu_user, How};
-use super::Shared;
+use super::table::Table;
+use super::CudaState;
 use crate::cuda::library::{cuda_libraries, library_api};
 use crate::ebpf::events::LibraryMap;
 use crate::identity::{worth_rechecking, Framework};
+use crate::proc::ProcRoot;
 use crate::tracker::Observed;
 
 /// Attach requests waiting at most; past it they are dropped, counted, and the next /proc
@@ -82,20 +85,20 @@ impl AttachQueue {
 }
 
 /// A library mapping reported by the kernel (events thread: nothing slow here).
-pub(super) fn on_library_map(shared: &Shared, map: LibraryMap) {
+pub(super) fn on_library_map(table: &Table, cuda: &CudaState, map: LibraryMap) {
     match map.class {
         LIB_CUDA_RUNTIME | LIB_CUDA_DRIVER => {
             if library_api(&map.name).is_none() {
                 return;
             }
-            track_gpu_user(shared, map.pid, "CUDA library mapped");
-            shared.cuda.queue.send(AttachJob::Mapped {
+            track_gpu_user(table, map.pid, "CUDA library mapped");
+            cuda.queue.send(AttachJob::Mapped {
                 pid: map.pid,
                 file: (map.dev, map.ino),
                 name: map.name,
             });
         }
-        LIB_FRAMEWORK => classify_interpreter(shared, &map),
+        LIB_FRAMEWORK => classify_interpreter(table, &map),
         _ => {}
     }
 }
@@ -104,8 +107,8 @@ pub(super) fn on_library_map(shared: &Shared, map: LibraryMap) {
 /// libraries (the one being mapped, by its directory and name, and those already mapped).
 /// A process tracked only as a GPU user (`framework="unknown"`: it mapped a CUDA library
 /// first, as `import torch` does with the CUDA wheels) is classified again too.
-fn classify_interpreter(shared: &Shared, map: &LibraryMap) {
-    let tracked = shared
+fn classify_interpreter(table: &Table, map: &LibraryMap) {
+    let tracked = table
         .tracker()
         .get(map.pid)
         .filter(|t| t.is_alive())
@@ -114,36 +117,40 @@ fn classify_interpreter(shared: &Shared, map: &LibraryMap) {
         return;
     }
     let read_at = Instant::now();
-    let Ok((mut facts, sample)) = shared.proc.facts(map.pid) else {
+    let Ok((mut facts, sample)) = table.proc.facts(map.pid) else {
         return;
     };
     if !worth_rechecking(&facts) {
         return;
     }
-    facts.libraries = shared.proc.libraries(map.pid).unwrap_or_default();
+    facts.libraries = table.proc.libraries(map.pid).unwrap_or_default();
     facts.libraries.push(map.short_path());
     let how = How::Refresh {
         read_at,
         start_ticks: sample.start_ticks,
     };
-    if let Observed::Added(id) = observe_with_env(shared, &mut facts, how) {
+    if let Observed::Added(id) = observe_with_env(table, &mut facts, how) {
         if tracked.is_some() {
-            log_reclassified(shared, map.pid, &id, "framework library mapped");
+            log_reclassified(table, map.pid, &id, "framework library mapped");
         } else {
-            log_detected(shared, map.pid, &id, "framework library mapped");
+            log_detected(table, map.pid, &id, "framework library mapped");
         }
     }
 }
 
+/// Probes the CUDA libraries `jobs` name (with `cuda`'s attacher), and detaches those no
+/// process in `table` maps any more.
 pub(super) fn spawn(
-    shared: Arc<Shared>,
+    table: Arc<Table>,
+    cuda: Arc<CudaState>,
+    health: &Arc<Health>,
     jobs: Receiver<AttachJob>,
     idle_after: Duration,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
-    let heartbeat = shared.health.register("attach", Some(STALL_LIMIT));
+    let heartbeat = health.register("attach", Some(STALL_LIMIT));
     std::thread::Builder::new()
         .name("llmscope-attach".into())
-        .spawn(move || run(&shared, jobs, idle_after, &heartbeat))
+        .spawn(move || run(&table, &cuda, jobs, idle_after, &heartbeat))
 }
 
 /// An attach or detach can wait for the kernel (grace periods, a library's many links);
@@ -151,7 +158,8 @@ pub(super) fn spawn(
 const STALL_LIMIT: Duration = Duration::from_secs(120);
 
 fn run(
-    shared: &Shared,
+    table: &Table,
+    cuda: &CudaState,
     jobs: Receiver<AttachJob>,
     idle_after: Duration,
     heartbeat: &super::health::Heartbeat,
@@ -161,7 +169,7 @@ fn run(
     // holds the kernel's trace-event mutex for a grace period, which every attach waits for.
     let mut to_drop: VecDeque<UProbeLink> = VecDeque::new();
     let mut next_idle_check = Instant::now() + IDLE_CHECK_INTERVAL;
-    while !shared.stopping() {
+    while !table.stopping() {
         heartbeat.beat();
         let wait = if !to_drop.is_empty() {
             Duration::ZERO
@@ -175,7 +183,7 @@ fn run(
         };
         match jobs.recv_timeout(wait) {
             Ok(job) => {
-                if let Some(job) = handle(shared, job) {
+                if let Some(job) = handle(&table.proc, cuda, job) {
                     retries.push_back((Instant::now() + RETRY_DELAY, 1, job));
                 }
                 continue;
@@ -188,7 +196,7 @@ fn run(
             .is_some_and(|(at, _, _)| *at <= Instant::now())
         {
             let (_, tries, job) = retries.pop_front().expect("checked");
-            if let Some(job) = handle(shared, job) {
+            if let Some(job) = handle(&table.proc, cuda, job) {
                 if tries < RETRIES {
                     retries.push_back((Instant::now() + RETRY_DELAY, tries + 1, job));
                 }
@@ -196,9 +204,9 @@ fn run(
         }
         if Instant::now() >= next_idle_check {
             next_idle_check = Instant::now() + IDLE_CHECK_INTERVAL;
-            let tracked = shared.tracker().live_pids();
-            let detached = shared.cuda.attacher().detach_idle(
-                shared.proc.path(),
+            let tracked = table.tracker().live_pids();
+            let detached = cuda.attacher().detach_idle(
+                table.proc.path(),
                 &tracked,
                 Instant::now(),
                 idle_after,
@@ -207,32 +215,30 @@ fn run(
         }
         // Nothing waits: detach one link (the attacher is not locked).
         drop(to_drop.pop_front());
-        shared
-            .cuda
-            .detach_backlog
+        cuda.detach_backlog
             .store(to_drop.len() as u64, Ordering::Relaxed);
     }
 }
 
 /// Handles one request; returns it when the mapping is not in the process's maps yet.
-fn handle(shared: &Shared, job: AttachJob) -> Option<AttachJob> {
+fn handle(proc: &ProcRoot, cuda: &CudaState, job: AttachJob) -> Option<AttachJob> {
     match job {
         AttachJob::Discover { pid } => {
-            discover_libraries(shared, pid);
+            discover_libraries(proc, cuda, pid);
             None
         }
         AttachJob::Mapped { pid, file, name } => {
-            if file.1 != 0 && shared.cuda.attacher().note_user(file, pid) {
+            if file.1 != 0 && cuda.attacher().note_user(file, pid) {
                 return None;
             }
-            let Ok(maps) = shared.proc.maps(pid) else {
+            let Ok(maps) = proc.maps(pid) else {
                 // Gone already: the next process mapping the file reports it again.
                 return None;
             };
             let libraries = cuda_libraries(&maps);
-            let mut attacher = shared.cuda.attacher();
+            let mut attacher = cuda.attacher();
             for lib in &libraries {
-                attacher.attach(shared.proc.path(), pid, lib);
+                attacher.attach(proc.path(), pid, lib);
             }
             let found = libraries
                 .iter()
@@ -243,16 +249,16 @@ fn handle(shared: &Shared, job: AttachJob) -> Option<AttachJob> {
 }
 
 /// Probes every CUDA library process `pid` maps (start-up scan, reconciliation, first use).
-pub(super) fn discover_libraries(shared: &Shared, pid: u32) {
-    let Ok(maps) = shared.proc.maps(pid) else {
+pub(super) fn discover_libraries(proc: &ProcRoot, cuda: &CudaState, pid: u32) {
+    let Ok(maps) = proc.maps(pid) else {
         return;
     };
     let libraries = cuda_libraries(&maps);
     if libraries.is_empty() {
         return;
     }
-    let mut attacher = shared.cuda.attacher();
+    let mut attacher = cuda.attacher();
     for lib in &libraries {
-        attacher.attach(shared.proc.path(), pid, lib);
+        attacher.attach(proc.path(), pid, lib);
     }
 }

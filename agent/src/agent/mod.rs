@@ -34,10 +34,13 @@ mod observe;
 mod reconcile;
 mod sampler;
 mod servers;
+mod table;
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
+
+use aya::maps::{MapData, RingBuf};
 
 use crate::collectors::{
     cuda::CudaCollector, gpuinfo::GpuInfoCollector, kernel::KernelCollector, nvml::NvmlCollector,
@@ -47,13 +50,15 @@ use crate::config::Config;
 use crate::cuda::attach::{Attacher, AttacherStats};
 use crate::cuda::launches::LaunchEstimates;
 use crate::cuda::launches::LaunchMode;
-use crate::ebpf::{CudaMaps, MmapHook, Sensor, TrackedPids};
+use crate::ebpf::{CudaMaps, LostCounters, MmapHook, Sensor};
 use crate::http::MetricsSource;
 use crate::metrics::{gather, BuildInfo, Collector, Families};
 use crate::proc::ProcRoot;
 use crate::state::NvmlState;
 use crate::state::{Counters, GpuInfoView, ProcessView, Published, ServersView};
-use crate::tracker::{Observed, Tracker};
+use crate::tracker::Tracker;
+
+use table::{Life, Table};
 
 /// How often the events thread drains the ring buffer: detection within ~10 ms without a
 /// wake-up per event.
@@ -61,30 +66,6 @@ pub const DRAIN_INTERVAL: Duration = Duration::from_millis(10);
 
 /// How long each shutdown step (HTTP, threads) may take before it is cut short.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
-
-/// The producer threads' state. Only this module's threads hold it; collectors get the
-/// published views, the counters, and the CUDA state behind its read-only trait.
-struct Shared {
-    tracker: Mutex<Tracker>,
-    /// The kernel's copy of the tracked pids (for fork events). Lock order: tracker first.
-    kernel_tracked: Mutex<TrackedPids>,
-    counters: Arc<Counters>,
-    proc: ProcRoot,
-    grace: Duration,
-    stop: AtomicBool,
-    health: Arc<health::Health>,
-    cuda: Arc<CudaState>,
-    nvml: Arc<Published<NvmlState>>,
-    processes: Arc<Published<ProcessView>>,
-    gpu_info: Arc<Published<GpuInfoView>>,
-    servers: Arc<Published<ServersView>>,
-    containers: containers::Containers,
-    /// Set when the table changed; wakes the sampler.
-    changed: (Mutex<bool>, Condvar),
-    /// When the events thread's last complete drain began: every exit that happened before
-    /// it has been handled.
-    drained: Mutex<Instant>,
-}
 
 /// The CUDA probes' attachments, maps, retired generations and launch estimates. Lock order:
 /// retired before maps; otherwise never two at once.
@@ -174,193 +155,7 @@ impl CudaState {
     }
 }
 
-impl Shared {
-    fn new(
-        proc: ProcRoot,
-        grace: Duration,
-        tracker: Tracker,
-        kernel_tracked: TrackedPids,
-        cuda: CudaState,
-        containers: containers::Containers,
-    ) -> Self {
-        Shared {
-            tracker: Mutex::new(tracker),
-            kernel_tracked: Mutex::new(kernel_tracked),
-            counters: Arc::default(),
-            proc,
-            grace,
-            stop: AtomicBool::new(false),
-            health: health::Health::new(),
-            cuda: Arc::new(cuda),
-            nvml: Arc::default(),
-            processes: Arc::default(),
-            gpu_info: Arc::default(),
-            servers: Arc::default(),
-            containers,
-            changed: (Mutex::new(false), Condvar::new()),
-            drained: Mutex::new(Instant::now()),
-        }
-    }
-
-    /// The events thread finished a drain that began at `started`.
-    fn set_drained(&self, started: Instant) {
-        *self
-            .drained
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = started;
-    }
-
-    /// Whether a drain that began after `t` has been handled: a process found gone at `t`
-    /// and still alive in the table then missed its exit event (a busy events thread only
-    /// delays it).
-    fn drained_after(&self, t: Instant) -> bool {
-        *self
-            .drained
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            > t
-    }
-
-    /// Waits up to `limit` for [`Shared::drained_after`]`(t)`; whether it came.
-    fn wait_drained_after(&self, t: Instant, limit: Duration) -> bool {
-        let deadline = Instant::now() + limit;
-        while !self.drained_after(t) {
-            if Instant::now() >= deadline || self.stopping() {
-                return false;
-            }
-            std::thread::sleep(DRAIN_INTERVAL);
-        }
-        true
-    }
-
-    /// The table; a panic in another thread while holding it does not make it unusable.
-    fn tracker(&self) -> MutexGuard<'_, Tracker> {
-        self.tracker
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    /// The table changed: the sampler publishes a new view soon.
-    fn table_changed(&self) {
-        let (flag, wake) = &self.changed;
-        *flag
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = true;
-        wake.notify_one();
-    }
-
-    /// Waits up to `timeout` for a change to the table; true when there was one.
-    fn wait_for_change(&self, timeout: Duration) -> bool {
-        let (flag, wake) = &self.changed;
-        let guard = flag
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let (mut guard, _) = wake
-            .wait_timeout_while(guard, timeout, |changed| {
-                !*changed && !self.stop.load(Ordering::Relaxed)
-            })
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        std::mem::take(&mut *guard)
-    }
-
-    /// Changes the table with `change` and the kernel's tracked set with it, under the
-    /// table's lock: another writer (an exit on the events thread) cannot slip in between and
-    /// leave the kernel tracking a process the table has ended. A new process's container is
-    /// read from its cgroup after the lock is released (the sampler holds the process back
-    /// until then, see `Tracked::container_read`).
-    fn observe(&self, pid: u32, change: impl FnOnce(&mut Tracker) -> Observed) -> Observed {
-        let mut tracker = self.tracker();
-        let observed = change(&mut tracker);
-        let mut kernel = self
-            .kernel_tracked
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        match &observed {
-            Observed::Added(_) => {
-                if let Err(e) = kernel.insert(pid) {
-                    tracing::debug!(pid, error = %e, "cannot add to the kernel's tracked set");
-                }
-            }
-            Observed::Removed => kernel.remove(pid),
-            Observed::Unchanged | Observed::Ignored | Observed::Dropped => return observed,
-        }
-        let start_ticks = tracker.get(pid).and_then(|t| t.start_ticks);
-        drop(kernel);
-        drop(tracker);
-        if matches!(observed, Observed::Added(_)) {
-            let container = self.proc.container(pid).ok().flatten();
-            if let Some(c) = &container {
-                self.containers.request(&c.id);
-            }
-            self.tracker().set_container(pid, start_ticks, container);
-        }
-        self.table_changed();
-        observed
-    }
-
-    /// The process exited: starts its grace period. True when it was tracked and alive.
-    fn exited(&self, pid: u32) -> bool {
-        let mut tracker = self.tracker();
-        let was_alive = tracker.exited(pid, Instant::now());
-        let gone = tracker.get(pid).filter(|_| was_alive).cloned();
-        self.forget_in_kernel(pid, was_alive);
-        drop(tracker);
-        if let Some(t) = gone {
-            observe::log_exited(self, &t, "exit event");
-        }
-        was_alive
-    }
-
-    /// A reading taken after `as_of` found the process gone (see
-    /// [`Tracker::exited_as_of`]). True when it was marked exited.
-    fn exited_as_of(&self, pid: u32, start_ticks: Option<u64>, as_of: Instant) -> bool {
-        let mut tracker = self.tracker();
-        let marked = tracker.exited_as_of(pid, start_ticks, as_of, Instant::now());
-        let gone = tracker.get(pid).filter(|_| marked).cloned();
-        self.forget_in_kernel(pid, marked);
-        drop(tracker);
-        if let Some(t) = gone {
-            observe::log_exited(self, &t, "found gone");
-        }
-        marked
-    }
-
-    /// The container labels of tracked process `pid` (empty when it is in none).
-    fn container_labels(&self, pid: u32) -> crate::metrics::ContainerLabels {
-        let container = self.tracker().get(pid).and_then(|t| t.container.clone());
-        container
-            .map(|c| self.containers.labels(&c))
-            .unwrap_or_default()
-    }
-
-    /// Called with the table locked (lock order: table, then the kernel's set).
-    fn forget_in_kernel(&self, pid: u32, exited: bool) {
-        if exited {
-            self.kernel_tracked
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .remove(pid);
-            self.table_changed();
-        }
-    }
-
-    fn stopping(&self) -> bool {
-        self.stop.load(Ordering::Relaxed)
-    }
-
-    /// Sleeps `total`, or less when the agent stops meanwhile.
-    fn sleep(&self, total: Duration) {
-        let deadline = Instant::now() + total;
-        while !self.stopping() {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return;
-            }
-            std::thread::sleep(left.min(Duration::from_millis(50)));
-        }
-    }
-}
-
+/// What `/metrics`, `/api/processes`, `/api/sd` and `/healthz` read.
 struct AgentSource {
     collectors: Vec<Box<dyn Collector>>,
     health: Arc<health::Health>,
@@ -391,20 +186,35 @@ impl MetricsSource for AgentSource {
     }
 }
 
-/// Runs the agent until SIGINT or SIGTERM.
-pub async fn run(config: Config) -> anyhow::Result<()> {
-    use anyhow::Context;
+/// The agent's parts: the process table, the CUDA state, what the producers publish and
+/// count, and their health. Each thread gets only the parts it writes or reads.
+struct Parts {
+    life: Arc<Life>,
+    health: Arc<health::Health>,
+    table: Arc<Table>,
+    cuda: Arc<CudaState>,
+    counters: Arc<Counters>,
+    lost: Arc<LostCounters>,
+    processes: Arc<Published<ProcessView>>,
+    gpu_info: Arc<Published<GpuInfoView>>,
+    servers: Arc<Published<ServersView>>,
+    nvml: Arc<Published<NvmlState>>,
+}
 
-    let proc = ProcRoot::new(&config.procfs)
-        .with_context(|| format!("--path.procfs {}", config.procfs.display()))?;
-    let sensor = Sensor::load(config.ring_buffer_bytes, config.max_processes)?;
-    tracing::info!(
-        kernel_ppid = sensor.kernel_ppid,
-        library_hook = sensor.mmap_hook.as_str(),
-        "eBPF exec, exit and fork tracepoints attached"
-    );
-    // `programs` holds the attachments: dropped at the end of this function, after the
-    // threads that read the ring buffer have stopped.
+/// What the threads consume once: the kernel's queues and the job queues.
+struct Inputs {
+    ring: RingBuf<MapData>,
+    mmap_records: Option<crate::ebpf::perf_mmap::MmapRecords>,
+    attach_jobs: std::sync::mpsc::Receiver<libraries::AttachJob>,
+    container_jobs: Option<(std::sync::mpsc::Receiver<String>, containers::Sources)>,
+}
+
+type Threads = Vec<(&'static str, std::thread::JoinHandle<()>)>;
+
+/// Builds the parts around the loaded sensor.
+fn wire(config: &Config, proc: ProcRoot, sensor: Sensor) -> (Parts, Inputs) {
+    // `programs` holds the attachments: owned by the attacher, dropped after the threads
+    // that read the ring buffer have stopped.
     let Sensor {
         programs,
         events,
@@ -415,24 +225,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         mmap_records,
         ..
     } = sensor;
-    let lost = Arc::new(lost);
-    // Where container names come from: each source is used when its path exists.
-    let present = |p: &Option<std::path::PathBuf>, what: &str| {
-        let p = p.clone().filter(|p| !p.as_os_str().is_empty())?;
-        if p.exists() {
-            Some(p)
-        } else {
-            tracing::info!(path = %p.display(), "no {what} here: not used for container names");
-            None
-        }
-    };
-    let sources = containers::Sources {
-        bundles: crate::identity::oci::Bundles {
-            containerd: present(&config.containerd_state, "containerd state"),
-            crio: present(&config.crio_storage, "CRI-O storage"),
-        },
-        docker_socket: present(&config.docker_socket, "Docker socket"),
-    };
+    let sources = container_sources(config);
     let (containers, container_jobs) = containers::Containers::new(sources.any());
     let launch_mode = crate::cuda::launches::mode(config.cuda_overhead_budget);
     let (queue, attach_jobs) = libraries::AttachQueue::new();
@@ -450,15 +243,209 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         detach_backlog: AtomicU64::new(0),
         mmap_hook,
     };
-    let shared = Arc::new(Shared::new(
-        proc.clone(),
+    let life = Arc::new(Life::default());
+    let table = Table::new(
+        proc,
         config.grace_period,
         Tracker::new(config.max_processes as usize)
             .with_max_model_names(config.max_model_names as usize),
-        tracked,
+        Box::new(tracked),
+        Arc::new(containers),
+        life.clone(),
+    );
+    let parts = Parts {
+        life,
+        health: health::Health::new(),
+        table: Arc::new(table),
+        cuda: Arc::new(cuda),
+        counters: Arc::default(),
+        lost: Arc::new(lost),
+        processes: Arc::default(),
+        gpu_info: Arc::default(),
+        servers: Arc::default(),
+        nvml: Arc::default(),
+    };
+    let inputs = Inputs {
+        ring: events,
+        mmap_records,
+        attach_jobs,
+        container_jobs: container_jobs.map(|jobs| (jobs, sources)),
+    };
+    (parts, inputs)
+}
+
+/// Where container names come from: each source is used when its path exists.
+fn container_sources(config: &Config) -> containers::Sources {
+    let present = |p: &Option<std::path::PathBuf>, what: &str| {
+        let p = p.clone().filter(|p| !p.as_os_str().is_empty())?;
+        if p.exists() {
+            Some(p)
+        } else {
+            tracing::info!(path = %p.display(), "no {what} here: not used for container names");
+            None
+        }
+    };
+    containers::Sources {
+        bundles: crate::identity::oci::Bundles {
+            containerd: present(&config.containerd_state, "containerd state"),
+            crio: present(&config.crio_storage, "CRI-O storage"),
+        },
+        docker_socket: present(&config.docker_socket, "Docker socket"),
+    }
+}
+
+fn gpu_info_dir(config: &Config) -> Option<(std::path::PathBuf, crate::gpuinfo::Limits)> {
+    config.gpu_info_dir.clone().map(|dir| {
+        let limits = crate::gpuinfo::Limits {
+            ttl: config.gpu_info_ttl,
+            ..Default::default()
+        };
+        (dir, limits)
+    })
+}
+
+/// Starts every producer thread, each with its handles.
+fn spawn_producers(config: &Config, p: &Parts, inputs: Inputs) -> std::io::Result<Threads> {
+    let Parts {
+        life,
+        health,
+        table,
         cuda,
-        containers,
-    ));
+        counters,
+        lost,
+        ..
+    } = p;
+    let mut threads: Threads = vec![
+        (
+            "events",
+            events::spawn(
+                table.clone(),
+                cuda.clone(),
+                counters.clone(),
+                health,
+                inputs.ring,
+                inputs.mmap_records,
+            )?,
+        ),
+        (
+            "reconcile",
+            reconcile::spawn(
+                table.clone(),
+                cuda.clone(),
+                counters.clone(),
+                health,
+                config.rescan_interval,
+                lost.clone(),
+            )?,
+        ),
+        (
+            "attach",
+            libraries::spawn(
+                table.clone(),
+                cuda.clone(),
+                health,
+                inputs.attach_jobs,
+                config.cuda_library_idle_timeout,
+            )?,
+        ),
+        (
+            "sampler",
+            sampler::spawn(
+                table.clone(),
+                cuda.clone(),
+                counters.clone(),
+                health,
+                sampler::Views {
+                    processes: p.processes.clone(),
+                    gpu_info: p.gpu_info.clone(),
+                },
+                gpu_info_dir(config),
+                lost.clone(),
+            )?,
+        ),
+        (
+            "servers",
+            servers::spawn(
+                table.clone(),
+                health,
+                p.processes.clone(),
+                p.servers.clone(),
+                config.sd_advertise_host.clone(),
+            )?,
+        ),
+    ];
+    if let Some((jobs, sources)) = inputs.container_jobs {
+        let thread = containers::spawn(
+            table.containers.clone(),
+            table.changed.clone(),
+            life.clone(),
+            health,
+            jobs,
+            sources,
+        )?;
+        threads.push(("containers", thread));
+    }
+    if !config.no_nvml {
+        let thread = nvml::spawn(
+            table.clone(),
+            health,
+            p.nvml.clone(),
+            config.nvml_lib.clone(),
+            config.nvml_interval,
+        )?;
+        threads.push(("nvml", thread));
+    }
+    if crate::cuda::launches::mode(config.cuda_overhead_budget) == LaunchMode::Sampled {
+        let thread = cuda::spawn_launch_sampler(
+            cuda.clone(),
+            life.clone(),
+            health,
+            config.cuda_overhead_budget,
+            config.cuda_launch_period,
+        )?;
+        threads.push(("launches", thread));
+    }
+    Ok(threads)
+}
+
+/// The collectors of `/metrics`, each with the views it reads.
+fn collectors(config: &Config, p: &Parts) -> Vec<Box<dyn Collector>> {
+    let mut collectors: Vec<Box<dyn Collector>> = vec![
+        Box::new(ProcessCollector::new(p.processes.clone())),
+        Box::new(KernelCollector::new(p.counters.clone(), p.lost.clone())),
+        Box::new(CudaCollector::new(p.cuda.clone(), p.processes.clone())),
+        Box::new(ServersCollector::new(p.servers.clone())),
+    ];
+    if !config.no_nvml {
+        collectors.push(Box::new(NvmlCollector::new(
+            p.nvml.clone(),
+            p.processes.clone(),
+            config.nvml_interval,
+        )));
+    }
+    if config.gpu_info_dir.is_some() {
+        let nvml = (!config.no_nvml).then(|| p.nvml.clone());
+        collectors.push(Box::new(GpuInfoCollector::new(p.gpu_info.clone(), nvml)));
+    }
+    #[cfg(feature = "test-faults")]
+    collectors.extend(faults::collector());
+    collectors
+}
+
+/// Runs the agent until SIGINT or SIGTERM: loads the sensor, wires the parts, starts the
+/// producers and the HTTP server, and stops them all in order.
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    use anyhow::Context;
+
+    let proc = ProcRoot::new(&config.procfs)
+        .with_context(|| format!("--path.procfs {}", config.procfs.display()))?;
+    let sensor = Sensor::load(config.ring_buffer_bytes, config.max_processes)?;
+    tracing::info!(
+        kernel_ppid = sensor.kernel_ppid,
+        library_hook = sensor.mmap_hook.as_str(),
+        "eBPF exec, exit and fork tracepoints attached"
+    );
+    let (parts, inputs) = wire(&config, proc, sensor);
     let web = match &config.web_config_file {
         Some(path) => Some(Arc::new(crate::web_config::WebConfig::load(path)?)),
         None => None,
@@ -472,87 +459,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         basic_auth = web.as_ref().is_some_and(|w| w.current().auth.is_some()),
         "serving /metrics"
     );
-
-    let gpu_info = config.gpu_info_dir.clone().map(|dir| {
-        let limits = crate::gpuinfo::Limits {
-            ttl: config.gpu_info_ttl,
-            ..Default::default()
-        };
-        (dir, limits)
-    });
-    let events_thread = events::spawn(shared.clone(), events, mmap_records)?;
-    let reconcile_thread = reconcile::spawn(shared.clone(), config.rescan_interval, lost.clone())?;
-    let attach_thread = libraries::spawn(
-        shared.clone(),
-        attach_jobs,
-        config.cuda_library_idle_timeout,
-    )?;
-    let sampler_thread = sampler::spawn(shared.clone(), gpu_info.clone(), lost.clone())?;
-    let servers_thread = servers::spawn(shared.clone(), config.sd_advertise_host.clone())?;
-    let mut threads = vec![
-        ("events", events_thread),
-        ("reconcile", reconcile_thread),
-        ("attach", attach_thread),
-        ("sampler", sampler_thread),
-        ("servers", servers_thread),
-    ];
-    if let Some(jobs) = container_jobs {
-        threads.push((
-            "containers",
-            containers::spawn(shared.clone(), jobs, sources)?,
-        ));
-    }
-    if !config.no_nvml {
-        threads.push((
-            "nvml",
-            nvml::spawn(
-                shared.clone(),
-                config.nvml_lib.clone(),
-                config.nvml_interval,
-            )?,
-        ));
-    }
-    if launch_mode == LaunchMode::Sampled {
-        threads.push((
-            "launches",
-            cuda::spawn_launch_sampler(
-                shared.clone(),
-                config.cuda_overhead_budget,
-                config.cuda_launch_period,
-            )?,
-        ));
-    }
-
-    let mut collectors: Vec<Box<dyn Collector>> = vec![
-        Box::new(ProcessCollector::new(shared.processes.clone())),
-        Box::new(KernelCollector::new(shared.counters.clone(), lost.clone())),
-        Box::new(CudaCollector::new(
-            shared.cuda.clone(),
-            shared.processes.clone(),
-        )),
-        Box::new(ServersCollector::new(shared.servers.clone())),
-    ];
-    if !config.no_nvml {
-        collectors.push(Box::new(NvmlCollector::new(
-            shared.nvml.clone(),
-            shared.processes.clone(),
-            config.nvml_interval,
-        )));
-    }
-    if gpu_info.is_some() {
-        let nvml = (!config.no_nvml).then(|| shared.nvml.clone());
-        collectors.push(Box::new(GpuInfoCollector::new(
-            shared.gpu_info.clone(),
-            nvml,
-        )));
-    }
-    #[cfg(feature = "test-faults")]
-    collectors.extend(faults::collector());
+    let threads = spawn_producers(&config, &parts, inputs)?;
     let source = Arc::new(AgentSource {
-        collectors,
-        health: shared.health.clone(),
-        servers: shared.servers.clone(),
-        processes: shared.processes.clone(),
+        collectors: collectors(&config, &parts),
+        health: parts.health.clone(),
+        servers: parts.servers.clone(),
+        processes: parts.processes.clone(),
     });
     let (stop_http, http_stopped) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(crate::http::serve(listener, source, web, async {
@@ -562,13 +474,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     // supervisor restarts it. (A stalled one only turns /healthz to 503.)
     let died = tokio::select! {
         () = shutdown_signal() => None,
-        name = dead_thread(&shared.health) => Some(name),
+        name = dead_thread(&parts.health) => Some(name),
     };
     match died {
         Some(name) => tracing::error!(thread = name, "a producer thread died: shutting down"),
         None => tracing::info!("shutting down"),
     }
-    shared.health.stopping();
+    parts.health.stopping();
     let _ = stop_http.send(());
     // Scrapers keep connections alive; give in-flight scrapes a bounded time to finish.
     match tokio::time::timeout(SHUTDOWN_GRACE, server).await {
@@ -576,8 +488,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         Ok(Err(e)) => tracing::warn!(error = %e, "the HTTP server task failed"),
         Err(_) => tracing::warn!("HTTP connections still open after {SHUTDOWN_GRACE:?}: cut short"),
     }
-    shared.stop.store(true, Ordering::Relaxed);
-    shared.table_changed();
+    parts.life.stop();
+    parts.table.table_changed();
     for (name, handle) in threads {
         match join_within(handle, SHUTDOWN_GRACE) {
             Ok(Ok(())) => {}
@@ -589,7 +501,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             ),
         }
     }
-    drop(shared);
+    drop(parts);
     tracing::info!("stopped");
     match died {
         Some(name) => Err(anyhow::anyhow!("the {name} thread died")),
@@ -630,3 +542,6 @@ async fn shutdown_signal() {
         _ = term.recv() => {}
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -5,28 +5,32 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use super::health::Health;
 use super::observe::track_gpu_user;
-use super::Shared;
+use super::table::Table;
 use crate::nvml::{init, sample};
-use crate::state::{GpuSample, NvmlState};
+use crate::state::{GpuSample, NvmlState, Published};
 
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
 
+/// Samples NVML into `view`; every process NVML sees on a GPU is tracked in `table`.
 pub(super) fn spawn(
-    shared: Arc<Shared>,
+    table: Arc<Table>,
+    health: &Arc<Health>,
+    view: Arc<Published<NvmlState>>,
     lib: Option<PathBuf>,
     interval: Duration,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     // No stall limit: a driver call may hang for long (the collector reports it: stale
     // values, collector_success 0), and restarting the agent would not help.
-    let heartbeat = shared.health.register("nvml", None);
+    let heartbeat = health.register("nvml", None);
     std::thread::Builder::new()
         .name("llmscope-nvml".into())
         .spawn(move || {
             let _heartbeat = heartbeat;
             let mut nvml = None;
             let mut backoff = interval;
-            while !shared.stopping() {
+            while !table.stopping() {
                 if nvml.is_none() {
                     match init(lib.as_ref()) {
                         Ok(n) => {
@@ -35,8 +39,8 @@ pub(super) fn spawn(
                             backoff = interval;
                         }
                         Err(e) => {
-                            report(&shared, format!("NVML unavailable: {e}"), true);
-                            shared.sleep(backoff);
+                            report(&view, format!("NVML unavailable: {e}"), true);
+                            table.sleep(backoff);
                             backoff = (backoff * 2).min(MAX_BACKOFF);
                             continue;
                         }
@@ -45,12 +49,12 @@ pub(super) fn spawn(
                 let Some(n) = nvml.as_ref() else { continue };
                 match sample(n) {
                     Ok(s) => {
-                        track_gpu_processes(&shared, &s);
+                        track_gpu_processes(&table, &s);
                         let reinit = s.needs_reinit;
-                        if shared.nvml.get().error.is_some() {
+                        if view.get().error.is_some() {
                             tracing::info!("NVML sampling works again");
                         }
-                        shared.nvml.set(NvmlState {
+                        view.set(NvmlState {
                             sample: Some(s),
                             last_success: Some(SystemTime::now()),
                             error: None,
@@ -60,18 +64,18 @@ pub(super) fn spawn(
                         }
                     }
                     Err(e) => {
-                        report(&shared, format!("NVML sampling failed: {e}"), false);
+                        report(&view, format!("NVML sampling failed: {e}"), false);
                         nvml = None;
                     }
                 }
-                shared.sleep(interval);
+                table.sleep(interval);
             }
         })
 }
 
 /// Records a problem; logs it only when it is new (not once per sample or scrape).
-fn report(shared: &Shared, message: String, clear_sample: bool) {
-    let old = shared.nvml.get();
+fn report(view: &Published<NvmlState>, message: String, clear_sample: bool) {
+    let old = view.get();
     if old.error.as_deref() != Some(message.as_str()) {
         tracing::warn!(
             event = "nvml_unavailable",
@@ -79,7 +83,7 @@ fn report(shared: &Shared, message: String, clear_sample: bool) {
             "NVML unavailable: GPU metrics are left out until it works (retrying with back-off)"
         );
     }
-    shared.nvml.set(NvmlState {
+    view.set(NvmlState {
         sample: if clear_sample {
             None
         } else {
@@ -91,8 +95,8 @@ fn report(shared: &Shared, message: String, clear_sample: bool) {
 }
 
 /// Every process NVML sees on a GPU gets series, classified or not.
-fn track_gpu_processes(shared: &Shared, s: &GpuSample) {
+fn track_gpu_processes(table: &Table, s: &GpuSample) {
     for p in &s.processes {
-        track_gpu_user(shared, p.pid, "NVML");
+        track_gpu_user(table, p.pid, "NVML");
     }
 }

@@ -4,12 +4,12 @@
 use crate::identity::{Identity, ProcessFacts, UNKNOWN};
 use crate::tracker::Observed;
 
-use super::Shared;
+use super::table::Table;
 
 /// The `process_detected` log event (`via`: what found it).
-pub(super) fn log_detected(shared: &Shared, pid: u32, id: &Identity, via: &str) {
+pub(super) fn log_detected(table: &Table, pid: u32, id: &Identity, via: &str) {
     log_identity(
-        shared,
+        table,
         pid,
         id,
         via,
@@ -20,9 +20,9 @@ pub(super) fn log_detected(shared: &Shared, pid: u32, id: &Identity, via: &str) 
 
 /// The `process_reclassified` log event: a tracked process (a GPU user no rule named yet)
 /// got its identity (`via`: what told).
-pub(super) fn log_reclassified(shared: &Shared, pid: u32, id: &Identity, via: &str) {
+pub(super) fn log_reclassified(table: &Table, pid: u32, id: &Identity, via: &str) {
     log_identity(
-        shared,
+        table,
         pid,
         id,
         via,
@@ -31,8 +31,8 @@ pub(super) fn log_reclassified(shared: &Shared, pid: u32, id: &Identity, via: &s
     );
 }
 
-fn log_identity(shared: &Shared, pid: u32, id: &Identity, via: &str, event: &str, message: &str) {
-    let c = shared.container_labels(pid);
+fn log_identity(table: &Table, pid: u32, id: &Identity, via: &str, event: &str, message: &str) {
+    let c = table.container_labels(pid);
     tracing::info!(
         event,
         pid,
@@ -49,11 +49,11 @@ fn log_identity(shared: &Shared, pid: u32, id: &Identity, via: &str, event: &str
 }
 
 /// The `process_exited` log event (`how`: what told the agent).
-pub(super) fn log_exited(shared: &Shared, t: &crate::tracker::Tracked, how: &str) {
+pub(super) fn log_exited(table: &Table, t: &crate::tracker::Tracked, how: &str) {
     let c = t
         .container
         .as_ref()
-        .map(|c| shared.containers.labels(c))
+        .map(|c| table.containers.labels(c))
         .unwrap_or_default();
     tracing::info!(
         event = "process_exited",
@@ -104,17 +104,17 @@ impl How {
 
 /// Classifies `facts`; when the result names no model, reads the model variables from the
 /// environment and classifies again. Keeps the kernel's tracked set in step.
-pub(super) fn observe_with_env(shared: &Shared, facts: &mut ProcessFacts, how: How) -> Observed {
+pub(super) fn observe_with_env(table: &Table, facts: &mut ProcessFacts, how: How) -> Observed {
     let pid = facts.pid;
-    let start = || shared.proc.start_ticks(pid).ok();
-    let mut observed = shared.observe(pid, |t| how.observe(t, facts, start));
+    let start = || table.proc.start_ticks(pid).ok();
+    let mut observed = table.observe(pid, |t| how.observe(t, facts, start));
     if let Observed::Added(id) = &observed {
         if id.model_name == UNKNOWN {
-            if let Ok(env) = shared.proc.model_env(pid) {
+            if let Ok(env) = table.proc.model_env(pid) {
                 if !env.is_empty() {
                     facts.env = env;
                     if let Observed::Added(with_model) =
-                        shared.observe(pid, |t| how.observe(t, facts, start))
+                        table.observe(pid, |t| how.observe(t, facts, start))
                     {
                         observed = Observed::Added(with_model);
                     }
@@ -127,21 +127,21 @@ pub(super) fn observe_with_env(shared: &Shared, facts: &mut ProcessFacts, how: H
 
 /// A process that uses CUDA is always worth a series: tracked with its own identity when it
 /// has one, else as `framework="unknown"`.
-pub(super) fn track_gpu_user(shared: &Shared, pid: u32, via: &str) {
-    if shared
+pub(super) fn track_gpu_user(table: &Table, pid: u32, via: &str) {
+    if table
         .tracker()
         .get(pid)
         .is_some_and(super::super::tracker::Tracked::is_alive)
     {
         return;
     }
-    let Ok((facts, sample)) = shared.proc.facts(pid) else {
+    let Ok((facts, sample)) = table.proc.facts(pid) else {
         return;
     };
-    let observed = shared.observe(pid, |t| {
+    let observed = table.observe(pid, |t| {
         t.observe_gpu_user(&facts, || Some(sample.start_ticks))
     });
     if let Observed::Added(id) = &observed {
-        log_detected(shared, pid, id, via);
+        log_detected(table, pid, id, via);
     }
 }

@@ -11,8 +11,10 @@ use std::time::{Duration, Instant};
 
 use agent_common::Lost;
 
+use super::health::Health;
 use super::observe::{log_detected, log_reclassified, observe_with_env, How};
-use super::Shared;
+use super::table::Table;
+use super::CudaState;
 use crate::ebpf::LostCounters;
 use crate::identity::{worth_rechecking, Framework};
 use crate::state::Counters;
@@ -22,29 +24,34 @@ use crate::tracker::Observed;
 /// reported stalled.
 const STALL_LIMIT: Duration = Duration::from_secs(300);
 
+/// Scans /proc into `table` (probing CUDA libraries with `cuda`), counting repairs in
+/// `counters`.
 pub(super) fn spawn(
-    shared: Arc<Shared>,
+    table: Arc<Table>,
+    cuda: Arc<CudaState>,
+    counters: Arc<Counters>,
+    health: &Arc<Health>,
     interval: Duration,
     lost: Arc<LostCounters>,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
-    let heartbeat = shared.health.register("reconcile", Some(STALL_LIMIT));
+    let heartbeat = health.register("reconcile", Some(STALL_LIMIT));
     std::thread::Builder::new()
         .name("llmscope-reconcile".into())
         .spawn(move || {
             let mut read = MapsRead::default();
-            let found = scan(&shared, false, &mut read);
+            let found = scan(&table, &cuda, &counters, false, &mut read);
             tracing::info!(found, "start-up scan done");
             let mut next = Instant::now() + interval;
-            while !shared.stopping() {
+            while !table.stopping() {
                 heartbeat.beat();
                 if Instant::now() >= next {
-                    let losses = library_losses(&shared, &lost);
+                    let losses = library_losses(&counters, &lost);
                     if losses != read.losses {
                         // Something the kernel would have told was lost: read every maps.
                         read.processes.clear();
                         read.losses = losses;
                     }
-                    scan(&shared, true, &mut read);
+                    scan(&table, &cuda, &counters, true, &mut read);
                     next = Instant::now() + interval;
                 }
                 std::thread::sleep(Duration::from_millis(50));
@@ -61,8 +68,8 @@ pub(super) struct MapsRead {
 }
 
 /// Library mappings and first CUDA calls the kernel lost, since start.
-fn library_losses(shared: &Shared, lost: &LostCounters) -> u64 {
-    lost.read(Counters::get(&shared.counters.library_map_lost))
+fn library_losses(counters: &Counters, lost: &LostCounters) -> u64 {
+    lost.read(Counters::get(&counters.library_map_lost))
         .map_or(u64::MAX, |l| {
             l.get(Lost::LibraryMap) + l.get(Lost::CudaEvent)
         })
@@ -71,9 +78,15 @@ fn library_losses(shared: &Shared, lost: &LostCounters) -> u64 {
 /// One pass over /proc; returns how many LLM processes it added. With `repair`, what it
 /// finds is counted as missed by the kernel events. Maps are read of the processes not in
 /// `read` (which it updates).
-pub(super) fn scan(shared: &Shared, repair: bool, read: &mut MapsRead) -> usize {
+pub(super) fn scan(
+    table: &Table,
+    cuda: &CudaState,
+    counters: &Counters,
+    repair: bool,
+    read: &mut MapsRead,
+) -> usize {
     let listed_at = Instant::now();
-    let pids = match shared.proc.pids() {
+    let pids = match table.proc.pids() {
         Ok(p) => p,
         Err(e) => {
             tracing::warn!(error = %e, "scanning /proc failed");
@@ -84,7 +97,7 @@ pub(super) fn scan(shared: &Shared, repair: bool, read: &mut MapsRead) -> usize 
 
     // A pid the events thread added after /proc was listed is not in `present` but is alive:
     // only an entry older than the listing whose /proc entry is gone now has exited.
-    let vanished: Vec<(u32, Option<u64>)> = shared
+    let vanished: Vec<(u32, Option<u64>)> = table
         .tracker()
         .all()
         .into_iter()
@@ -94,15 +107,15 @@ pub(super) fn scan(shared: &Shared, repair: bool, read: &mut MapsRead) -> usize 
     let checked = Instant::now();
     let gone: Vec<(u32, Option<u64>)> = vanished
         .into_iter()
-        .filter(|(pid, _)| !shared.proc.path().join(pid.to_string()).exists())
+        .filter(|(pid, _)| !table.proc.path().join(pid.to_string()).exists())
         .collect();
     // Their exit events may still be in the ring: only what a drain begun since has not
     // ended is a missed exit (a busy events thread is not a lost event). If none comes soon,
     // the sampler or the next scan settles them.
-    let drained = gone.is_empty() || shared.wait_drained_after(checked, Duration::from_secs(1));
+    let drained = gone.is_empty() || table.wait_drained_after(checked, Duration::from_secs(1));
     for (pid, start) in gone.into_iter().filter(|_| drained) {
-        if shared.exited_as_of(pid, start, listed_at) && repair {
-            Counters::add(&shared.counters.missed_exit, 1);
+        if table.exited_as_of(pid, start, listed_at) && repair {
+            Counters::add(&counters.missed_exit, 1);
         }
     }
 
@@ -112,17 +125,17 @@ pub(super) fn scan(shared: &Shared, repair: bool, read: &mut MapsRead) -> usize 
     let mut maps_read = HashMap::with_capacity(pids.len());
     for pid in pids {
         let read_at = Instant::now();
-        let Ok((mut facts, sample)) = shared.proc.facts(pid) else {
+        let Ok((mut facts, sample)) = table.proc.facts(pid) else {
             continue;
         };
         if read.processes.get(&pid) != Some(&sample.start_ticks) {
-            super::libraries::discover_libraries(shared, pid);
+            super::libraries::discover_libraries(&table.proc, cuda, pid);
         }
         maps_read.insert(pid, sample.start_ticks);
         // (start, classified) of the live entry: a classified process whose start did not
         // change is known; one tracked only as a GPU user may have loaded a framework since.
         let tracked = {
-            let tracker = shared.tracker();
+            let tracker = table.tracker();
             tracker
                 .get(pid)
                 .filter(|t| t.is_alive())
@@ -139,7 +152,7 @@ pub(super) fn scan(shared: &Shared, repair: bool, read: &mut MapsRead) -> usize 
             _ => {}
         }
         if worth_rechecking(&facts) {
-            facts.libraries = shared.proc.libraries(pid).unwrap_or_default();
+            facts.libraries = table.proc.libraries(pid).unwrap_or_default();
         }
         // A GPU user tracked as this very process is reclassified, not missed.
         let gpu_user = matches!(tracked, Some((Some(start), false)) if start == sample.start_ticks);
@@ -154,14 +167,14 @@ pub(super) fn scan(shared: &Shared, repair: bool, read: &mut MapsRead) -> usize 
             read_at,
             start_ticks,
         };
-        let Observed::Added(id) = observe_with_env(shared, &mut facts, how) else {
+        let Observed::Added(id) = observe_with_env(table, &mut facts, how) else {
             continue;
         };
         if gpu_user {
-            log_reclassified(shared, facts.pid, &id, "scan");
+            log_reclassified(table, facts.pid, &id, "scan");
         } else {
             log_detected(
-                shared,
+                table,
                 facts.pid,
                 &id,
                 if repair {
@@ -172,7 +185,7 @@ pub(super) fn scan(shared: &Shared, repair: bool, read: &mut MapsRead) -> usize 
             );
             added += 1;
             if repair {
-                Counters::add(&shared.counters.missed_exec, 1);
+                Counters::add(&counters.missed_exec, 1);
             }
         }
     }

@@ -10,13 +10,15 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
+use super::health::Health;
 use super::observe::track_gpu_user;
-use super::Shared;
+use super::table::Table;
+use super::CudaState;
 use crate::ebpf::{LostCounters, LostCounts};
 use crate::gpuinfo::{scan, Limits, Processes, Rejections};
 use crate::metrics::{KindCount, ProcessLabels, ProcessSample};
 use crate::proc::{ProcError, ProcRoot, ProcSample};
-use crate::state::{Counters, GpuInfoView, Member, ProcessView};
+use crate::state::{Counters, GpuInfoView, Member, ProcessView, Published};
 
 /// CPU percent is measured over windows of at least this long, whatever the scrape rate.
 pub const CPU_WINDOW: Duration = Duration::from_secs(1);
@@ -38,33 +40,46 @@ const NAME_HOLD: Duration = Duration::from_secs(2);
 /// Silent this long, the thread is reported stalled (a pass over a full table is far shorter).
 const STALL_LIMIT: Duration = Duration::from_secs(30);
 
+/// What the sampler publishes.
+#[derive(Default)]
+pub(super) struct Views {
+    pub processes: Arc<Published<ProcessView>>,
+    pub gpu_info: Arc<Published<GpuInfoView>>,
+}
+
+/// Reads every process of `table` (and the reports of `--gpu-info-dir`) into `views`; removes
+/// what ended from `cuda`'s maps; logs what the kernel lost.
 pub(super) fn spawn(
-    shared: Arc<Shared>,
+    table: Arc<Table>,
+    cuda: Arc<CudaState>,
+    counters: Arc<Counters>,
+    health: &Arc<Health>,
+    views: Views,
     gpu_info: Option<(PathBuf, Limits)>,
     lost: Arc<LostCounters>,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
-    let heartbeat = shared.health.register("sampler", Some(STALL_LIMIT));
+    let heartbeat = health.register("sampler", Some(STALL_LIMIT));
     std::thread::Builder::new()
         .name("llmscope-sampler".into())
         .spawn(move || {
-            let mut sampler = Sampler::default();
+            let mut sampler = Sampler::new(views, counters.clone());
             let mut lost_before = LostCounts::default();
             let mut next_full = Instant::now();
-            while !shared.stopping() {
+            while !table.stopping() {
                 heartbeat.beat();
                 let full = Instant::now() >= next_full;
                 if full {
                     next_full = Instant::now() + SAMPLE_INTERVAL;
                     if let Some((dir, limits)) = &gpu_info {
-                        sampler.scan_gpu_info(&shared, dir, limits);
+                        sampler.scan_gpu_info(&table, dir, limits);
                     }
-                    log_lost(&shared, &lost, &mut lost_before);
+                    log_lost(&counters, &lost, &mut lost_before);
                     // Here, not on the events thread: a pass over the CUDA maps waits for
                     // scrapes reading them, and the ring must never wait.
-                    super::cuda::sweep(&shared, Instant::now());
+                    super::cuda::sweep(&cuda, table.grace, Instant::now());
                 }
                 let started = Instant::now();
-                sampler.pass(&shared, started, full);
+                sampler.pass(&table, started, full);
                 if full {
                     // SAFETY: returns free heap memory to the kernel; no preconditions.
                     unsafe { libc::malloc_trim(0) };
@@ -72,7 +87,7 @@ pub(super) fn spawn(
                 // Passes take at most a fifth of a core, however fast the table changes.
                 let pause = COALESCE.max(started.elapsed() * 4);
                 let wait = next_full.saturating_duration_since(Instant::now());
-                if shared.wait_for_change(wait) {
+                if table.wait_for_change(wait) {
                     std::thread::sleep(pause);
                 }
             }
@@ -81,8 +96,8 @@ pub(super) fn spawn(
 
 /// The `events_lost` log event: once a second at most, for each kind that lost records
 /// since the last look (the counts themselves are `llmscope_events_lost_total`).
-fn log_lost(shared: &Shared, lost: &LostCounters, before: &mut LostCounts) {
-    let Ok(now) = lost.read(Counters::get(&shared.counters.library_map_lost)) else {
+fn log_lost(counters: &Counters, lost: &LostCounters, before: &mut LostCounts) {
+    let Ok(now) = lost.read(Counters::get(&counters.library_map_lost)) else {
         return;
     };
     for (kind, is) in now.iter() {
@@ -110,7 +125,9 @@ struct Reading {
 }
 
 #[derive(Default)]
-struct Sampler {
+pub(super) struct Sampler {
+    views: Views,
+    counters: Arc<Counters>,
     last: HashMap<u32, Reading>,
     /// Tracked live processes found gone, and since when.
     gone: HashMap<u32, Instant>,
@@ -123,17 +140,25 @@ struct Sampler {
 }
 
 impl Sampler {
+    pub(super) fn new(views: Views, counters: Arc<Counters>) -> Sampler {
+        Sampler {
+            views,
+            counters,
+            ..Sampler::default()
+        }
+    }
+
     /// A full pass reads every live process; another only those without a reading yet.
-    fn pass(&mut self, shared: &Shared, now: Instant, full: bool) {
+    pub(super) fn pass(&mut self, table: &Table, now: Instant, full: bool) {
         let (tracked, dropped, model_names_capped) = {
-            let tracker = shared.tracker();
+            let tracker = table.tracker();
             (
                 tracker.all(),
                 tracker.dropped(),
                 tracker.model_names_capped(),
             )
         };
-        let proc = &shared.proc;
+        let proc = &table.proc;
         let tps = proc.ticks_per_second as f64;
         let mut view = ProcessView {
             dropped,
@@ -166,10 +191,10 @@ impl Sampler {
                     Ok(_) | Err(ProcError::Gone(_)) => {
                         let since = self.gone.get(&t.pid).copied().unwrap_or(now);
                         if now.duration_since(since) >= EXIT_EVENT_SLACK
-                            && shared.drained_after(since)
+                            && table.drained_after(since)
                         {
-                            if shared.exited_as_of(t.pid, t.start_ticks, since) {
-                                Counters::add(&shared.counters.missed_exit, 1);
+                            if table.exited_as_of(t.pid, t.start_ticks, since) {
+                                Counters::add(&self.counters.missed_exit, 1);
                             }
                             alive = false;
                         } else {
@@ -192,7 +217,7 @@ impl Sampler {
             let naming = (!t.container_read
                 || t.container
                     .as_ref()
-                    .is_some_and(|c| !shared.containers.settled(&c.id)))
+                    .is_some_and(|c| !table.containers.settled(&c.id)))
                 && now.saturating_duration_since(t.observed_at) < NAME_HOLD;
             if naming && alive {
                 if let Some(reading) = reading {
@@ -202,7 +227,7 @@ impl Sampler {
             }
             let mut labels = ProcessLabels::new(t.pid, &t.name, &t.identity);
             if let Some(c) = &t.container {
-                labels = labels.in_container(shared.containers.labels(c));
+                labels = labels.in_container(table.containers.labels(c));
             }
             if let Some(reading) = reading {
                 last.insert(t.pid, reading);
@@ -231,22 +256,22 @@ impl Sampler {
         }
         if full {
             let in_use: HashSet<&str> = tracked_containers.iter().map(String::as_str).collect();
-            shared.containers.retain(&in_use);
+            table.containers.retain(&in_use);
             // Lookups that failed are retried when due, and dropped ones asked again.
             for id in &in_use {
-                shared.containers.request(id);
+                table.containers.request(id);
             }
         }
-        view.container_lookups = shared.containers.results();
+        view.container_lookups = table.containers.results();
         self.last = last;
         self.gone = gone;
-        self.publish_gpu_info(shared, &view.members);
-        shared.processes.set(view);
+        self.publish_gpu_info(&view.members);
+        self.views.processes.set(view);
     }
 
     /// Reads the reports; a process that reports GPU use is tracked (as a GPU user).
-    fn scan_gpu_info(&mut self, shared: &Shared, dir: &std::path::Path, limits: &Limits) {
-        let owners = Owners::new(&shared.proc, &mut self.host_starts);
+    fn scan_gpu_info(&mut self, table: &Table, dir: &std::path::Path, limits: &Limits) {
+        let owners = Owners::new(&table.proc, &mut self.host_starts);
         match scan(dir, limits, &owners, SystemTime::now()) {
             Ok(found) => {
                 for r in self.rejections.count(&found) {
@@ -258,7 +283,7 @@ impl Sampler {
                     );
                 }
                 for info in &found.accepted {
-                    track_gpu_user(shared, info.pid, "gpu-info report");
+                    track_gpu_user(table, info.pid, "gpu-info report");
                 }
                 self.reports = found.accepted;
                 self.gpu_info_error = None;
@@ -270,13 +295,13 @@ impl Sampler {
         }
     }
 
-    fn publish_gpu_info(&self, shared: &Shared, members: &[Member]) {
+    fn publish_gpu_info(&self, members: &[Member]) {
         let live: HashMap<u32, &ProcessLabels> = members
             .iter()
             .filter(|m| m.alive)
             .map(|m| (m.pid, &m.labels))
             .collect();
-        shared.gpu_info.set(GpuInfoView {
+        self.views.gpu_info.set(GpuInfoView {
             reports: self
                 .reports
                 .iter()

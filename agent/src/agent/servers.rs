@@ -13,12 +13,13 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::Shared;
+use super::health::Health;
+use super::table::Table;
 use crate::metrics::KindCount;
 use crate::servers::{
     api, listening, local_addresses, probe, socket_inodes, Api, Outcome, ProbeKind,
 };
-use crate::state::{Endpoint, Member, ServersView};
+use crate::state::{Endpoint, Member, ProcessView, Published, ServersView};
 use crate::tracker::Tracked;
 
 /// A server is found within this of listening (a pass reads each server's fd table; the
@@ -62,35 +63,32 @@ impl Probed {
     }
 }
 
+/// Finds the endpoints of the live servers in `table` (labelled as `processes` shows them)
+/// and publishes them in `servers`.
 pub(super) fn spawn(
-    shared: Arc<Shared>,
+    table: Arc<Table>,
+    health: &Arc<Health>,
+    processes: Arc<Published<ProcessView>>,
+    servers: Arc<Published<ServersView>>,
     advertise: Option<String>,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     // A pass stops probing after PASS_BUDGET, and one probe takes at most 2.5 s.
-    let heartbeat = shared
-        .health
-        .register("servers", Some(Duration::from_secs(300)));
+    let heartbeat = health.register("servers", Some(Duration::from_secs(300)));
     std::thread::Builder::new()
         .name("llmscope-servers".into())
         .spawn(move || {
-            let mut discovery = Discovery {
-                own_netns: std::fs::read_link("/proc/self/ns/net").ok(),
-                // The host's network namespace (its init's), where --sd.advertise-host names
-                // the host even when the agent runs in a namespace of its own (compose).
-                host_netns: std::fs::read_link(shared.proc.path().join("1/ns/net")).ok(),
-                advertise,
-                known: HashMap::new(),
-                probes: HashMap::new(),
-            };
-            while !shared.stopping() {
+            let mut discovery = Discovery::new(&table, processes, servers, advertise);
+            while !table.stopping() {
                 heartbeat.beat();
-                discovery.pass(&shared);
-                shared.sleep(INTERVAL);
+                discovery.pass(&table);
+                table.sleep(INTERVAL);
             }
         })
 }
 
-struct Discovery {
+pub(super) struct Discovery {
+    processes: Arc<Published<ProcessView>>,
+    servers: Arc<Published<ServersView>>,
     own_netns: Option<PathBuf>,
     host_netns: Option<PathBuf>,
     advertise: Option<String>,
@@ -100,8 +98,27 @@ struct Discovery {
 }
 
 impl Discovery {
-    fn pass(&mut self, shared: &Shared) {
-        let servers: Vec<_> = shared
+    pub(super) fn new(
+        table: &Table,
+        processes: Arc<Published<ProcessView>>,
+        servers: Arc<Published<ServersView>>,
+        advertise: Option<String>,
+    ) -> Discovery {
+        Discovery {
+            processes,
+            servers,
+            own_netns: std::fs::read_link("/proc/self/ns/net").ok(),
+            // The host's network namespace (its init's), where --sd.advertise-host names
+            // the host even when the agent runs in a namespace of its own (compose).
+            host_netns: std::fs::read_link(table.proc.path().join("1/ns/net")).ok(),
+            advertise,
+            known: HashMap::new(),
+            probes: HashMap::new(),
+        }
+    }
+
+    pub(super) fn pass(&mut self, table: &Table) {
+        let servers: Vec<_> = table
             .tracker()
             .all()
             .into_iter()
@@ -109,7 +126,7 @@ impl Discovery {
             .filter_map(|t| Some((api(t.identity.framework)?, t)))
             .take(MAX_SERVERS)
             .collect();
-        let view = shared.processes.get();
+        let view = self.processes.get();
         let started = Instant::now();
         let mut known = HashMap::with_capacity(servers.len());
         for (api, t) in servers {
@@ -119,7 +136,7 @@ impl Discovery {
             let key = (t.pid, t.start_ticks);
             let previous = self.known.remove(&key);
             let over_budget = started.elapsed() > PASS_BUDGET;
-            if let Some(mut found) = self.examine(shared, api, &t, member, previous, over_budget) {
+            if let Some(mut found) = self.examine(table, api, &t, member, previous, over_budget) {
                 // The process's labels as of now (its container's names arrive later).
                 for e in &mut found.endpoints {
                     e.labels.clone_from(&member.labels);
@@ -128,7 +145,7 @@ impl Discovery {
             }
         }
         self.known = known;
-        shared.servers.set(ServersView {
+        self.servers.set(ServersView {
             endpoints: self
                 .known
                 .values()
@@ -148,14 +165,14 @@ impl Discovery {
     /// probe of each address it listens on. None when it cannot be examined.
     fn examine(
         &mut self,
-        shared: &Shared,
+        table: &Table,
         api: Api,
         t: &Tracked,
         member: &Member,
         previous: Option<Probed>,
         over_budget: bool,
     ) -> Option<Probed> {
-        let proc = shared.proc.path();
+        let proc = table.proc.path();
         let inodes = socket_inodes(proc, t.pid)?;
         let refresh = match api {
             Api::OllamaPs => OLLAMA_REFRESH,
