@@ -7,11 +7,14 @@
 pub(crate) mod addresses;
 pub(crate) mod ollama;
 pub(crate) mod probe;
+/// Reads /proc through procfs: Linux only (windows-fallback finds no servers).
+#[cfg(target_os = "linux")]
 pub(crate) mod sockets;
 
 pub use addresses::local_addresses;
 pub use ollama::LoadedModel;
 pub use probe::{probe, Answer, Outcome, ProbeKind};
+#[cfg(target_os = "linux")]
 pub use sockets::{listening, parse_tcp_table, socket_inodes};
 
 use crate::identity::Framework;
