@@ -5,7 +5,7 @@
 //! everything the eBPF program needs — function id, kind, and which argument holds the
 //! size, the device pointer and the copy direction. The programs have no table of their own.
 //!
-//! Argument positions are those of the x86-64 SysV ABI (DESIGN.md): integer arguments 0–5
+//! Argument positions are those of the x86-64 SysV ABI (docs/design.md): integer arguments 0–5
 //! in rdi, rsi, rdx, rcx, r8, r9.
 
 /// What a probed function does, which decides what its probes record.

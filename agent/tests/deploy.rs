@@ -70,7 +70,7 @@ fn prometheus_config_rules_and_alert_tests_pass_promtool() {
 
 /// The agent's exposition — with GPU, CUDA and process series — passes `promtool check
 /// metrics`, but for the one deliberate finding: `llm_process_count` keeps the original
-/// monitor's name (DESIGN.md) although promtool wants no `_count` suffix on a gauge.
+/// monitor's name (docs/design.md) although promtool wants no `_count` suffix on a gauge.
 #[test]
 fn the_agents_exposition_passes_promtool_check_metrics() {
     let values =

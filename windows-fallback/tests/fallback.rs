@@ -254,7 +254,7 @@ fn run(build: Build) -> View {
 fn the_linux_and_windows_builds_agree() {
     let linux = run(Build::Linux);
     for (family, (framework, model, family_type, role, _)) in &linux {
-        // llm_process_count carries no role (DESIGN.md's label set).
+        // llm_process_count carries no role (the original monitor's label set, docs/design.md).
         let want_role = if family == "llm_process_count" {
             ""
         } else {

@@ -1,6 +1,6 @@
 //! Building the eBPF object: nightly (or stable with RUSTC_BOOTSTRAP) for bpfel-unknown-none
 //! with build-std, linked by bpf-linker. Installs rust-src and bpf-linker when missing, with
-//! the recipe in shared/TOOLCHAIN.md: bpf-linker links against the LLVM that ships with the
+//! the recipe in docs/toolchain.md: bpf-linker links against the LLVM that ships with the
 //! toolchain, reached through a directory of symlinks that must stay where it is.
 
 use std::path::{Path, PathBuf};

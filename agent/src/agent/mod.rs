@@ -1,23 +1,8 @@
 //! The Linux agent: producer threads own the state (process table, kernel maps, caches) and
-//! publish views; collectors read the views at scrape time and change nothing.
-//!
-//! ```text
-//!  sched_process_exec/exit, task_newtask ─┐
-//!  security_mmap_file (libraries) ────────┴─ring buffer─▶ events thread (drains every 10 ms) ─┐
-//!                                           attach queue ◀─ CUDA library mapped ──────────────┤
-//!                                           └▶ attach thread (uprobes on, idle ones off)      │
-//!  /proc scan (start-up + every --rescan-interval) ──▶ reconcile thread ──────────────────────┤
-//!  NVML (every --nvml-interval) ──▶ nvml thread ──▶ NvmlState ───────────────────────────┐    │
-//!                                                                                        │    ▼
-//!                                                                   Tracker (Mutex, bounded) │
-//!                                                                                        │    │
-//!  /proc reads, --gpu-info-dir (every second + on change) ◀── sampler thread ◀───────────│────┘
-//!                                                               └▶ ProcessView, GpuInfoView
-//!  CRI bundles, Docker's API (container names) ◀── containers thread ──▶ name cache ──▶ sampler
-//!  servers' sockets and metrics paths ◀── servers thread ──▶ endpoints (GET /api/sd)
-//!                                                                                        ▼
-//!  GET /metrics ──▶ collectors (read-only: views, counters, the CUDA maps) ◀──────────────┘
-//! ```
+//! publish views; collectors read the views at scrape time and change nothing. The data flow
+//! is drawn in the README (Architecture). [`wire`] builds the parts, [`spawn_producers`]
+//! hands each thread the parts it writes or reads, [`collectors`] gives each collector the
+//! view it reads; [`run`] is those steps, the HTTP server, and the shutdown in order.
 //!
 //! Collectors import nothing from here: each takes the narrow handle it reads
 //! (`crate::state`, or a trait it defines that this module implements).

@@ -18,7 +18,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 /// What one launch-probe hit costs the probed thread: the trap (~0.68 µs on the development
-/// VM, ~0.33 µs on bare metal per DESIGN.md) plus the program (~0.09 µs), as `cargo xtask
+/// VM, ~0.3 µs on bare metal, docs/design.md) plus the program (~0.09 µs), as `cargo xtask
 /// bench uprobe` measured it. Used to turn a launch rate into an overhead; on faster hosts
 /// it errs on the side of less probing.
 pub const TRAP_COST: Duration = Duration::from_nanos(800);
