@@ -12,13 +12,10 @@ fn path_or_empty(s: &str) -> Result<PathBuf, String> {
     Ok(PathBuf::from(s))
 }
 
-#[derive(Debug, Clone, Parser)]
-#[command(
-    name = "llmscope",
-    version,
-    about = "Sees every LLM process on this machine the moment it execs, and exports it to Prometheus."
-)]
-pub struct Config {
+/// The flags every llmscope binary takes (the agent and windows-fallback), with the same
+/// defaults and checks.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Common {
     /// Address to serve /metrics, /healthz and /api/processes on.
     #[arg(
         long = "web.listen-address",
@@ -31,6 +28,67 @@ pub struct Config {
     /// exporter-toolkit web configuration format (tls_server_config, basic_auth_users).
     #[arg(long = "web.config.file", env = "LLMSCOPE_WEB_CONFIG_FILE")]
     pub web_config_file: Option<PathBuf>,
+
+    /// How long the series of an exited process stay before they disappear (e.g. 10s, 500ms, 1m).
+    #[arg(long, env = "LLMSCOPE_GRACE_PERIOD", default_value = "10s", value_parser = parse_duration)]
+    pub grace_period: Duration,
+
+    /// Most LLM processes tracked at once; more are dropped and counted.
+    #[arg(long, env = "LLMSCOPE_MAX_PROCESSES", default_value_t = 8192, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub max_processes: u32,
+
+    /// Directory of `gpu-info-<pid>.json` reports written by processes (see README).
+    #[arg(long, env = "LLMSCOPE_GPU_INFO_DIR")]
+    pub gpu_info_dir: Option<PathBuf>,
+
+    /// A gpu-info report older than this (by its timestamp) is stale and ignored.
+    #[arg(long, env = "LLMSCOPE_GPU_INFO_TTL", default_value = "60s", value_parser = parse_duration)]
+    pub gpu_info_ttl: Duration,
+
+    /// Log level or tracing filter (error, warn, info, debug, trace, or e.g. "llmscope=debug").
+    #[arg(long, env = "LLMSCOPE_LOG_LEVEL", default_value = "info")]
+    pub log_level: String,
+
+    /// Log format: text (for people; coloured only on a terminal), logfmt or json (one object
+    /// per line), for log systems. Operator events carry a stable `event` field.
+    #[arg(
+        long = "log.format",
+        env = "LLMSCOPE_LOG_FORMAT",
+        value_enum,
+        default_value_t
+    )]
+    pub log_format: crate::logging::LogFormat,
+}
+
+impl Common {
+    /// Adds what is wrong with these flags to `problems`.
+    pub fn check(&self, problems: &mut Vec<String>) {
+        if self.grace_period.is_zero() {
+            problems.push("--grace-period must be greater than 0".to_owned());
+        }
+        if let Some(dir) = &self.gpu_info_dir {
+            if !dir.is_dir() {
+                problems.push(format!("--gpu-info-dir {}: not a directory", dir.display()));
+            }
+        }
+        if tracing_subscriber::EnvFilter::try_new(&self.log_level).is_err() {
+            problems.push(format!(
+                "--log-level {:?} is not a level or tracing filter",
+                self.log_level
+            ));
+        }
+    }
+}
+
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "llmscope",
+    version,
+    about = "Sees every LLM process on this machine the moment it execs, and exports it to Prometheus."
+)]
+pub struct Config {
+    #[command(flatten)]
+    pub common: Common,
 
     /// Docker's API socket, asked for the name (and, for containers the kubelet started, the
     /// pod and namespace) of the containers LLM processes run in. Empty: never asked. A
@@ -77,17 +135,9 @@ pub struct Config {
     )]
     pub procfs: PathBuf,
 
-    /// How long the series of an exited process stay before they disappear (e.g. 10s, 500ms, 1m).
-    #[arg(long, env = "LLMSCOPE_GRACE_PERIOD", default_value = "10s", value_parser = parse_duration)]
-    pub grace_period: Duration,
-
     /// How often a /proc scan repairs what the kernel events missed (lost events).
     #[arg(long, env = "LLMSCOPE_RESCAN_INTERVAL", default_value = "30s", value_parser = parse_duration)]
     pub rescan_interval: Duration,
-
-    /// Most LLM processes tracked at once; more are dropped and counted.
-    #[arg(long, env = "LLMSCOPE_MAX_PROCESSES", default_value_t = 8192, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
-    pub max_processes: u32,
 
     /// Most distinct model_name values exported at once (any local user can start processes
     /// with made-up names); past it, new names are exported as model_name="other" and counted.
@@ -129,42 +179,18 @@ pub struct Config {
     #[arg(long, env = "LLMSCOPE_NVML_INTERVAL", default_value = "2s", value_parser = parse_duration)]
     pub nvml_interval: Duration,
 
-    /// Directory of `gpu-info-<pid>.json` reports written by processes (see README).
-    #[arg(long, env = "LLMSCOPE_GPU_INFO_DIR")]
-    pub gpu_info_dir: Option<PathBuf>,
-
-    /// A gpu-info report older than this (by its timestamp) is stale and ignored.
-    #[arg(long, env = "LLMSCOPE_GPU_INFO_TTL", default_value = "60s", value_parser = parse_duration)]
-    pub gpu_info_ttl: Duration,
-
     /// Size of the kernel → agent event ring buffer: a power of two, at least one page. A
     /// larger ring loses fewer events under exec storms; losses are counted and repaired by
     /// the periodic scan either way.
     #[arg(long, env = "LLMSCOPE_RING_BUFFER_BYTES", default_value_t = 256 * 1024)]
     pub ring_buffer_bytes: u32,
-
-    /// Log level or tracing filter (error, warn, info, debug, trace, or e.g. "llmscope=debug").
-    #[arg(long, env = "LLMSCOPE_LOG_LEVEL", default_value = "info")]
-    pub log_level: String,
-
-    /// Log format: text (for people; coloured only on a terminal), logfmt or json (one object
-    /// per line), for log systems. Operator events carry a stable `event` field.
-    #[arg(
-        long = "log.format",
-        env = "LLMSCOPE_LOG_FORMAT",
-        value_enum,
-        default_value_t
-    )]
-    pub log_format: crate::logging::LogFormat,
 }
 
 impl Config {
     /// Checks what clap cannot: every problem is reported, not just the first.
     pub fn validate(&self) -> Result<(), Vec<String>> {
         let mut problems = Vec::new();
-        if self.grace_period.is_zero() {
-            problems.push("--grace-period must be greater than 0".to_owned());
-        }
+        self.common.check(&mut problems);
         if self.rescan_interval < Duration::from_secs(1) {
             problems.push("--rescan-interval must be at least 1s".to_owned());
         }
@@ -179,11 +205,6 @@ impl Config {
                 self.cuda_overhead_budget
             ));
         }
-        if let Some(dir) = &self.gpu_info_dir {
-            if !dir.is_dir() {
-                problems.push(format!("--gpu-info-dir {}: not a directory", dir.display()));
-            }
-        }
         let page = 4096;
         if !self.ring_buffer_bytes.is_power_of_two() || self.ring_buffer_bytes < page {
             problems.push(format!(
@@ -195,12 +216,6 @@ impl Config {
             problems.push(format!(
                 "--path.procfs {}: no proc filesystem there (no stat file)",
                 self.procfs.display()
-            ));
-        }
-        if tracing_subscriber::EnvFilter::try_new(&self.log_level).is_err() {
-            problems.push(format!(
-                "--log-level {:?} is not a level or tracing filter",
-                self.log_level
             ));
         }
         if problems.is_empty() {
@@ -249,8 +264,8 @@ mod tests {
     #[test]
     fn defaults_and_bad_flags() {
         let c = Config::try_parse_from(["llmscope"]).unwrap();
-        assert_eq!(c.listen_address.to_string(), "127.0.0.1:9101");
-        assert_eq!(c.grace_period, Duration::from_secs(10));
+        assert_eq!(c.common.listen_address.to_string(), "127.0.0.1:9101");
+        assert_eq!(c.common.grace_period, Duration::from_secs(10));
         assert_eq!(c.rescan_interval, Duration::from_secs(30));
         let err = Config::try_parse_from(["llmscope", "--grace-period", "soon"]).unwrap_err();
         assert!(err.to_string().contains("--grace-period"), "{err}");

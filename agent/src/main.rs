@@ -13,7 +13,7 @@ fn main() -> ExitCode {
         return ExitCode::from(2);
     }
     bounded_malloc_arenas();
-    llmscope::logging::init(&config.log_level, config.log_format);
+    llmscope::logging::init(&config.common.log_level, config.common.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("llmscope-http")

@@ -8,8 +8,6 @@ mod poller;
 mod smi;
 mod source;
 
-use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -18,7 +16,7 @@ use std::time::{Duration, Instant, SystemTime};
 use clap::Parser;
 use llmscope::collectors::gpuinfo::GpuInfoCollector;
 use llmscope::collectors::process::ProcessCollector;
-use llmscope::config::parse_duration;
+use llmscope::config::{parse_duration, Common};
 use llmscope::gpuinfo::{scan, Limits, Processes};
 use llmscope::http::MetricsSource;
 use llmscope::metrics::{gather, BuildInfo, Collector, Families, ProcessSample};
@@ -36,29 +34,11 @@ use crate::source::{ProcInfo, ProcessSource, SysinfoSource};
     about = "llmscope's polling agent: the same LLM-process metrics where eBPF is not available (Windows)."
 )]
 struct Config {
-    /// Address to serve /metrics, /healthz and /api/processes on.
-    #[arg(
-        long = "web.listen-address",
-        env = "LLMSCOPE_WEB_LISTEN_ADDRESS",
-        default_value = "127.0.0.1:9101"
-    )]
-    listen_address: SocketAddr,
-    /// TLS and basic authentication for the HTTP endpoints, in the Prometheus
-    /// exporter-toolkit web configuration format (tls_server_config, basic_auth_users).
-    #[arg(long = "web.config.file", env = "LLMSCOPE_WEB_CONFIG_FILE")]
-    web_config_file: Option<PathBuf>,
+    #[command(flatten)]
+    common: Common,
     /// How often processes, gpu-info reports and nvidia-smi are read.
     #[arg(long, env = "LLMSCOPE_INTERVAL", default_value = "10s", value_parser = parse_duration)]
     interval: Duration,
-    /// How long the series of an exited process stay.
-    #[arg(long, env = "LLMSCOPE_GRACE_PERIOD", default_value = "10s", value_parser = parse_duration)]
-    grace_period: Duration,
-    /// Directory of gpu-info-<pid>.json reports.
-    #[arg(long, env = "LLMSCOPE_GPU_INFO_DIR")]
-    gpu_info_dir: Option<PathBuf>,
-    /// A gpu-info report older than this is stale.
-    #[arg(long, env = "LLMSCOPE_GPU_INFO_TTL", default_value = "60s", value_parser = parse_duration)]
-    gpu_info_ttl: Duration,
     /// nvidia-smi to run (looked up on PATH); a missing or failing one shows as
     /// llmscope_collector_success{collector="nvidia_smi"} 0.
     #[arg(long, env = "LLMSCOPE_NVIDIA_SMI", default_value = "nvidia-smi")]
@@ -71,20 +51,25 @@ struct Config {
     /// its own, so processes and gpu-info reports are polled meanwhile.
     #[arg(long = "nvidia-smi-timeout", env = "LLMSCOPE_NVIDIA_SMI_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
     nvidia_smi_timeout: Duration,
-    /// Most LLM processes tracked at once.
-    #[arg(long, env = "LLMSCOPE_MAX_PROCESSES", default_value_t = 8192)]
-    max_processes: usize,
-    /// Log level or tracing filter.
-    #[arg(long, env = "LLMSCOPE_LOG_LEVEL", default_value = "info")]
-    log_level: String,
-    /// Log format: text, logfmt or json (one object per line).
-    #[arg(
-        long = "log.format",
-        env = "LLMSCOPE_LOG_FORMAT",
-        value_enum,
-        default_value_t
-    )]
-    log_format: llmscope::logging::LogFormat,
+}
+
+impl Config {
+    /// The agent's checks of the shared flags, and this binary's own; every problem at once.
+    fn validate(&self) -> Result<(), Vec<String>> {
+        let mut problems = Vec::new();
+        self.common.check(&mut problems);
+        if self.interval < Duration::from_millis(100) {
+            problems.push("--interval must be at least 100ms".to_owned());
+        }
+        if self.nvidia_smi_timeout < Duration::from_millis(100) {
+            problems.push("--nvidia-smi-timeout must be at least 100ms".to_owned());
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(problems)
+        }
+    }
 }
 
 /// What the last poll published, and the collectors that read it.
@@ -104,7 +89,7 @@ impl Source {
         let smi = Arc::new(Published::default());
         let mut collectors: Vec<Box<dyn Collector>> =
             vec![Box::new(ProcessCollector::new(Arc::clone(&processes)))];
-        if config.gpu_info_dir.is_some() {
+        if config.common.gpu_info_dir.is_some() {
             collectors.push(Box::new(GpuInfoCollector::new(Arc::clone(&gpu_info), None)));
         }
         if !config.no_nvidia_smi {
@@ -201,15 +186,18 @@ fn poll_forever(
     source: Arc<Source>,
     stop: Arc<AtomicBool>,
 ) {
-    let mut poller = Poller::new(config.grace_period, config.max_processes);
+    let mut poller = Poller::new(
+        config.common.grace_period,
+        config.common.max_processes as usize,
+    );
     let limits = Limits {
-        ttl: config.gpu_info_ttl,
+        ttl: config.common.gpu_info_ttl,
         ..Default::default()
     };
     let smi = (!config.no_nvidia_smi).then(|| spawn_smi(&config, stop.clone()));
     while !stop.load(Ordering::Relaxed) {
         let listed = processes.list();
-        let gpu_info = config.gpu_info_dir.as_ref().map(|dir| {
+        let gpu_info = config.common.gpu_info_dir.as_ref().map(|dir| {
             scan(dir, &limits, &Polled(&listed), SystemTime::now())
                 .map_err(|e| format!("--gpu-info-dir {}: {e}", dir.display()))
         });
@@ -278,22 +266,14 @@ fn spawn_smi(config: &Config, stop: Arc<AtomicBool>) -> Arc<Mutex<smi::SmiResult
 
 fn main() -> ExitCode {
     let config = Config::parse();
-    if tracing_subscriber::EnvFilter::try_new(&config.log_level).is_err() {
-        eprintln!(
-            "error: --log-level {:?} is not a level or tracing filter",
-            config.log_level
-        );
+    if let Err(problems) = config.validate() {
+        for p in &problems {
+            eprintln!("error: {p}");
+        }
+        eprintln!("\nFor more information, try '--help'.");
         return ExitCode::from(2);
     }
-    llmscope::logging::init(&config.log_level, config.log_format);
-    if config.interval < Duration::from_millis(100) {
-        eprintln!("error: --interval must be at least 100ms");
-        return ExitCode::from(2);
-    }
-    if config.nvidia_smi_timeout < Duration::from_millis(100) {
-        eprintln!("error: --nvidia-smi-timeout must be at least 100ms");
-        return ExitCode::from(2);
-    }
+    llmscope::logging::init(&config.common.log_level, config.common.log_format);
     let source = Arc::new(Source::new(&config));
     let stop = Arc::new(AtomicBool::new(false));
     let processes = match SysinfoSource::new() {
@@ -324,7 +304,12 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let web = match config.web_config_file.as_deref().map(WebConfig::load) {
+    let web = match config
+        .common
+        .web_config_file
+        .as_deref()
+        .map(WebConfig::load)
+    {
         None => None,
         Some(Ok(web)) => Some(Arc::new(web)),
         Some(Err(e)) => {
@@ -333,8 +318,8 @@ fn main() -> ExitCode {
         }
     };
     let result = runtime.block_on(async {
-        let listener = tokio::net::TcpListener::bind(config.listen_address).await?;
-        tracing::info!(address = %config.listen_address, interval = ?config.interval, "serving /metrics");
+        let listener = tokio::net::TcpListener::bind(config.common.listen_address).await?;
+        tracing::info!(address = %config.common.listen_address, interval = ?config.interval, "serving /metrics");
         llmscope::http::serve(listener, source, web, async {
             let _ = tokio::signal::ctrl_c().await;
         })
@@ -345,8 +330,40 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!("--web.listen-address {}: {e}", config.listen_address);
+            tracing::error!("--web.listen-address {}: {e}", config.common.listen_address);
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_shared_flags_have_the_agents_defaults_and_checks() {
+        let agent = llmscope::config::Config::try_parse_from(["llmscope"]).unwrap();
+        let fallback = Config::try_parse_from(["llmscope-fallback"]).unwrap();
+        assert_eq!(
+            format!("{:?}", agent.common),
+            format!("{:?}", fallback.common)
+        );
+        let range = Config::try_parse_from(["llmscope-fallback", "--max-processes", "0"]);
+        assert!(range.is_err(), "--max-processes has the agent's range");
+        let bad = Config::try_parse_from([
+            "llmscope-fallback",
+            "--grace-period",
+            "0s",
+            "--interval",
+            "10ms",
+            "--log-level",
+            "lo[ud",
+        ])
+        .unwrap();
+        assert_eq!(
+            bad.validate().unwrap_err().len(),
+            3,
+            "every problem is reported at once"
+        );
     }
 }

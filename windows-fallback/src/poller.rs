@@ -12,7 +12,7 @@ use llmscope::metrics::{KindCount, ProcessLabels, ProcessSample};
 use llmscope::state::{DeviceSample, GpuInfoView, Member, ProcessView};
 use llmscope::tracker::Tracker;
 
-use crate::smi::{SmiApp, SmiGpu, SmiResult};
+use crate::smi::{SmiApp, SmiResult};
 use crate::source::ProcInfo;
 
 /// What nvidia-smi said on its last run, joined to the tracked processes.
@@ -188,22 +188,8 @@ fn gpu_report_pids(gpu_info: &Option<Result<Scan, String>>, smi: &Option<SmiResu
     from_files.chain(from_smi).collect()
 }
 
-fn device(d: &SmiGpu) -> DeviceSample {
-    DeviceSample {
-        index: d.index,
-        uuid: d.uuid.clone(),
-        name: d.name.clone(),
-        utilization_percent: d.utilization_percent,
-        memory_used_bytes: d.memory_used_bytes,
-        memory_total_bytes: d.memory_total_bytes,
-        temperature_celsius: d.temperature_celsius,
-        power_watts: d.power_watts,
-        ..Default::default()
-    }
-}
-
 fn smi_view(smi: SmiResult, labels: &HashMap<u32, ProcessLabels>) -> SmiView {
-    let (gpus, apps): (Vec<SmiGpu>, Vec<SmiApp>) = match smi {
+    let (gpus, apps): (Vec<DeviceSample>, Vec<SmiApp>) = match smi {
         Ok(answer) => answer,
         Err(e) => {
             return SmiView {
@@ -222,7 +208,7 @@ fn smi_view(smi: SmiResult, labels: &HashMap<u32, ProcessLabels>) -> SmiView {
         })
         .collect();
     SmiView {
-        devices: gpus.iter().map(device).collect(),
+        devices: gpus,
         processes,
         error: None,
     }

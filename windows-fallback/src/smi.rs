@@ -9,17 +9,7 @@ use std::io::Read;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct SmiGpu {
-    pub index: u32,
-    pub uuid: String,
-    pub name: String,
-    pub utilization_percent: Option<f64>,
-    pub memory_used_bytes: Option<f64>,
-    pub memory_total_bytes: Option<f64>,
-    pub temperature_celsius: Option<f64>,
-    pub power_watts: Option<f64>,
-}
+use llmscope::state::DeviceSample;
 
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct SmiApp {
@@ -29,7 +19,7 @@ pub struct SmiApp {
 }
 
 /// One nvidia-smi reading: the GPUs and the compute apps on them, or why there is none.
-pub type SmiResult = Result<(Vec<SmiGpu>, Vec<SmiApp>), String>;
+pub type SmiResult = Result<(Vec<DeviceSample>, Vec<SmiApp>), String>;
 
 pub const GPU_QUERY: &str =
     "index,uuid,name,utilization.gpu,memory.used,memory.total,temperature.gpu,power.draw";
@@ -46,8 +36,9 @@ fn fields(line: &str) -> Vec<&str> {
     line.split(',').map(str::trim).collect()
 }
 
-/// `--query-gpu=GPU_QUERY --format=csv,noheader,nounits`.
-pub fn parse_gpus(csv: &str) -> Result<Vec<SmiGpu>, String> {
+/// `--query-gpu=GPU_QUERY --format=csv,noheader,nounits`, as the agent's device samples
+/// (what nvidia-smi does not say is left out, as NVML's unsupported fields are).
+pub fn parse_gpus(csv: &str) -> Result<Vec<DeviceSample>, String> {
     csv.lines()
         .filter(|l| !l.trim().is_empty())
         .map(|line| {
@@ -55,7 +46,7 @@ pub fn parse_gpus(csv: &str) -> Result<Vec<SmiGpu>, String> {
             if f.len() != 8 {
                 return Err(format!("expected 8 fields, got {}: {line:?}", f.len()));
             }
-            Ok(SmiGpu {
+            Ok(DeviceSample {
                 index: f[0]
                     .parse()
                     .map_err(|_| format!("bad GPU index {:?}", f[0]))?,
@@ -66,6 +57,7 @@ pub fn parse_gpus(csv: &str) -> Result<Vec<SmiGpu>, String> {
                 memory_total_bytes: number(f[5]).map(|m| m * MIB),
                 temperature_celsius: number(f[6]),
                 power_watts: number(f[7]),
+                ..DeviceSample::default()
             })
         })
         .collect()

@@ -231,8 +231,8 @@ fn wire(config: &Config, proc: ProcRoot, sensor: Sensor) -> (Parts, Inputs) {
     let life = Arc::new(Life::default());
     let table = Table::new(
         proc,
-        config.grace_period,
-        Tracker::new(config.max_processes as usize)
+        config.common.grace_period,
+        Tracker::new(config.common.max_processes as usize)
             .with_max_model_names(config.max_model_names as usize),
         Box::new(tracked),
         Arc::new(containers),
@@ -280,9 +280,9 @@ fn container_sources(config: &Config) -> containers::Sources {
 }
 
 fn gpu_info_dir(config: &Config) -> Option<(std::path::PathBuf, crate::gpuinfo::Limits)> {
-    config.gpu_info_dir.clone().map(|dir| {
+    config.common.gpu_info_dir.clone().map(|dir| {
         let limits = crate::gpuinfo::Limits {
-            ttl: config.gpu_info_ttl,
+            ttl: config.common.gpu_info_ttl,
             ..Default::default()
         };
         (dir, limits)
@@ -408,7 +408,7 @@ fn collectors(config: &Config, p: &Parts) -> Vec<Box<dyn Collector>> {
             config.nvml_interval,
         )));
     }
-    if config.gpu_info_dir.is_some() {
+    if config.common.gpu_info_dir.is_some() {
         let nvml = (!config.no_nvml).then(|| p.nvml.clone());
         collectors.push(Box::new(GpuInfoCollector::new(p.gpu_info.clone(), nvml)));
     }
@@ -424,22 +424,22 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 
     let proc = ProcRoot::new(&config.procfs)
         .with_context(|| format!("--path.procfs {}", config.procfs.display()))?;
-    let sensor = Sensor::load(config.ring_buffer_bytes, config.max_processes)?;
+    let sensor = Sensor::load(config.ring_buffer_bytes, config.common.max_processes)?;
     tracing::info!(
         kernel_ppid = sensor.kernel_ppid,
         library_hook = sensor.mmap_hook.as_str(),
         "eBPF exec, exit and fork tracepoints attached"
     );
     let (parts, inputs) = wire(&config, proc, sensor);
-    let web = match &config.web_config_file {
+    let web = match &config.common.web_config_file {
         Some(path) => Some(Arc::new(crate::web_config::WebConfig::load(path)?)),
         None => None,
     };
-    let listener = tokio::net::TcpListener::bind(config.listen_address)
+    let listener = tokio::net::TcpListener::bind(config.common.listen_address)
         .await
-        .with_context(|| format!("--web.listen-address {}", config.listen_address))?;
+        .with_context(|| format!("--web.listen-address {}", config.common.listen_address))?;
     tracing::info!(
-        address = %config.listen_address,
+        address = %config.common.listen_address,
         tls = web.as_ref().is_some_and(|w| w.current().tls.is_some()),
         basic_auth = web.as_ref().is_some_and(|w| w.current().auth.is_some()),
         "serving /metrics"

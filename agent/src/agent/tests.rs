@@ -40,72 +40,87 @@ fn sampler(counters: &Arc<Counters>) -> (Sampler, Views) {
     (Sampler::new(views, counters.clone()), published)
 }
 
-/// A child that sleeps until killed.
-fn sleeper() -> std::process::Child {
-    std::process::Command::new("sleep")
-        .arg("60")
-        .spawn()
-        .expect("starting sleep")
+/// A sleeping child tracked as a GPU user, read once by a sampler, then killed (its exit
+/// event never comes: there is no kernel here).
+struct Ended {
+    table: Table,
+    counters: Arc<Counters>,
+    sampler: Sampler,
+    views: Views,
+    pid: u32,
+}
+
+impl Ended {
+    fn new() -> Ended {
+        let table = table();
+        let counters = Arc::new(Counters::default());
+        let (mut sampler, views) = sampler(&counters);
+        let mut child = std::process::Command::new("sleep")
+            .arg("60")
+            .spawn()
+            .expect("starting sleep");
+        let pid = child.id();
+        track_gpu_user(&table, pid, "test");
+        sampler.pass(&table, Instant::now(), true);
+        let read = views.processes.get();
+        let sample = read
+            .samples
+            .iter()
+            .find(|s| s.labels.pid == pid.to_string())
+            .expect("the tracked child is read");
+        assert!(sample.alive && sample.memory_bytes > 0, "{sample:?}");
+        assert_eq!(sample.labels.framework, "unknown");
+        child.kill().unwrap();
+        child.wait().unwrap();
+        Ended {
+            table,
+            counters,
+            sampler,
+            views,
+            pid,
+        }
+    }
+
+    fn pass(&mut self) {
+        self.sampler.pass(&self.table, Instant::now(), true);
+    }
+
+    fn missed_exits(&self) -> u64 {
+        Counters::get(&self.counters.missed_exit)
+    }
 }
 
 #[test]
-fn the_sampler_reads_a_tracked_process_and_repairs_its_lost_exit() {
-    let table = table();
-    let counters = Arc::new(Counters::default());
-    let (mut sampler, views) = sampler(&counters);
-    let mut child = sleeper();
-    let pid = child.id();
-    track_gpu_user(&table, pid, "test");
-    sampler.pass(&table, Instant::now(), true);
-    let view = views.processes.get();
-    let sample = view
-        .samples
-        .iter()
-        .find(|s| s.labels.pid == pid.to_string())
-        .expect("the tracked child is read");
-    assert!(sample.alive && sample.memory_bytes > 0, "{sample:?}");
-    assert_eq!(sample.labels.framework, "unknown");
-
-    // Its exit event is lost: once a drain begun after it was found gone has not ended it,
-    // the sampler marks it exited and counts the repair.
-    child.kill().unwrap();
-    child.wait().unwrap();
-    sampler.pass(&table, Instant::now(), true);
+fn the_sampler_repairs_a_lost_exit_once_a_later_drain_did_not_bring_it() {
+    let mut ended = Ended::new();
+    ended.pass();
     std::thread::sleep(Duration::from_millis(300));
-    table.set_drained(Instant::now());
-    sampler.pass(&table, Instant::now(), true);
-    let view = views.processes.get();
+    ended.table.set_drained(Instant::now());
+    ended.pass();
+    let view = ended.views.processes.get();
     let sample = view
         .samples
         .iter()
-        .find(|s| s.labels.pid == pid.to_string())
+        .find(|s| s.labels.pid == ended.pid.to_string())
         .expect("kept through its grace period");
     assert!(!sample.alive);
-    assert_eq!(Counters::get(&counters.missed_exit), 1);
+    assert_eq!(ended.missed_exits(), 1);
 }
 
 #[test]
 fn an_exit_the_events_thread_has_not_drained_yet_is_not_a_missed_one() {
-    let table = table();
-    let counters = Arc::new(Counters::default());
-    let (mut sampler, views) = sampler(&counters);
-    let mut child = sleeper();
-    let pid = child.id();
-    track_gpu_user(&table, pid, "test");
-    sampler.pass(&table, Instant::now(), true);
-    child.kill().unwrap();
-    child.wait().unwrap();
+    let mut ended = Ended::new();
     // No drain has ended since: the exit may still be in the ring.
     for _ in 0..3 {
         std::thread::sleep(Duration::from_millis(150));
-        sampler.pass(&table, Instant::now(), true);
+        ended.pass();
     }
-    assert_eq!(Counters::get(&counters.missed_exit), 0);
-    let view = views.processes.get();
-    assert!(view.members.iter().any(|m| m.pid == pid && m.alive));
+    assert_eq!(ended.missed_exits(), 0);
+    let view = ended.views.processes.get();
+    assert!(view.members.iter().any(|m| m.pid == ended.pid && m.alive));
     // The exit event arrives.
-    assert!(table.exited(pid));
-    assert!(!table.exited(pid), "an exit is handled once");
+    assert!(ended.table.exited(ended.pid));
+    assert!(!ended.table.exited(ended.pid), "an exit is handled once");
 }
 
 /// A process this test pretends is a llama.cpp server: this very process, whose listener

@@ -148,7 +148,7 @@ fn gpu_reports_and_nvidia_smi_join_the_identities() {
             .into(),
         truncated: false,
     };
-    let gpus = vec![SmiGpu {
+    let gpus = vec![DeviceSample {
         index: 0,
         uuid: "GPU-1".into(),
         name: "RTX".into(),
