@@ -179,6 +179,17 @@ pub struct Config {
     #[arg(long, env = "LLMSCOPE_NVML_INTERVAL", default_value = "2s", value_parser = parse_duration)]
     pub nvml_interval: Duration,
 
+    /// How libraries being mapped are seen: auto (the best the kernel has: fentry, kprobe,
+    /// perf records, in that order), or one forced — fentry, kprobe or perf (the agent does not
+    /// start when the kernel lacks it) — or scan (no hook: the /proc scans only).
+    #[arg(
+        long = "library-hook",
+        env = "LLMSCOPE_LIBRARY_HOOK",
+        value_enum,
+        default_value_t
+    )]
+    pub library_hook: LibraryHook,
+
     /// Size of the kernel → agent event ring buffer: a power of two, at least one page. A
     /// larger ring loses fewer events under exec storms; losses are counted and repaired by
     /// the periodic scan either way.
@@ -224,6 +235,23 @@ impl Config {
             Err(problems)
         }
     }
+}
+
+/// Which library hook to use (`--library-hook`): the best the kernel has, or one forced
+/// (for tests of each path, or to rule one out on a node).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum LibraryHook {
+    /// fentry, else kprobe, else perf records, else the /proc scans alone.
+    #[default]
+    Auto,
+    /// A BPF trampoline on `security_mmap_file`; the agent does not start without one.
+    Fentry,
+    /// A kprobe on `security_mmap_file`; the agent does not start without one.
+    Kprobe,
+    /// The kernel's perf records of executable mappings; the agent does not start without.
+    Perf,
+    /// No hook: libraries are found by the /proc scans only (`--rescan-interval`).
+    Scan,
 }
 
 /// `250ms`, `10s`, `5m`, `1h`, or a plain number of seconds.

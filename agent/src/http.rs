@@ -26,8 +26,8 @@ use crate::metrics::exposition::{render, Format};
 use crate::metrics::{BuildInfo, Families, ProcessSample};
 use crate::web_config::{BasicAuth, Loaded, WebConfig};
 
-/// What the HTTP surface serves. `gather` may block (it reads /proc or polls); it runs on a
-/// blocking thread, never on the async runtime.
+/// What the HTTP surface serves. `gather` runs the collectors (they read published views,
+/// but a view may be large); it runs on a blocking thread, never on the async runtime.
 pub trait MetricsSource: Send + Sync + 'static {
     fn gather(&self) -> Families;
     /// The processes `/api/processes` lists, as published: no collector runs.

@@ -745,3 +745,46 @@ fn a_panicking_collector_fails_alone() {
     }
     assert_eq!(agent.get("/healthz").unwrap().0, 200);
 }
+
+/// A library hook forced with `--library-hook` is the one the agent uses, or the agent stops
+/// at start-up naming the hook and the kernel feature it needs; perf records and the scans
+/// alone need nothing this kernel lacks.
+#[test]
+fn a_forced_library_hook_is_used_or_refused_by_name() {
+    for (hook, label) in [
+        ("fentry", "fentry"),
+        ("kprobe", "kprobe"),
+        ("perf", "perf_mmap"),
+        ("scan", "none"),
+    ] {
+        let mut agent = Agent::spawn(&["--library-hook", hook, "--rescan-interval", "1h"], &[]);
+        let exited = wait_for(Duration::from_secs(30), || {
+            if agent.exit_status(Duration::ZERO).is_some() {
+                return Some(true);
+            }
+            let healthy = agent.get("/healthz").is_ok_and(|(code, _)| code == 200);
+            healthy.then_some(false)
+        })
+        .unwrap_or_else(|| panic!("--library-hook {hook}: neither up nor stopped"));
+        if exited {
+            let log = agent.log();
+            assert!(
+                matches!(hook, "fentry" | "kprobe"),
+                "--library-hook {hook} must work on every kernel:\n{log}"
+            );
+            assert!(
+                log.contains(&format!("--library-hook {hook}:")) && log.contains("this hook needs"),
+                "{log}"
+            );
+        } else {
+            let m = agent.metrics();
+            let used = m.value("llmscope_library_hook", &[("hook", label)]);
+            assert_eq!(used, Some(1.0), "--library-hook {hook}");
+            // Read from the program's info where it is a BPF one: 0, nothing recursed.
+            let missed = m.value("llmscope_library_hook_missed_total", &[]);
+            assert_eq!(missed, Some(0.0), "--library-hook {hook}");
+            let kernel_ok = m.value("llmscope_collector_success", &[("collector", "kernel")]);
+            assert_eq!(kernel_ok, Some(1.0), "--library-hook {hook}");
+        }
+    }
+}

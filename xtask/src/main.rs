@@ -7,6 +7,7 @@ mod gpu_check;
 mod image;
 mod llama;
 mod setup;
+mod vm;
 
 use std::process::Command;
 
@@ -57,6 +58,9 @@ enum Task {
         #[arg(long, default_value_t = 60)]
         seconds: u64,
     },
+    /// The privileged eBPF tests inside other kernels (Debian's 6.1 and 6.12 cloud kernels,
+    /// under QEMU): all of them, or only those named (needs root).
+    Vmtest { kernels: Vec<String> },
     /// Run every test: unit tests and the privileged integration tests (needs root).
     Test {
         /// Extra arguments for `cargo test` (e.g. a test name filter).
@@ -70,6 +74,7 @@ fn main() -> Result<()> {
         Task::BuildEbpf => ebpf::build(),
         Task::Run { args } => run(args),
         Task::Test { args } => test(args),
+        Task::Vmtest { kernels } => vmtest(&kernels),
         Task::Bench { name } => bench(name),
         Task::Demo => demo(),
         Task::Image => image::build(),
@@ -188,10 +193,52 @@ fn test(args: Vec<String>) -> Result<()> {
             ("LLMSCOPE_TORCH_PYTHON", torch_python.as_os_str()),
         ],
     )?;
-    // Every parser of untrusted input, briefly, on the corpus in the repository (a longer
-    // run: `cargo xtask fuzz --seconds N`). Skipped when a test name filter was given.
+    // The kernel side again, in the other kernels of the matrix, and every parser of
+    // untrusted input briefly, on the corpus in the repository (a longer run:
+    // `cargo xtask fuzz --seconds N`). Both skipped when a test name filter was given.
     if args.is_empty() {
+        matrix(&[], &[("LLMSCOPE_REAL_CUDART", cudart.as_os_str())])?;
         fuzz::run_targets(None, FUZZ_SECONDS_IN_TEST)?;
+    }
+    Ok(())
+}
+
+/// `cargo xtask vmtest [KERNEL…]`.
+fn vmtest(kernels: &[String]) -> Result<()> {
+    if !setup::is_root() {
+        bail!("cargo xtask vmtest loads eBPF programs in the guests and runs virtiofsd: run it as root");
+    }
+    let cudart = setup::real_libcudart()?;
+    ebpf::build()?;
+    matrix(kernels, &[("LLMSCOPE_REAL_CUDART", cudart.as_os_str())])
+}
+
+/// Runs the kernel matrix and prints its table; fails when a check failed on any kernel.
+fn matrix(kernels: &[String], env: &[(&str, &std::ffi::OsStr)]) -> Result<()> {
+    let started = std::time::Instant::now();
+    let reports = vm::run_matrix(kernels, env)?;
+    let host = std::fs::read_to_string("/proc/sys/kernel/osrelease")?;
+    println!(
+        "xtask: kernel matrix ({} s):\n{}",
+        started.elapsed().as_secs(),
+        vm::table(host.trim(), &reports)
+    );
+    let table = vm::table(host.trim(), &reports);
+    std::fs::create_dir_all(setup::workspace_root().join("target/vmtest"))?;
+    std::fs::write(
+        setup::workspace_root().join("target/vmtest/matrix.md"),
+        &table,
+    )?;
+    if std::env::var_os("LLMSCOPE_BLESS").is_some() && reports.len() == vm::KERNELS.len() {
+        vm::bless_readme(&table)?;
+    }
+    let failed: Vec<&str> = reports
+        .iter()
+        .filter(|r| !r.passed())
+        .map(|r| r.kernel.as_str())
+        .collect();
+    if !failed.is_empty() {
+        bail!("the kernel matrix failed on {}", failed.join(", "));
     }
     Ok(())
 }

@@ -35,7 +35,7 @@ use crate::config::Config;
 use crate::cuda::attach::{Attacher, AttacherStats};
 use crate::cuda::launches::LaunchEstimates;
 use crate::cuda::launches::LaunchMode;
-use crate::ebpf::{CudaMaps, LostCounters, MmapHook, Sensor};
+use crate::ebpf::{CudaMaps, HookProgram, LostCounters, MmapHook, Sensor};
 use crate::http::MetricsSource;
 use crate::metrics::{gather, BuildInfo, Collector, Families};
 use crate::proc::ProcRoot;
@@ -180,6 +180,7 @@ struct Parts {
     cuda: Arc<CudaState>,
     counters: Arc<Counters>,
     lost: Arc<LostCounters>,
+    hook_program: Arc<HookProgram>,
     processes: Arc<Published<ProcessView>>,
     gpu_info: Arc<Published<GpuInfoView>>,
     servers: Arc<Published<ServersView>>,
@@ -208,6 +209,7 @@ fn wire(config: &Config, proc: ProcRoot, sensor: Sensor) -> (Parts, Inputs) {
         cuda: cuda_maps,
         mmap_hook,
         mmap_records,
+        hook_program,
         ..
     } = sensor;
     let sources = container_sources(config);
@@ -245,6 +247,7 @@ fn wire(config: &Config, proc: ProcRoot, sensor: Sensor) -> (Parts, Inputs) {
         cuda: Arc::new(cuda),
         counters: Arc::default(),
         lost: Arc::new(lost),
+        hook_program: Arc::new(hook_program),
         processes: Arc::default(),
         gpu_info: Arc::default(),
         servers: Arc::default(),
@@ -397,7 +400,11 @@ fn spawn_producers(config: &Config, p: &Parts, inputs: Inputs) -> std::io::Resul
 fn collectors(config: &Config, p: &Parts) -> Vec<Box<dyn Collector>> {
     let mut collectors: Vec<Box<dyn Collector>> = vec![
         Box::new(ProcessCollector::new(p.processes.clone())),
-        Box::new(KernelCollector::new(p.counters.clone(), p.lost.clone())),
+        Box::new(KernelCollector::new(
+            p.counters.clone(),
+            p.lost.clone(),
+            p.hook_program.clone(),
+        )),
         Box::new(CudaCollector::new(p.cuda.clone(), p.processes.clone())),
         Box::new(ServersCollector::new(p.servers.clone())),
     ];
@@ -424,7 +431,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 
     let proc = ProcRoot::new(&config.procfs)
         .with_context(|| format!("--path.procfs {}", config.procfs.display()))?;
-    let sensor = Sensor::load(config.ring_buffer_bytes, config.common.max_processes)?;
+    let sensor = Sensor::load(
+        config.ring_buffer_bytes,
+        config.common.max_processes,
+        config.library_hook,
+    )?;
     tracing::info!(
         kernel_ppid = sensor.kernel_ppid,
         library_hook = sensor.mmap_hook.as_str(),

@@ -2,12 +2,13 @@
 
 use std::sync::Arc;
 
-use crate::ebpf::LostCounters;
+use crate::ebpf::{HookProgram, LostCounters};
 use crate::metrics::{CollectError, Collector, Families, Family, KindCount};
 use crate::state::Counters;
 
 static EVENTS: Family = Family::counter("llmscope_events", "Kernel events received, by kind.");
 static EVENTS_LOST: Family = Family::counter("llmscope_events_lost", "Kernel events lost because the ring buffer was full, by kind; reconciliation repairs what they missed.");
+static HOOK_MISSED: Family = Family::counter("llmscope_library_hook_missed", "Runs of the library hook (fentry or kprobe on security_mmap_file) the kernel skipped because another BPF program was running on that CPU; the /proc scans repair what they missed. 0 without a BPF hook.");
 static REPAIRS: Family = Family::counter(
     "llmscope_reconcile_repairs",
     "Processes whose exec or exit the /proc reconciliation found missing, by kind.",
@@ -16,11 +17,16 @@ static REPAIRS: Family = Family::counter(
 pub struct KernelCollector {
     counters: Arc<Counters>,
     lost: Arc<LostCounters>,
+    hook: Arc<HookProgram>,
 }
 
 impl KernelCollector {
-    pub fn new(counters: Arc<Counters>, lost: Arc<LostCounters>) -> Self {
-        KernelCollector { counters, lost }
+    pub fn new(counters: Arc<Counters>, lost: Arc<LostCounters>, hook: Arc<HookProgram>) -> Self {
+        KernelCollector {
+            counters,
+            lost,
+            hook,
+        }
     }
 }
 
@@ -45,6 +51,11 @@ impl Collector for KernelCollector {
             ("missed_exit", load(&c.missed_exit)),
         ]);
         out.counts(&REPAIRS, "kind", &repairs);
+        let missed = self
+            .hook
+            .missed()
+            .map_err(|e| CollectError(format!("reading the library hook's program info: {e}")))?;
+        out.set(&HOOK_MISSED, missed as f64);
         let lost = self
             .lost
             .read(load(&c.library_map_lost))

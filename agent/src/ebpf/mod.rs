@@ -10,6 +10,8 @@ use std::path::Path;
 
 use agent_common::cuda::{AllocKey, CudaKey, CudaStat};
 use agent_common::{Lost, LOST_SLOTS};
+
+use crate::config::LibraryHook;
 use aya::maps::lpm_trie::{Key, LpmTrie};
 use aya::maps::{HashMap, MapData, PerCpuArray, RingBuf};
 use aya::programs::{FEntry, KProbe, ProgramError, TracePoint, UProbe};
@@ -26,6 +28,8 @@ static EBPF_OBJECT: Option<&[u8]> = None;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SensorError {
+    #[error("--library-hook {0}: {1}")]
+    Hook(&'static str, String),
     #[error("this binary was built without its eBPF object: run `cargo xtask build-ebpf` and build it again (`cargo xtask run` does both)")]
     NoObject,
     #[error("tracefs is not mounted and mounting it at /sys/kernel/tracing failed: {0} (the agent needs root or CAP_SYS_ADMIN for that; or mount it: mount -t tracefs nodev /sys/kernel/tracing)")]
@@ -52,6 +56,8 @@ pub struct Sensor {
     pub mmap_hook: MmapHook,
     /// The perf records of executable mappings, when that is the hook.
     pub mmap_records: Option<perf_mmap::MmapRecords>,
+    /// The library hook's program, when it is a BPF one (its skipped runs).
+    pub hook_program: HookProgram,
     /// Whether ppid comes from the kernel (BTF offsets found) or must be read from /proc.
     pub kernel_ppid: bool,
 }
@@ -140,7 +146,11 @@ impl TrackedPids {
 
 impl Sensor {
     /// `ring_buffer_bytes`: a power of two, at least one page (checked by the config).
-    pub fn load(ring_buffer_bytes: u32, max_processes: u32) -> Result<Sensor, SensorError> {
+    pub fn load(
+        ring_buffer_bytes: u32,
+        max_processes: u32,
+        hook: LibraryHook,
+    ) -> Result<Sensor, SensorError> {
         let tracefs = ensure_tracefs()?;
         check_layout(
             &tracefs,
@@ -251,23 +261,8 @@ impl Sensor {
             let program: &mut UProbe = program(&mut ebpf, name)?;
             program.load().map_err(|e| SensorError::Program(name, e))?;
         }
-        let mut mmap_hook = if file_known {
-            attach_mmap_hook(&mut ebpf)
-        } else {
-            MmapHook::None
-        };
-        let mut mmap_records = None;
-        if mmap_hook == MmapHook::None {
-            match perf_mmap::MmapRecords::open() {
-                Ok(records) => {
-                    mmap_records = Some(records);
-                    mmap_hook = MmapHook::PerfMmap;
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "no perf mmap records either: CUDA and framework libraries are found by the /proc scans only (--rescan-interval)");
-                }
-            }
-        }
+        let (mmap_hook, mmap_records) = library_hook(&mut ebpf, hook, file_known)?;
+        let hook_program = HookProgram::of(&mut ebpf, mmap_hook);
         let events = RingBuf::try_from(take(&mut ebpf, "EVENTS")?)
             .map_err(|e| SensorError::Map("EVENTS", e.to_string()))?;
         let lost = PerCpuArray::try_from(take(&mut ebpf, "LOST")?)
@@ -293,6 +288,7 @@ impl Sensor {
             kernel_ppid: parent_off != 0 && tgid_off != 0,
             mmap_hook,
             mmap_records,
+            hook_program,
         })
     }
 }
@@ -316,47 +312,150 @@ fn take(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, SensorErr
         .ok_or(SensorError::Map(name, "missing from the object".into()))
 }
 
-/// Fills the library prefix table, then attaches the `security_mmap_file` hook: an fentry
-/// where the kernel has BPF trampolines, else a kprobe. `None` when neither attaches (the
-/// caller then falls back to perf mmap records).
-fn attach_mmap_hook(ebpf: &mut Ebpf) -> MmapHook {
-    if let Err(e) = fill_prefixes(ebpf) {
-        tracing::warn!(error = %e, "cannot fill the library prefix table: libraries are found by the /proc scans only (--rescan-interval)");
-        return MmapHook::None;
-    }
-    let fentry = aya::Btf::from_sys_fs()
-        .map_err(|e| e.to_string())
-        .and_then(|btf| {
-            let program: &mut FEntry = program(ebpf, "mmap_file").map_err(|e| e.to_string())?;
-            program
-                .load("security_mmap_file", &btf)
-                .map_err(|e| e.to_string())?;
-            program.attach().map_err(|e| e.to_string())?;
-            Ok(())
-        });
-    let fentry_error = match fentry {
-        Ok(()) => return MmapHook::Fentry,
-        Err(e) => e,
+/// Attaches the library hook `wanted` asks for: in `auto`, the best one that attaches (a
+/// BPF hook needs the mapped file's identity from BTF: `file_known`); a forced one that
+/// cannot attach is an error naming what the kernel lacks.
+fn library_hook(
+    ebpf: &mut Ebpf,
+    wanted: LibraryHook,
+    file_known: bool,
+) -> Result<(MmapHook, Option<perf_mmap::MmapRecords>), SensorError> {
+    let bpf_hook =
+        |ebpf: &mut Ebpf, name: &'static str, attach: fn(&mut Ebpf) -> Result<(), String>| {
+            if !file_known {
+                return Err(SensorError::Hook(
+                    name,
+                    "the kernel's BTF does not give the mapped file's device and inode".into(),
+                ));
+            }
+            fill_prefixes(ebpf).map_err(|e| SensorError::Hook(name, e))?;
+            attach(ebpf).map_err(|e| SensorError::Hook(name, e))
+        };
+    let perf = || {
+        perf_mmap::MmapRecords::open()
+            .map(|records| (MmapHook::PerfMmap, Some(records)))
+            .map_err(|e| SensorError::Hook("perf", format!("no perf mmap records: {e}")))
     };
-    let kprobe = program::<KProbe>(ebpf, "mmap_file_kprobe")
-        .map_err(|e| e.to_string())
-        .and_then(|program| {
-            program.load().map_err(|e| e.to_string())?;
-            program
-                .attach("security_mmap_file", 0)
-                .map_err(|e| e.to_string())?;
-            Ok(())
-        });
-    match kprobe {
-        Ok(()) => {
-            tracing::info!(fentry_error = %fentry_error, "library mappings hooked with a kprobe (no BPF trampoline)");
-            MmapHook::Kprobe
-        }
-        Err(kprobe_error) => {
-            tracing::info!(%fentry_error, %kprobe_error, "no BPF hook on security_mmap_file: trying perf mmap records");
-            MmapHook::None
+    match wanted {
+        LibraryHook::Fentry => bpf_hook(ebpf, "fentry", attach_fentry)
+            .map(|()| (MmapHook::Fentry, None))
+            .map_err(|e| {
+                needs(
+                    e,
+                    "BPF trampolines (CONFIG_DYNAMIC_FTRACE_WITH_DIRECT_CALLS)",
+                )
+            }),
+        LibraryHook::Kprobe => bpf_hook(ebpf, "kprobe", attach_kprobe)
+            .map(|()| (MmapHook::Kprobe, None))
+            .map_err(|e| needs(e, "kprobes (CONFIG_KPROBES)")),
+        LibraryHook::Perf => perf(),
+        LibraryHook::Scan => Ok((MmapHook::None, None)),
+        LibraryHook::Auto => {
+            let fentry = match bpf_hook(ebpf, "fentry", attach_fentry) {
+                Ok(()) => return Ok((MmapHook::Fentry, None)),
+                Err(e) => e,
+            };
+            match bpf_hook(ebpf, "kprobe", attach_kprobe) {
+                Ok(()) => {
+                    tracing::info!(fentry_error = %fentry, "library mappings hooked with a kprobe (no BPF trampoline)");
+                    return Ok((MmapHook::Kprobe, None));
+                }
+                Err(kprobe) => {
+                    tracing::info!(fentry_error = %fentry, kprobe_error = %kprobe, "no BPF hook on security_mmap_file: trying perf mmap records");
+                }
+            }
+            perf().or_else(|e| {
+                tracing::warn!(error = %e, "no perf mmap records either: CUDA and framework libraries are found by the /proc scans only (--rescan-interval)");
+                Ok((MmapHook::None, None))
+            })
         }
     }
+}
+
+/// The attached fentry or kprobe program on `security_mmap_file`: the kernel skips a run
+/// when another BPF program is running on the same CPU (recursion), and counts it in the
+/// program's `recursion_misses`. Those are library mappings missed, repaired like lost events
+/// by the /proc scans.
+pub struct HookProgram(Option<aya::programs::ProgramFd>);
+
+impl HookProgram {
+    fn of(ebpf: &mut Ebpf, hook: MmapHook) -> HookProgram {
+        let fd = match hook {
+            MmapHook::Fentry => program::<FEntry>(ebpf, "mmap_file")
+                .ok()
+                .and_then(|p| p.fd().ok()?.try_clone().ok()),
+            MmapHook::Kprobe => program::<KProbe>(ebpf, "mmap_file_kprobe")
+                .ok()
+                .and_then(|p| p.fd().ok()?.try_clone().ok()),
+            MmapHook::PerfMmap | MmapHook::None => None,
+        };
+        HookProgram(fd)
+    }
+
+    /// Runs of the hook the kernel skipped since it was loaded; 0 without a BPF hook.
+    pub fn missed(&self) -> Result<u64, String> {
+        use std::os::fd::{AsFd, AsRawFd};
+        let Some(fd) = &self.0 else {
+            return Ok(0);
+        };
+        // The part of `union bpf_attr` BPF_OBJ_GET_INFO_BY_FD reads.
+        #[repr(C)]
+        struct InfoAttr {
+            bpf_fd: u32,
+            info_len: u32,
+            info: u64,
+        }
+        // SAFETY: bpf_prog_info is plain integers; all zeroes is a valid value.
+        let mut info: aya_obj::generated::bpf_prog_info = unsafe { std::mem::zeroed() };
+        let attr = InfoAttr {
+            bpf_fd: fd.as_fd().as_raw_fd() as u32,
+            info_len: size_of_val(&info) as u32,
+            info: std::ptr::from_mut(&mut info) as u64,
+        };
+        // SAFETY: the kernel writes at most info_len bytes into `info`, which lives until the
+        // call returns; the attribute's size is its own.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                aya_obj::generated::bpf_cmd::BPF_OBJ_GET_INFO_BY_FD as libc::c_long,
+                std::ptr::from_ref(&attr),
+                size_of::<InfoAttr>(),
+            )
+        };
+        if rc < 0 {
+            return Err(std::io::Error::last_os_error().to_string());
+        }
+        Ok(info.recursion_misses)
+    }
+}
+
+/// A forced hook's error, saying which kernel feature it needs.
+fn needs(error: SensorError, feature: &str) -> SensorError {
+    match error {
+        SensorError::Hook(name, e) => {
+            SensorError::Hook(name, format!("{e} (this hook needs {feature})"))
+        }
+        other => other,
+    }
+}
+
+fn attach_fentry(ebpf: &mut Ebpf) -> Result<(), String> {
+    let btf = aya::Btf::from_sys_fs().map_err(|e| e.to_string())?;
+    let program: &mut FEntry = program(ebpf, "mmap_file").map_err(|e| e.to_string())?;
+    program
+        .load("security_mmap_file", &btf)
+        .map_err(|e| e.to_string())?;
+    program.attach().map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+fn attach_kprobe(ebpf: &mut Ebpf) -> Result<(), String> {
+    let program = program::<KProbe>(ebpf, "mmap_file_kprobe").map_err(|e| e.to_string())?;
+    program.load().map_err(|e| e.to_string())?;
+    program
+        .attach("security_mmap_file", 0)
+        .map_err(|e| e.to_string())?;
+    Ok(())
 }
 
 fn fill_prefixes(ebpf: &mut Ebpf) -> Result<(), String> {

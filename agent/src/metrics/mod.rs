@@ -16,6 +16,7 @@ use prometheus_client::registry::Unit;
 use serde::Serialize;
 
 use crate::identity::Identity;
+
 /// The labels of every per-process series.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
 pub struct ProcessLabels {
