@@ -1,5 +1,5 @@
-//! Rendering a snapshot as OpenMetrics or as the Prometheus text format (0.0.4), chosen by
-//! the scraper's `Accept` header.
+//! Rendering one scrape's families as OpenMetrics or as the Prometheus text format (0.0.4),
+//! chosen by the scraper's `Accept` header.
 //!
 //! prometheus-client writes OpenMetrics only. The classic text format differs in three ways
 //! that matter here: a counter's HELP/TYPE lines name the sample (`x_total`), there are no
