@@ -15,7 +15,9 @@ use super::observe::track_gpu_user;
 use super::table::{Life, Table};
 use super::CudaState;
 use crate::collectors::cuda::{CudaReading, CudaSource};
-use crate::cuda::launches::{next_duty, period, ProcessFunction};
+use crate::cuda::launches::{
+    self, detach_stall, next_duty, CycleCost, CycleHistory, ProcessFunction,
+};
 use crate::state::Member;
 
 /// Most retired generations waiting for their grace period; past it the oldest are removed
@@ -202,8 +204,7 @@ impl CudaSource for CudaState {
             launch_mode: launches.mode,
             duty: launches.duty,
             period: launches.period,
-            cycle_cpu: launches.cycle_cpu,
-            cycle_wall: launches.cycle_wall,
+            cycle: launches.cycle,
             attacher: self.attacher_stats(),
             detach_backlog: self.detach_backlog.load(Ordering::Relaxed),
             attach_requests_dropped: self.attach_requests_dropped(),
@@ -250,90 +251,133 @@ pub(super) fn spawn_launch_sampler(
     std::thread::Builder::new()
         .name("llmscope-launches".into())
         .spawn(move || {
-            let mut duty = crate::cuda::launches::MIN_DUTY;
-            // What the last attach + detach cost: CPU (charged to the budget) and wall time.
-            let mut cycle = Cycle::default();
+            let mut duty = launches::MIN_DUTY;
+            let mut history = CycleHistory::default();
             while !life.stopping() {
                 heartbeat.beat();
                 let started = Instant::now();
-                let period = period(configured_period, budget_percent, cycle.cpu);
+                let period = launches::period(
+                    configured_period,
+                    budget_percent,
+                    history.typical().charged(),
+                );
                 // The window sits in the middle of its period: a process that starts or stops
                 // launching mid-period is then mis-counted by at most half a period per edge.
                 let window = period.mul_f64(duty);
                 let gap = period.saturating_sub(window) / 2;
                 life.sleep(gap);
-                let attach = Cycle::measure(|| drop(cuda.attacher().set_launches(true)));
+                let attach = Timed::measure(|| drop(cuda.attacher().set_launches(true)));
                 let before = launch_counts(&cuda);
                 let opened = Instant::now();
                 life.sleep(window);
                 let after = launch_counts(&cuda);
                 let observed = opened.elapsed();
-                if duty < 1.0 {
-                    // The attacher is unlocked before the links are dropped (a statement's
-                    // temporaries go first).
-                    let detach = Cycle::measure(|| {
-                        let detached = cuda.attacher().set_launches(false);
-                        drop(detached);
-                    });
-                    // Only a real cycle is a measurement (1.0 keeps the probes attached).
-                    cycle = Cycle {
-                        cpu: attach.cpu + detach.cpu,
-                        wall: attach.wall + detach.wall,
-                    };
-                }
                 let seen: HashMap<ProcessFunction, u64> = after
                     .iter()
                     .map(|(k, v)| (*k, v.saturating_sub(before.get(k).copied().unwrap_or(0))))
                     .filter(|(_, c)| *c > 0)
                     .collect();
-                let max_rate = {
-                    let mut estimates = cuda.launches();
-                    let max_rate = estimates.add_window(&seen, observed, observed.max(period));
-                    duty = next_duty(duty, budget_percent, max_rate, cycle.cpu, period);
-                    estimates.duty = duty;
-                    estimates.period = period;
-                    estimates.cycle_cpu = cycle.cpu;
-                    estimates.cycle_wall = cycle.wall;
-                    max_rate
-                };
-                tracing::trace!(max_rate, duty, ?cycle, ?period, "launch probe window");
+                if duty < 1.0 {
+                    // The attacher is unlocked before the links are dropped (a statement's
+                    // temporaries go first).
+                    let detach = Timed::measure(|| {
+                        let detached = cuda.attacher().set_launches(false);
+                        drop(detached);
+                    });
+                    // Only a real cycle is a measurement (1.0 keeps the probes attached).
+                    let hot = hot_functions(&seen);
+                    history.push(CycleCost {
+                        cpu: attach.cpu + detach.cpu,
+                        wall: attach.wall + detach.wall,
+                        stall: if hot == 0 {
+                            Duration::ZERO
+                        } else {
+                            detach_stall(grace_period(), hot)
+                        },
+                    });
+                }
+                // The window stands for the whole period it was in, as long as it really was.
                 life.sleep(period.saturating_sub(started.elapsed()));
+                let cost = history.typical();
+                let next_period =
+                    launches::period(configured_period, budget_percent, cost.charged());
+                let mut estimates = cuda.launches();
+                let summary = estimates.add_window(&seen, observed, started.elapsed());
+                duty = next_duty(
+                    duty,
+                    budget_percent,
+                    summary.max_rate,
+                    cost.charged(),
+                    next_period,
+                );
+                estimates.duty = duty;
+                estimates.period = next_period;
+                estimates.cycle = cost;
+                tracing::trace!(?summary, duty, ?cost, ?period, "launch probe window");
             }
             let detached = cuda.attacher().set_launches(false);
             drop(detached);
         })
 }
 
-/// The cost of attaching or detaching the launch probes: the agent's CPU time (the kernel
-/// installs and removes breakpoints in every process mapping the library, on the calling
-/// threads) and the wall time (a detach also waits for RCU grace periods, idle).
+/// The most launch functions one process called in a window.
+fn hot_functions(seen: &HashMap<ProcessFunction, u64>) -> usize {
+    let mut per_process: HashMap<(u32, u32), usize> = HashMap::new();
+    for &(tgid, generation, _) in seen.keys() {
+        *per_process.entry((tgid, generation)).or_default() += 1;
+    }
+    per_process.into_values().max().unwrap_or(0)
+}
+
+/// One RCU grace period, as the kernel takes it now: `MEMBARRIER_CMD_GLOBAL` is one
+/// `synchronize_rcu()`. The thread waits, idle. Where the kernel refuses it (no membarrier,
+/// or `nohz_full` CPUs), [`ASSUMED_GRACE_PERIOD`] is charged instead.
+fn grace_period() -> Duration {
+    const MEMBARRIER_CMD_GLOBAL: libc::c_int = 1;
+    let started = Instant::now();
+    // SAFETY: membarrier takes no pointers; a refusal is an error return.
+    let done = unsafe { libc::syscall(libc::SYS_membarrier, MEMBARRIER_CMD_GLOBAL, 0, 0) } == 0;
+    if done {
+        started.elapsed()
+    } else {
+        ASSUMED_GRACE_PERIOD
+    }
+}
+
+/// What a grace period is taken to last where it cannot be measured: longer than the 8–20 ms
+/// measured at HZ=250 here, as at HZ=100, so the budget errs on the side of less probing.
+const ASSUMED_GRACE_PERIOD: Duration = Duration::from_millis(30);
+
+/// The agent's side of attaching or detaching the launch probes: the calling thread's CPU
+/// time (the kernel installs and removes breakpoints in every process mapping the library,
+/// and runs a closed link's release as task work, on this thread) and the wall time (a
+/// detach also waits for RCU grace periods, idle).
 #[derive(Debug, Default, Clone, Copy)]
-struct Cycle {
+struct Timed {
     cpu: Duration,
     wall: Duration,
 }
 
-impl Cycle {
-    fn measure(f: impl FnOnce()) -> Cycle {
-        let (cpu, wall) = (process_cpu_time(), Instant::now());
+impl Timed {
+    fn measure(f: impl FnOnce()) -> Timed {
+        let (cpu, wall) = (thread_cpu_time(), Instant::now());
         f();
-        Cycle {
-            cpu: process_cpu_time().saturating_sub(cpu),
+        Timed {
+            cpu: thread_cpu_time().saturating_sub(cpu),
             wall: wall.elapsed(),
         }
     }
 }
 
-/// CPU time of the whole agent: the detaching threads are joined inside the measured call.
-/// Other threads running meanwhile make it an overestimate, which errs on the side of less
-/// probing.
-fn process_cpu_time() -> Duration {
+/// CPU time of the calling thread: other threads of the agent running meanwhile are not
+/// charged to the cycle.
+fn thread_cpu_time() -> Duration {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
     };
     // SAFETY: clock_gettime writes the timespec it is given.
-    unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
     Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
 }
 

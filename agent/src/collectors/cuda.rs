@@ -16,7 +16,7 @@ use agent_common::cuda::{
 use prometheus_client::encoding::EncodeLabelSet;
 
 use crate::cuda::attach::AttacherStats;
-use crate::cuda::launches::LaunchMode;
+use crate::cuda::launches::{CycleCost, LaunchMode};
 use crate::cuda::library::api_name;
 use crate::metrics::{CollectError, Collector, Families, Family, ProcessLabels};
 use crate::state::{Member, ProcessView, Published};
@@ -81,8 +81,9 @@ static LAUNCH_PERIOD: Family = Family::gauge(
     "llmscope_cuda_launch_probe_period_seconds",
     "Period of the launch-probe duty cycle in use (lengthened when a cycle is costly).",
 );
-static LAUNCH_CYCLE_CPU: Family = Family::gauge("llmscope_cuda_launch_probe_cycle_cpu_seconds", "CPU time one attach and detach of the launch probes cost, as last measured; charged to --cuda-overhead-budget.");
-static LAUNCH_CYCLE_WALL: Family = Family::gauge("llmscope_cuda_launch_probe_cycle_wall_seconds", "Wall time one attach and detach of the launch probes took, as last measured (detaches wait for RCU grace periods).");
+static LAUNCH_CYCLE_CPU: Family = Family::gauge("llmscope_cuda_launch_probe_cycle_cpu_seconds", "CPU time one attach and detach of the launch probes cost the agent (median of the last cycles); charged to --cuda-overhead-budget.");
+static LAUNCH_CYCLE_WALL: Family = Family::gauge("llmscope_cuda_launch_probe_cycle_wall_seconds", "Wall time one attach and detach of the launch probes took (median of the last cycles; detaches wait for RCU grace periods).");
+static LAUNCH_CYCLE_STALL: Family = Family::gauge("llmscope_cuda_launch_probe_cycle_stall_seconds", "Stall one detach of the launch probes costs the busiest probed process: an RCU grace period per launch function it called (median of the last cycles); charged to --cuda-overhead-budget.");
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct Api {
@@ -125,8 +126,7 @@ pub struct CudaReading {
     pub launch_mode: LaunchMode,
     pub duty: f64,
     pub period: Duration,
-    pub cycle_cpu: Duration,
-    pub cycle_wall: Duration,
+    pub cycle: CycleCost,
     pub attacher: AttacherStats,
     pub detach_backlog: u64,
     pub attach_requests_dropped: u64,
@@ -328,8 +328,9 @@ impl Collector for CudaCollector {
         out.set(&LAUNCH_DUTY, reading.duty);
         out.set(&LAUNCH_ATTACHED, attacher.launches_attached_seconds());
         out.set(&LAUNCH_PERIOD, reading.period.as_secs_f64());
-        out.set(&LAUNCH_CYCLE_CPU, reading.cycle_cpu.as_secs_f64());
-        out.set(&LAUNCH_CYCLE_WALL, reading.cycle_wall.as_secs_f64());
+        out.set(&LAUNCH_CYCLE_CPU, reading.cycle.cpu.as_secs_f64());
+        out.set(&LAUNCH_CYCLE_WALL, reading.cycle.wall.as_secs_f64());
+        out.set(&LAUNCH_CYCLE_STALL, reading.cycle.stall.as_secs_f64());
         Ok(())
     }
 }

@@ -227,8 +227,11 @@ impl CudaSource for FixedCuda {
             launch_mode: crate::cuda::launches::LaunchMode::Sampled,
             duty: 0.05,
             period: Duration::from_secs(2),
-            cycle_cpu: Duration::from_millis(15),
-            cycle_wall: Duration::from_millis(40),
+            cycle: crate::cuda::launches::CycleCost {
+                cpu: Duration::from_millis(15),
+                wall: Duration::from_millis(40),
+                stall: Duration::from_millis(12),
+            },
             attacher: {
                 let mut a = crate::cuda::attach::AttacherStats::default();
                 a.probes = 31;

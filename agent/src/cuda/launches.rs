@@ -6,15 +6,27 @@
 //! detaching the probes once a period costs, stays under the budget
 //! (`--cuda-overhead-budget`, percent of one core per process).
 //!
-//! A cycle is not free: attaching and detaching install and remove breakpoints in every
-//! process that maps the library, on the agent's CPU. Its CPU cost is measured on the running
-//! kernel every period and charged to the budget as cycle cost / period; when that alone
-//! would take more than half the budget, the period is lengthened. (Each perf-event uprobe
-//! detach also waits for an RCU tasks-trace grace period — ~100 ms of wall time per cycle
-//! here, DataDog/datadog-agent #55730 — but waits idle, after the breakpoints are gone:
-//! latency, not overhead. It is measured and exported too.)
+//! A cycle is not free, and not only for the agent:
+//! - attaching and detaching install and remove breakpoints in every process that maps the
+//!   library, on the agent's thread: its CPU time is measured every cycle;
+//! - detaching stalls the probed process. Closing a perf-event uprobe removes its breakpoints
+//!   with `uprobe_apply`, which holds the uprobe's `register_rwsem` for writing while
+//!   `percpu_down_write(&dup_mmap_sem)` waits for an RCU grace period; a thread that hits the
+//!   breakpoint meanwhile blocks in `handler_chain` on that rwsem for the rest of the grace
+//!   period (traced with `sched_switch` stacks on 6.18: 8–16 ms per detached launch function
+//!   the process was calling, docs/benchmarks.md). Detaches are serialised by the kernel's
+//!   `event_mutex`, so each such function costs its own grace period. The agent measures a
+//!   grace period every cycle (`membarrier(MEMBARRIER_CMD_GLOBAL)` is one `synchronize_rcu`)
+//!   and charges it once per launch function the busiest process called in the window;
+//!   attaching stalls nobody (the breakpoint goes in after the grace period).
+//!
+//! Both are charged to the budget as cost / period, from the median of the last few cycles
+//! (one slow cycle must not swing the period); when that alone would take more than half the
+//! budget, the period is lengthened. (Detaching also waits for RCU tasks-trace grace periods,
+//! ~100 ms of the agent's wall time here, DataDog/datadog-agent #55730 — idle, after the
+//! breakpoints are gone: latency, not overhead. It is measured and exported too.)
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::Duration;
 
 /// What one launch-probe hit costs the probed thread: the trap (~0.68 µs on the development
@@ -58,8 +70,8 @@ pub fn mode(budget_percent: f64) -> LaunchMode {
     }
 }
 
-/// The period to use: `configured`, or longer when one attach/detach cycle would otherwise
-/// take more than half the budget.
+/// The period to use: `configured`, or longer when one attach/detach cycle (its
+/// [`CycleCost::charged`] cost) would otherwise take more than half the budget.
 pub fn period(configured: Duration, budget_percent: f64, cycle_cost: Duration) -> Duration {
     let budget = budget_percent / 100.0;
     if budget <= 0.0 {
@@ -70,7 +82,7 @@ pub fn period(configured: Duration, budget_percent: f64, cycle_cost: Duration) -
 
 /// The fraction of the next period to keep the launch probes attached, given the current
 /// one, the highest per-process launch rate seen in its window (launches per second), and
-/// what one attach/detach cycle costs over `period`.
+/// what one attach/detach cycle costs ([`CycleCost::charged`]) over `period`.
 ///
 /// Always attached (1.0) costs no cycle; below it, the budget pays the cycle first:
 /// cycle / period + duty × rate × trap ≤ budget. The duty falls at once to what the budget
@@ -95,6 +107,71 @@ pub fn next_duty(
     allowed.min(current * 2.0).clamp(MIN_DUTY, 1.0)
 }
 
+/// What one attach + detach of the launch probes cost.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct CycleCost {
+    /// The agent's CPU time (the attaching and detaching thread's).
+    pub cpu: Duration,
+    /// The agent's wall time (detaches wait for grace periods, idle).
+    pub wall: Duration,
+    /// The stall of the busiest probed process: one grace period per launch function it
+    /// called in the window (see the module's documentation).
+    pub stall: Duration,
+}
+
+impl CycleCost {
+    /// What the budget is charged for one cycle: the agent's CPU and the probed process's
+    /// stall.
+    pub fn charged(&self) -> Duration {
+        self.cpu + self.stall
+    }
+}
+
+/// The stall a detach costs a process that called `hot_functions` launch functions in the
+/// window, given one RCU grace period as measured now.
+pub fn detach_stall(grace_period: Duration, hot_functions: usize) -> Duration {
+    grace_period.saturating_mul(hot_functions.min(u32::MAX as usize) as u32)
+}
+
+/// The last few cycles' costs; the budget is charged their median, field by field, so one
+/// cycle slowed by something else on the machine does not lengthen the period tenfold.
+#[derive(Debug, Default)]
+pub struct CycleHistory(VecDeque<CycleCost>);
+
+impl CycleHistory {
+    const LEN: usize = 5;
+
+    pub fn push(&mut self, cost: CycleCost) {
+        if self.0.len() == Self::LEN {
+            self.0.pop_front();
+        }
+        self.0.push_back(cost);
+    }
+
+    /// The median of each field over the remembered cycles (zero before the first).
+    pub fn typical(&self) -> CycleCost {
+        let median = |field: fn(&CycleCost) -> Duration| {
+            let mut v: Vec<Duration> = self.0.iter().map(field).collect();
+            v.sort_unstable();
+            v.get(v.len() / 2).copied().unwrap_or_default()
+        };
+        CycleCost {
+            cpu: median(|c| c.cpu),
+            wall: median(|c| c.wall),
+            stall: median(|c| c.stall),
+        }
+    }
+}
+
+/// What one window saw, for the next duty and the cycle's charge.
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
+pub struct WindowSummary {
+    /// The highest per-process launch rate (launches per second).
+    pub max_rate: f64,
+    /// The most launch functions one process called.
+    pub hot_functions: usize,
+}
+
 /// A process image's function: (tgid, CUDA counter generation, function id).
 pub type ProcessFunction = (u32, u32, u8);
 
@@ -105,10 +182,8 @@ pub struct LaunchEstimates {
     pub duty: f64,
     /// The period in use (see [`period`]).
     pub period: Duration,
-    /// What one attach + detach of the launch probes cost, as last measured: CPU time
-    /// (charged to the budget) and wall time.
-    pub cycle_cpu: Duration,
-    pub cycle_wall: Duration,
+    /// What one attach + detach of the launch probes costs (the median of the last cycles).
+    pub cycle: CycleCost,
     totals: HashMap<ProcessFunction, f64>,
 }
 
@@ -123,31 +198,35 @@ impl LaunchEstimates {
             mode,
             duty,
             period: Duration::ZERO,
-            cycle_cpu: Duration::ZERO,
-            cycle_wall: Duration::ZERO,
+            cycle: CycleCost::default(),
             totals: HashMap::new(),
         }
     }
 
     /// Adds one window: `seen` launches per key during `window`, standing for `period`.
-    /// Returns the highest per-process rate in the window (launches per second).
     pub fn add_window(
         &mut self,
         seen: &HashMap<ProcessFunction, u64>,
         window: Duration,
         period: Duration,
-    ) -> f64 {
+    ) -> WindowSummary {
         let window_s = window.as_secs_f64().max(1e-6);
         let scale = (period.as_secs_f64() / window_s).max(1.0);
-        let mut per_process: HashMap<(u32, u32), u64> = HashMap::new();
-        for (&(tgid, generation, function), &count) in seen {
+        let mut per_process: HashMap<(u32, u32), (u64, HashSet<u8>)> = HashMap::new();
+        for (&(tgid, generation, function), &count) in seen.iter().filter(|(_, &c)| c > 0) {
             *self.totals.entry((tgid, generation, function)).or_default() += count as f64 * scale;
-            *per_process.entry((tgid, generation)).or_default() += count;
+            let (calls, functions) = per_process.entry((tgid, generation)).or_default();
+            *calls += count;
+            functions.insert(function);
         }
         per_process
             .values()
-            .map(|&c| c as f64 / window_s)
-            .fold(0.0, f64::max)
+            .fold(WindowSummary::default(), |s, (calls, functions)| {
+                WindowSummary {
+                    max_rate: s.max_rate.max(*calls as f64 / window_s),
+                    hot_functions: s.hot_functions.max(functions.len()),
+                }
+            })
     }
 
     pub fn total(&self, key: ProcessFunction) -> Option<f64> {
@@ -216,8 +295,12 @@ mod tests {
         let mut e = LaunchEstimates::new(LaunchMode::Sampled);
         let seen = HashMap::from([((7, 3, 1), 1_000u64), ((7, 3, 2), 500), ((8, 5, 1), 10)]);
         let period = Duration::from_secs(1);
-        let max_rate = e.add_window(&seen, Duration::from_millis(100), period);
-        assert!((max_rate - 15_000.0).abs() < 1e-6, "{max_rate}");
+        let summary = e.add_window(&seen, Duration::from_millis(100), period);
+        assert!((summary.max_rate - 15_000.0).abs() < 1e-6, "{summary:?}");
+        assert_eq!(
+            summary.hot_functions, 2,
+            "process 7 called two launch functions"
+        );
         assert_eq!(e.total((7, 3, 1)), Some(10_000.0));
         e.add_window(&seen, Duration::from_secs(1), period);
         assert_eq!(
@@ -230,5 +313,37 @@ mod tests {
             (e.total((7, 3, 1)), e.total((8, 5, 1))),
             (None, Some(110.0))
         );
+    }
+
+    #[test]
+    fn one_slow_cycle_does_not_swing_the_charge() {
+        let ms = Duration::from_millis;
+        let mut h = CycleHistory::default();
+        assert_eq!(h.typical(), CycleCost::default());
+        for cpu in [3, 4, 36, 3, 5] {
+            h.push(CycleCost {
+                cpu: ms(cpu),
+                wall: ms(100),
+                stall: ms(12),
+            });
+        }
+        assert_eq!(h.typical().cpu, ms(4), "the 36 ms outlier is not charged");
+        assert_eq!(h.typical().charged(), ms(16));
+        // Only the last five count.
+        for _ in 0..3 {
+            h.push(CycleCost::default());
+        }
+        assert_eq!(h.typical().cpu, Duration::ZERO);
+    }
+
+    #[test]
+    fn the_stall_is_a_grace_period_per_launch_function_called() {
+        let gp = Duration::from_millis(12);
+        assert_eq!(
+            detach_stall(gp, 0),
+            Duration::ZERO,
+            "an idle process is not stalled"
+        );
+        assert_eq!(detach_stall(gp, 2), Duration::from_millis(24));
     }
 }
