@@ -11,7 +11,7 @@ use agent_common::{
     CudaOomEvent, Lost, PidEvent, EVENT_CUDA_FIRST_USE, EVENT_CUDA_OOM,
 };
 use aya_ebpf::{
-    bindings::{BPF_NOEXIST, BPF_RB_NO_WAKEUP},
+    bindings::BPF_NOEXIST,
     helpers::{
         bpf_get_current_pid_tgid, bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_probe_read_user,
         generated::bpf_get_attach_cookie,
@@ -356,7 +356,7 @@ fn report_first_use(tgid: u32) {
                 tgid,
                 ktime_ns: unsafe { bpf_ktime_get_ns() },
             });
-            entry.submit(BPF_RB_NO_WAKEUP as u64);
+            entry.submit(0);
         }
         None => count_lost(Lost::CudaEvent),
     }
@@ -373,7 +373,7 @@ fn report_oom(tgid: u32, function: u8, code: u32, size: u64) {
                 size,
                 ktime_ns: unsafe { bpf_ktime_get_ns() },
             });
-            entry.submit(BPF_RB_NO_WAKEUP as u64);
+            entry.submit(0);
         }
         None => count_lost(Lost::CudaEvent),
     }

@@ -6,13 +6,13 @@
 //!
 //! Attached as an fentry (a BPF trampoline: a direct call, no trap) and, where the kernel has
 //! no BPF trampolines, as a kprobe on the same function. The record is sent before the
-//! mapping exists; userspace reads `/proc/<pid>/maps` a drain interval later.
+//! mapping exists and wakes the reader (adaptively: one wake-up per burst); the attach thread
+//! looks for the mapping in `/proc/<pid>/maps`, again a little later when it is not there yet.
 
 use agent_common::{
     LibraryMapEvent, Lost, EVENT_LIBRARY_MAP, LIB_NAME_LEN, LIB_PREFIX_LEN, PROT_EXEC,
 };
 use aya_ebpf::{
-    bindings::BPF_RB_NO_WAKEUP,
     helpers::{bpf_get_current_pid_tgid, bpf_probe_read_kernel, bpf_probe_read_kernel_str_bytes},
     macros::{fentry, kprobe, map},
     maps::{lpm_trie::Key, LpmTrie},
@@ -128,5 +128,5 @@ fn library_mapped(file: *const u8, prot: u64) {
             }
         }
     }
-    entry.submit(BPF_RB_NO_WAKEUP as u64);
+    entry.submit(0);
 }

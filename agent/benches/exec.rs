@@ -4,9 +4,10 @@
 //! 1. Syscall tax: ns per `getppid()` without the agent and with it, in alternating rounds.
 //!    The agent hooks no syscall, so the ratio should be 1 (goal ≤ 1.01×).
 //! 2. Exec-storm overhead: the wall time of 3,000 short-lived processes without the agent and
-//!    with it, in alternating rounds (goal ≥ 0.98), and the agent's own CPU time per exec.
+//!    with it, in alternating rounds (goal: median ≥ 0.99), and the agent's own CPU time per
+//!    exec.
 //! 3. Exec → visible: start an LLM process, poll /api/processes every millisecond, and record
-//!    when its pid shows up — end to end, through the kernel, the ring buffer, the 10 ms drain
+//!    when its pid shows up — end to end, through the kernel, the ring buffer and its wake-up, the sampler
 //!    and the HTTP server.
 //!
 //! Numbers are ratios and distributions from this run on this machine, not timed assertions.
@@ -21,7 +22,7 @@ use support::*;
 
 const STORM: usize = 3000;
 const ROUNDS: usize = 9;
-const LATENCY_SAMPLES: usize = 60;
+const LATENCY_SAMPLES: usize = 100;
 const SYSCALLS: u32 = 500_000;
 /// An agent that just started scans /proc and loads its programs: measure once it is idle.
 const SETTLE: Duration = Duration::from_secs(2);
@@ -137,7 +138,7 @@ fn main() {
         );
     }
     println!(
-        "exec storm throughput with / without: {} (goal ≥ 0.98)\n",
+        "exec storm throughput with / without: {} (goal: median ≥ 0.99)\n",
         ratio_summary(&ratios)
     );
 
@@ -145,10 +146,11 @@ fn main() {
     let agent = Agent::start(&["--rescan-interval", "1h"]);
     let program = workload("llama-server");
     let mut latencies = Vec::with_capacity(LATENCY_SAMPLES);
+    let mut spawns = Vec::with_capacity(LATENCY_SAMPLES);
     let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
     for i in 0..LATENCY_SAMPLES {
-        // A detection lands just after a drain tick; without a random pause the next exec
-        // would always start at the same phase of the 10 ms tick and measure only that phase.
+        // A random pause: the next exec starts at any phase of the agent's own rhythm (its
+        // sampler's rest after a pass, the events thread's drain spacing).
         seed = seed
             .wrapping_mul(6364136223846793005)
             .wrapping_add(1442695040888963407);
@@ -156,6 +158,7 @@ fn main() {
         let model = format!("/models/bench-{i}.gguf");
         let started = Instant::now();
         let p = spawn(&program, &["-m", &model]);
+        spawns.push(started.elapsed().as_secs_f64() * 1e3);
         let needle = format!("\"pid\":\"{}\"", p.pid());
         let seen = poll_for(Duration::from_secs(10), Duration::from_millis(1), || {
             agent
@@ -168,13 +171,20 @@ fn main() {
         drop(p);
     }
     latencies.sort_by(f64::total_cmp);
+    spawns.sort_by(f64::total_cmp);
     println!("exec → visible in /api/processes ({LATENCY_SAMPLES} processes, polled every 1 ms by the bench):");
-    println!("| p50 | p95 | max |");
-    println!("| --- | --- | --- |");
+    println!("| p50 | p95 | p99 (goal ≤ 5 ms) | max |");
+    println!("| --- | --- | --- | --- |");
     println!(
-        "| {:.1} ms | {:.1} ms | {:.1} ms |",
+        "| {:.1} ms | {:.1} ms | {:.1} ms | {:.1} ms |",
         percentile(&latencies, 0.5),
         percentile(&latencies, 0.95),
+        percentile(&latencies, 0.99),
         percentile(&latencies, 1.0)
+    );
+    println!(
+        "(from the bench's spawn: its own fork and exec took p50 {:.1} ms, p99 {:.1} ms of it)",
+        percentile(&spawns, 0.5),
+        percentile(&spawns, 0.99)
     );
 }

@@ -6,11 +6,13 @@
 //!    entry probe; entry+return pair on a synchronize call). The figure of merit is the ratio
 //!    of llmscope's added cost to the bare trap's (goal ≤ 1.1× counting, ≤ 2.2× pairs).
 //! 2. Throughput: a launch-bound loop (launch, then ~20 µs of work: ~50,000 launches/s) for
-//!    LLMSCOPE_BENCH_SECONDS (default 10) per round, in alternating rounds without the agent
+//!    LLMSCOPE_BENCH_SECONDS (default 30) per round, in alternating rounds without the agent
 //!    and with it at the default settings (duty-cycled launch probes). Goal: median ratio
-//!    ≥ 0.995. The duty printed is time-weighted over the workload's run (the increase of
-//!    `llmscope_cuda_launch_probe_attached_seconds_total`), with the attach/detach cycle
-//!    cost the agent measured meanwhile.
+//!    ≥ 0.995, with the launches the agent extrapolates within ±5 % of the loop's own count
+//!    (both printed). The duty printed is time-weighted over the workload's run (the increase
+//!    of `llmscope_cuda_launch_probe_attached_seconds_total`), with the attach/detach cycle
+//!    cost the agent measured meanwhile: its own CPU, the stall it charges the probed
+//!    process, and the wall time.
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -23,10 +25,10 @@ use std::time::Duration;
 use support::*;
 
 const LOOP: &str = "2000000";
-const ROUNDS: usize = 5;
+const ROUNDS: usize = 9;
 
-/// Runs the CUDA workload's `mode` and returns the value of `field` from its "done" line.
-fn measure(lib: &Path, env: &[(&str, &str)], field: &str) -> f64 {
+/// Runs the CUDA workload's `mode`; its pid and its "done" line.
+fn run(lib: &Path, env: &[(&str, &str)]) -> (u32, String) {
     let mut all = vec![("CUDA_LIB", lib.to_str().unwrap())];
     all.extend_from_slice(env);
     let mut w = CudaWorkload::start(
@@ -35,11 +37,19 @@ fn measure(lib: &Path, env: &[(&str, &str)], field: &str) -> f64 {
         &all,
     );
     std::thread::sleep(Duration::from_millis(300));
-    let done = w.run();
+    (w.pid(), w.run())
+}
+
+/// The value of `field` in a workload's "done" line.
+fn field(done: &str, field: &str) -> f64 {
     done.split_whitespace()
         .find_map(|f| f.strip_prefix(field))
         .and_then(|v| v.parse().ok())
         .unwrap_or_else(|| panic!("no {field} in {done:?}"))
+}
+
+fn measure(lib: &Path, env: &[(&str, &str)], name: &str) -> f64 {
+    field(&run(lib, env).1, name)
 }
 
 fn per_call(lib: &Path, call: &str) -> f64 {
@@ -131,13 +141,13 @@ fn main() {
         ratio(ours_pair, bare_pair, none_sync)
     );
 
-    let seconds = std::env::var("LLMSCOPE_BENCH_SECONDS").unwrap_or_else(|_| "10".into());
+    let seconds = std::env::var("LLMSCOPE_BENCH_SECONDS").unwrap_or_else(|_| "30".into());
     let busy = [("BUSY_US", "20"), ("SECONDS", seconds.as_str())];
     let s: f64 = seconds.parse().unwrap();
     println!("\nlaunch-bound loop (launch + 20 µs of work), {s} s per run, {ROUNDS} alternating rounds, default settings:");
-    println!("| round | without agent | with agent | ratio | duty while it ran | cycle CPU | cycle wall |");
-    println!("| --- | --- | --- | --- | --- | --- | --- |");
-    let mut ratios = Vec::new();
+    println!("| round | without agent | with agent | ratio | duty while it ran | launches counted / true | period | cycle CPU | cycle stall | cycle wall |");
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
+    let (mut ratios, mut errors) = (Vec::new(), Vec::new());
     for round in 1..=ROUNDS {
         let without = measure(&lib, &busy, "iterations=");
         let agent = agent_with_probed(&lib, &["--rescan-interval", "1h"]);
@@ -146,22 +156,42 @@ fn main() {
                 .unwrap_or(f64::NAN)
         };
         let (before, started) = (attached(&agent.metrics()), std::time::Instant::now());
-        let with = measure(&lib, &busy, "iterations=");
+        let (pid, done) = run(&lib, &busy);
+        let (with, truth) = (field(&done, "iterations="), field(&done, "launches="));
+        let duty = (attached(&agent.metrics()) - before) / started.elapsed().as_secs_f64();
+        // The last window closes within a period after the loop stops launching.
+        let period = agent
+            .metrics()
+            .value("llmscope_cuda_launch_probe_period_seconds", &[])
+            .unwrap_or(1.0);
+        std::thread::sleep(Duration::from_secs_f64(period + 0.5));
         let m = agent.metrics();
-        let duty = (attached(&m) - before) / started.elapsed().as_secs_f64();
+        let counted = m
+            .value(
+                "llm_process_cuda_kernel_launches_total",
+                &[("pid", &pid.to_string())],
+            )
+            .unwrap_or(0.0);
         let gauge = |name: &str| m.value(name, &[]).unwrap_or(f64::NAN);
         ratios.push(with / without);
+        errors.push(counted / truth);
         println!(
-            "| {round} | {:.0} launches/s | {:.0} launches/s | {:.4} | {duty:.3} | {:.0} µs | {:.0} ms |",
+            "| {round} | {:.0} launches/s | {:.0} launches/s | {:.4} | {duty:.3} | {counted:.0} / {truth:.0} ({:+.1} %) | {period:.1} s | {:.0} µs | {:.1} ms | {:.0} ms |",
             without / s,
             with / s,
             with / without,
+            (counted / truth - 1.0) * 100.0,
             gauge("llmscope_cuda_launch_probe_cycle_cpu_seconds") * 1e6,
+            gauge("llmscope_cuda_launch_probe_cycle_stall_seconds") * 1e3,
             gauge("llmscope_cuda_launch_probe_cycle_wall_seconds") * 1e3,
         );
     }
     println!(
         "launch-bound throughput with / without: {} (goal: median ≥ 0.995)",
         ratio_summary(&ratios)
+    );
+    println!(
+        "launches counted / true: {} (goal: within 0.95–1.05)",
+        ratio_summary(&errors)
     );
 }

@@ -1,8 +1,10 @@
-//! The events thread: drains the ring buffer every [`DRAIN_INTERVAL`], turns exec records
-//! into facts and classifies them, classifies interpreters when they map a framework's
-//! library, and retires what ended (processes, CUDA counter generations; the sampler
-//! removes retired counters from the kernel maps).
+//! The events thread: drains the ring buffer (and the perf buffers of library mappings) as
+//! soon as the kernel says it wrote to them, turns exec records into facts and classifies
+//! them, classifies interpreters when they map a framework's library, and retires what ended
+//! (processes, CUDA counter generations; the sampler removes retired counters from the kernel
+//! maps).
 
+use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -12,17 +14,25 @@ use aya::maps::{MapData, RingBuf};
 use super::health::Health;
 use super::observe::{log_detected, observe_with_env, How};
 use super::table::Table;
+use super::wakeup::{Spacing, Wakeup};
 use super::CudaState;
-use super::DRAIN_INTERVAL;
 use crate::cuda::library::classify_name;
-use crate::ebpf::perf_mmap::MmapRecords;
+use crate::ebpf::perf_mmap::{MmapRecords, Mode, ModePolicy};
 use crate::ebpf::{decode, ExecRecord, KernelEvent};
 use crate::identity::ProcessFacts;
 use crate::state::Counters;
 use crate::tracker::Observed;
 
-/// How often exited processes past their grace period are expired.
+/// How often exited processes past their grace period are expired; the longest the thread
+/// sleeps with nothing to read.
 const HOUSEKEEPING_INTERVAL: Duration = Duration::from_millis(100);
+/// The rest between two drains grows from the shortest to the longest while drains find at
+/// least [`BURST`] records ([`Spacing`]): the first records after a quiet spell are read at
+/// once, an exec storm (each exec brings its exit and a few mapping records) costs at most a
+/// hundred drains a second, as many as the timed drain this replaced.
+const SHORTEST_REST: Duration = Duration::from_millis(1);
+const BURST: usize = 16;
+const LONGEST_REST: Duration = Duration::from_millis(10);
 
 /// Reads the kernel's records into `table` (and `cuda`'s retired generations and attach
 /// queue), counting them in `counters`.
@@ -35,6 +45,11 @@ pub(super) fn spawn(
     mmap_records: Option<MmapRecords>,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     let heartbeat = health.register("events", Some(STALL_LIMIT));
+    let wakeup = Wakeup::new()?;
+    wakeup.add(ring.as_raw_fd())?;
+    for fd in mmap_records.iter().flat_map(MmapRecords::fds) {
+        wakeup.add(fd)?;
+    }
     std::thread::Builder::new()
         .name("llmscope-events".into())
         .spawn(move || {
@@ -43,7 +58,7 @@ pub(super) fn spawn(
                 cuda: &cuda,
                 counters: &counters,
             };
-            run(handles, ring, mmap_records, &heartbeat);
+            run(handles, ring, mmap_records, &wakeup, &heartbeat);
         })
 }
 
@@ -55,7 +70,8 @@ struct Handles<'a> {
     counters: &'a Counters,
 }
 
-/// The events thread beats every drain (10 ms); silent this long, it is reported stalled.
+/// The events thread beats at every wake-up (at least every [`HOUSEKEEPING_INTERVAL`]);
+/// silent this long, it is reported stalled.
 const STALL_LIMIT: Duration = Duration::from_secs(10);
 
 fn run(
@@ -66,11 +82,14 @@ fn run(
     }: Handles,
     mut ring: RingBuf<MapData>,
     mut mmap_records: Option<MmapRecords>,
+    wakeup: &Wakeup,
     heartbeat: &super::health::Heartbeat,
 ) {
     #[cfg(feature = "test-faults")]
     let fault = super::faults::EventsFault::injected();
     let mut last_housekeeping = Instant::now();
+    let mut spacing = Spacing::new(SHORTEST_REST, LONGEST_REST, BURST);
+    let mut policy = ModePolicy::default();
     while !table.stopping() {
         heartbeat.beat();
         #[cfg(feature = "test-faults")]
@@ -83,13 +102,20 @@ fn run(
         let drain_started = Instant::now();
         let mut mappings = Vec::new();
         let mut exited = std::collections::HashSet::new();
-        if let Some(records) = &mut mmap_records {
-            records.drain(classify_name, |map| mappings.push(map));
+        // Records read by this drain, perf and ring: what sets the rest after it.
+        let mut records = 0;
+        if let Some(perf) = &mut mmap_records {
+            let mode = policy.next(perf.mode(), perf.mappings(), drain_started);
+            switch_mode(perf, mode, wakeup, &mut mappings);
+            let before = perf.mappings();
+            perf.drain(classify_name, |map| mappings.push(map));
+            records = (perf.mappings() - before) as usize;
             counters
                 .library_map_lost
-                .store(records.lost(), Ordering::Relaxed);
+                .store(perf.lost(), Ordering::Relaxed);
         }
         while let Some(item) = ring.next() {
+            records += 1;
             let event = decode(&item);
             drop(item);
             match event {
@@ -145,7 +171,39 @@ fn run(
                 table.table_changed();
             }
         }
-        std::thread::sleep(DRAIN_INTERVAL);
+        std::thread::sleep(spacing.after(records));
+        // Batching perf buffers do not say when they hold a record: they are read on a timer.
+        let batching = mmap_records
+            .as_ref()
+            .is_some_and(|r| r.mode() == Mode::Batching);
+        wakeup.wait(if batching {
+            LONGEST_REST
+        } else {
+            HOUSEKEEPING_INTERVAL
+        });
+    }
+}
+
+/// Reopens the perf buffers in `mode` (when it is not theirs already), their records into
+/// `mappings`, and lets their new fds wake the thread.
+fn switch_mode(
+    records: &mut MmapRecords,
+    mode: Mode,
+    wakeup: &Wakeup,
+    mappings: &mut Vec<crate::ebpf::events::LibraryMap>,
+) {
+    if mode == records.mode() {
+        return;
+    }
+    if let Err(e) = records.set_mode(mode, classify_name, |map| mappings.push(map)) {
+        tracing::warn!(error = %e, ?mode, "cannot reopen the perf buffers of library mappings");
+        return;
+    }
+    tracing::debug!(?mode, "perf buffers of library mappings reopened");
+    for fd in records.fds() {
+        if let Err(e) = wakeup.add(fd) {
+            tracing::warn!(error = %e, "cannot wait on a perf buffer: read on the timer only");
+        }
     }
 }
 

@@ -20,6 +20,7 @@ mod reconcile;
 mod sampler;
 mod servers;
 mod table;
+mod wakeup;
 
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -44,10 +45,6 @@ use crate::state::{Counters, GpuInfoView, ProcessView, Published, ServersView};
 use crate::tracker::Tracker;
 
 use table::{Life, Table};
-
-/// How often the events thread drains the ring buffer: detection within ~10 ms without a
-/// wake-up per event.
-pub const DRAIN_INTERVAL: Duration = Duration::from_millis(10);
 
 /// How long each shutdown step (HTTP, threads) may take before it is cut short.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);

@@ -1,5 +1,5 @@
 //! The sampler thread: the one writer of what scrapes read about processes. Every
-//! [`SAMPLE_INTERVAL`], and right after the table changes, it reads each tracked process in
+//! [`SAMPLE_INTERVAL`], and as soon as the table changes, it reads each tracked process in
 //! /proc (CPU percent over windows of at least [`CPU_WINDOW`], memory, threads), ends the
 //! processes whose exit was missed, reads `--gpu-info-dir` (tracking the processes that
 //! report), and publishes a [`ProcessView`] and a [`GpuInfoView`] for the collectors.
@@ -24,10 +24,12 @@ use crate::state::{Counters, GpuInfoView, Member, ProcessView, Published};
 pub const CPU_WINDOW: Duration = Duration::from_secs(1);
 /// How often every tracked process is read, and `--gpu-info-dir` scanned.
 const SAMPLE_INTERVAL: Duration = Duration::from_secs(1);
-/// After a change to the table, how long the sampler waits for more before a pass (a burst
-/// of execs costs one pass, not one each). Such a pass reads only the processes it has no
-/// reading of; every process is read again on the next full pass.
-const COALESCE: Duration = Duration::from_millis(5);
+/// After a pass the sampler rests this many times as long as the pass took before it looks
+/// for changes again: passes take at most a fifth of a core however fast the table changes,
+/// and a burst of execs during the rest costs one pass, not one each. A change after a quiet
+/// spell is passed at once; such a pass reads only the processes it has no reading of, every
+/// process is read again on the next full pass.
+const REST_PER_PASS: u32 = 4;
 /// A process found gone (or its pid reused) this long ago that is still alive in the table,
 /// once the events thread has drained the ring since, missed its exit event; younger, or
 /// before that drain, its exit event may still be in the ring buffer.
@@ -84,12 +86,9 @@ pub(super) fn spawn(
                     // SAFETY: returns free heap memory to the kernel; no preconditions.
                     unsafe { libc::malloc_trim(0) };
                 }
-                // Passes take at most a fifth of a core, however fast the table changes.
-                let pause = COALESCE.max(started.elapsed() * 4);
+                table.sleep(started.elapsed() * REST_PER_PASS);
                 let wait = next_full.saturating_duration_since(Instant::now());
-                if table.wait_for_change(wait) {
-                    std::thread::sleep(pause);
-                }
+                table.wait_for_change(wait);
             }
         })
 }

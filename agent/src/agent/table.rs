@@ -10,7 +10,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use super::containers::Containers;
-use super::{observe, DRAIN_INTERVAL};
+use super::observe;
 use crate::metrics::ContainerLabels;
 use crate::proc::ProcRoot;
 use crate::tracker::{Observed, Tracker};
@@ -57,14 +57,14 @@ impl Changed {
         self.wake.notify_one();
     }
 
-    /// Waits up to `timeout` for a signal (or for `life` to stop); true when there was one.
-    pub fn wait(&self, timeout: Duration, life: &Life) -> bool {
+    /// Waits up to `timeout` for a signal (or for `life` to stop), and takes it.
+    pub fn wait(&self, timeout: Duration, life: &Life) {
         let guard = self.flag.lock().unwrap_or_else(PoisonError::into_inner);
         let (mut guard, _) = self
             .wake
             .wait_timeout_while(guard, timeout, |changed| !*changed && !life.stopping())
             .unwrap_or_else(PoisonError::into_inner);
-        std::mem::take(&mut *guard)
+        *guard = false;
     }
 }
 
@@ -108,6 +108,7 @@ pub(super) struct Table {
     /// When the events thread's last complete drain began: every exit that happened before
     /// it has been handled.
     drained: Mutex<Instant>,
+    drained_wake: Condvar,
 }
 
 impl Table {
@@ -128,6 +129,7 @@ impl Table {
             changed: Arc::default(),
             life,
             drained: Mutex::new(Instant::now()),
+            drained_wake: Condvar::new(),
         }
     }
 
@@ -142,6 +144,7 @@ impl Table {
     /// The events thread finished a drain that began at `started`.
     pub fn set_drained(&self, started: Instant) {
         *self.drained.lock().unwrap_or_else(PoisonError::into_inner) = started;
+        self.drained_wake.notify_all();
     }
 
     /// Whether a drain that began after `t` has been handled: a process found gone at `t`
@@ -151,16 +154,15 @@ impl Table {
         *self.drained.lock().unwrap_or_else(PoisonError::into_inner) > t
     }
 
-    /// Waits up to `limit` for [`Table::drained_after`]`(t)`; whether it came.
+    /// Waits up to `limit` for [`Table::drained_after`]`(t)`; whether it came. The events
+    /// thread drains at least every 100 ms, with nothing to read.
     pub fn wait_drained_after(&self, t: Instant, limit: Duration) -> bool {
-        let deadline = Instant::now() + limit;
-        while !self.drained_after(t) {
-            if Instant::now() >= deadline || self.stopping() {
-                return false;
-            }
-            std::thread::sleep(DRAIN_INTERVAL);
-        }
-        true
+        let drained = self.drained.lock().unwrap_or_else(PoisonError::into_inner);
+        let (drained, _) = self
+            .drained_wake
+            .wait_timeout_while(drained, limit, |drained| *drained <= t && !self.stopping())
+            .unwrap_or_else(PoisonError::into_inner);
+        *drained > t
     }
 
     /// The table; a panic in another thread while holding it does not make it unusable.
@@ -173,9 +175,9 @@ impl Table {
         self.changed.signal();
     }
 
-    /// Waits up to `timeout` for a change to the table; true when there was one.
-    pub fn wait_for_change(&self, timeout: Duration) -> bool {
-        self.changed.wait(timeout, &self.life)
+    /// Waits up to `timeout` for a change to the table.
+    pub fn wait_for_change(&self, timeout: Duration) {
+        self.changed.wait(timeout, &self.life);
     }
 
     fn kernel(&self) -> MutexGuard<'_, Box<dyn KernelSet>> {
