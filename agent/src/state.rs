@@ -46,6 +46,8 @@ pub struct Counters {
     pub library_map: AtomicU64,
     /// Perf mmap records lost (buffer full), when that is the library hook.
     pub library_map_lost: AtomicU64,
+    /// 1 while the perf buffers of library mappings batch (`perf_mmap::Mode::Batching`).
+    pub library_map_batching: AtomicU64,
     pub malformed: AtomicU64,
     pub missed_exec: AtomicU64,
     pub missed_exit: AtomicU64,

@@ -107,6 +107,9 @@ fn run(
         if let Some(perf) = &mut mmap_records {
             let mode = policy.next(perf.mode(), perf.mappings(), drain_started);
             switch_mode(perf, mode, wakeup, &mut mappings);
+            counters
+                .library_map_batching
+                .store(u64::from(perf.mode() == Mode::Batching), Ordering::Relaxed);
             let before = perf.mappings();
             perf.drain(classify_name, |map| mappings.push(map));
             records = (perf.mappings() - before) as usize;

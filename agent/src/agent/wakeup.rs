@@ -96,7 +96,7 @@ impl Spacing {
 mod tests {
     use std::io::Write;
     use std::os::fd::AsRawFd;
-    use std::time::{Duration, Instant};
+    use std::time::Duration;
 
     use super::{Spacing, Wakeup};
 
@@ -127,13 +127,11 @@ mod tests {
     }
 
     #[test]
-    fn wakes_when_an_fd_is_readable_and_sleeps_out_the_timeout_otherwise() {
+    fn wakes_when_an_fd_is_readable_and_times_out_otherwise() {
         let wakeup = Wakeup::new().unwrap();
         let (read, mut write) = pipe();
         wakeup.add(read.as_raw_fd()).unwrap();
-        let started = Instant::now();
         assert!(!wakeup.wait(Duration::from_millis(30)));
-        assert!(started.elapsed() >= Duration::from_millis(25));
         let writer = std::thread::spawn(move || {
             std::thread::sleep(Duration::from_millis(20));
             write.write_all(b"x").unwrap();

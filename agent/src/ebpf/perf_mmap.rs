@@ -95,15 +95,16 @@ pub enum Mode {
     Batching,
 }
 
-/// Executable mappings per second, over a look of [`LOOK`], above which the buffers batch:
-/// at ~8 µs of interrupt per waking record, 500 a second cost the node at most 0.4 % of a
-/// core (a process started every 10 ms maps about 300 files a second). A second is long
-/// enough that starting a process (a Python interpreter maps a few dozen files at once) is
-/// not a storm, and short enough that a storm pays for one second.
+/// Executable mappings per second above which waking buffers batch, judged every
+/// [`QUICK_LOOK`]: at ~8 µs of interrupt per waking record, 500 a second cost the node at
+/// most 0.4 % of a core. A process start is no storm (a Python interpreter maps ~20 files at
+/// once: 200 a second over a look); a storm pays for one look at most.
 const BATCH_ABOVE: f64 = 500.0;
-/// ... and below which they wake per record again.
+const QUICK_LOOK: Duration = Duration::from_millis(100);
+/// ... and below which batching buffers wake per record again, judged every [`CALM_LOOK`]
+/// (a storm with pauses must not flip the buffers back and forth).
 const WAKE_BELOW: f64 = 100.0;
-const LOOK: Duration = Duration::from_secs(1);
+const CALM_LOOK: Duration = Duration::from_secs(1);
 
 /// Picks the [`Mode`] from the rate of executable mappings the reader sees.
 #[derive(Debug, Default)]
@@ -119,17 +120,19 @@ impl ModePolicy {
             return mode;
         };
         let elapsed = now.saturating_duration_since(at);
-        if elapsed < LOOK {
+        let look = match mode {
+            Mode::Waking => QUICK_LOOK,
+            Mode::Batching => CALM_LOOK,
+        };
+        if elapsed < look {
             return mode;
         }
         self.since = Some((mappings, now));
         let rate = mappings.saturating_sub(count) as f64 / elapsed.as_secs_f64();
-        if rate > BATCH_ABOVE {
-            Mode::Batching
-        } else if rate < WAKE_BELOW {
-            Mode::Waking
-        } else {
-            mode
+        match mode {
+            Mode::Waking if rate > BATCH_ABOVE => Mode::Batching,
+            Mode::Batching if rate < WAKE_BELOW => Mode::Waking,
+            _ => mode,
         }
     }
 }
@@ -428,27 +431,27 @@ mod tests {
     }
 
     #[test]
-    fn buffers_batch_while_mappings_are_frequent_and_wake_again_when_they_are_rare() {
+    fn buffers_batch_within_a_tenth_of_a_second_of_a_storm_and_wake_after_a_calm_second() {
         let ms = Duration::from_millis;
         let t0 = Instant::now();
         let mut policy = ModePolicy::default();
         let mut mode = policy.next(Mode::Waking, 0, t0);
         assert_eq!(mode, Mode::Waking);
-        // A process start: 40 mappings at once, then nothing; a second's rate is low.
-        mode = policy.next(mode, 40, t0 + ms(100));
+        // A process start: 25 mappings at once (250 a second over the look).
+        mode = policy.next(mode, 25, t0 + ms(50));
         assert_eq!(mode, Mode::Waking, "too soon to judge");
-        mode = policy.next(mode, 40, t0 + ms(1000));
+        mode = policy.next(mode, 25, t0 + ms(100));
         assert_eq!(mode, Mode::Waking);
-        // A storm: 3,000 in a second.
-        mode = policy.next(mode, 3040, t0 + ms(2000));
+        // A storm: 60 in the next 100 ms.
+        mode = policy.next(mode, 85, t0 + ms(200));
         assert_eq!(mode, Mode::Batching);
-        // In between (300 a second): stays as it is.
-        mode = policy.next(mode, 3340, t0 + ms(3000));
+        // Batching is judged over a second: 300 in it (in between) keeps it.
+        mode = policy.next(mode, 300, t0 + ms(700));
+        assert_eq!(mode, Mode::Batching, "too soon to judge");
+        mode = policy.next(mode, 385, t0 + ms(1200));
         assert_eq!(mode, Mode::Batching);
-        // Rare again.
-        mode = policy.next(mode, 3350, t0 + ms(4000));
-        assert_eq!(mode, Mode::Waking);
-        mode = policy.next(mode, 3650, t0 + ms(5000));
+        // A calm second.
+        mode = policy.next(mode, 450, t0 + ms(2200));
         assert_eq!(mode, Mode::Waking);
     }
 
