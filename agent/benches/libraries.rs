@@ -42,13 +42,7 @@ fn main() {
         return;
     }
     let agent = Agent::start(&["--rescan-interval", "1h", "--cuda-overhead-budget", "100"]);
-    let hook = agent
-        .metrics()
-        .samples("llmscope_library_hook")
-        .into_iter()
-        .map(|(l, _)| l["hook"].clone())
-        .next()
-        .unwrap_or_default();
+    let hook = agent.library_hook();
     println!("llmscope library benchmark (library hook: {hook})\n");
 
     let dir = std::env::temp_dir().join(format!("llmscope-bench-libs-{}", std::process::id()));

@@ -573,13 +573,7 @@ impl Drop for Storm {
 fn library_mappings_batch_in_an_exec_storm_and_are_still_seen() {
     let agent = Agent::start(&["--rescan-interval", "1h"]);
     let batching = || agent.metrics().value("llmscope_library_map_batching", &[]);
-    let hook = agent
-        .metrics()
-        .samples("llmscope_library_hook")
-        .into_iter()
-        .map(|(l, _)| l["hook"].clone())
-        .next()
-        .unwrap_or_default();
+    let hook = agent.library_hook();
     if hook != "perf_mmap" {
         assert_eq!(batching(), Some(0.0), "a BPF hook ({hook}) never batches");
         return;

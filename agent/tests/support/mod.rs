@@ -100,6 +100,16 @@ impl Agent {
         self.child.id()
     }
 
+    /// How the agent sees libraries being mapped (`llmscope_library_hook`'s label).
+    pub fn library_hook(&self) -> String {
+        self.metrics()
+            .samples("llmscope_library_hook")
+            .into_iter()
+            .map(|(l, _)| l["hook"].clone())
+            .next()
+            .unwrap_or_default()
+    }
+
     /// The agent's exit status, once it has exited by itself within `limit`.
     pub fn exit_status(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
         wait_for(limit, || self.child.try_wait().ok().flatten())
