@@ -431,7 +431,8 @@ fn storm(args: &[&str]) -> (f64, f64) {
         "server",
     );
 
-    // The last execs are drained within the next 10 ms tick: wait for the accounts to settle.
+    // The last execs are read within the next drain (10 ms at most in a storm): wait for the
+    // accounts to settle.
     let counts = || {
         let m = agent.metrics();
         let received = m
