@@ -318,6 +318,23 @@ def inference():
         # Ollama, as llmscope reads its /api/ps
         panel(l, "timeseries", "Ollama models loaded (GPU memory)", target(f"sum by (instance, model_name) (llm_ollama_model_vram_bytes{{{MODEL}}})", legend), "bytes", description="From llmscope: Ollama has no Prometheus endpoint; llmscope reads each server's /api/ps."),
         panel(l, "timeseries", "Ollama models: time until unloaded", target(f"llm_ollama_model_expiry_timestamp_seconds{{{MODEL}}} - time()", legend), "s"),
+        # Servers that export nothing themselves (Ollama, llama-server without --metrics):
+        # llmscope's request telemetry, from the servers' own connections.
+        panel(l, "timeseries", "Requests per second (llmscope request telemetry)", target(f"sum by (instance, model_name, route, status_class) (rate(gen_ai_server_request_duration_seconds_count{{{MODEL}}}[$__rate_interval]))", "{{model_name}} · {{route}} · {{status_class}} · {{instance}}"), "reqps", description="Measured by llmscope on the server's own connections (--requests), for servers that export no metrics."),
+        panel(l, "timeseries", "Request duration (llmscope request telemetry)", [
+            target(f"histogram_quantile({q}, sum by (le, instance, model_name) (rate(gen_ai_server_request_duration_seconds_bucket{{{MODEL}}}[$__rate_interval])))", f"P{name} {legend}", ref)
+            for ref, (q, name) in zip("AB", p50_99)
+        ], "s", warn=2),
+        panel(l, "timeseries", "Time to first token (llmscope request telemetry)", [
+            target(f"histogram_quantile({q}, sum by (le, instance, model_name) (rate(gen_ai_server_time_to_first_token_seconds_bucket{{{MODEL}}}[$__rate_interval])))", f"P{name} {legend}", ref)
+            for ref, (q, name) in zip("AB", p50_99)
+        ], "s", warn=1, description="Streamed responses: from the request's first byte to the response's first body byte."),
+        panel(l, "timeseries", "Time per output token (llmscope request telemetry)", [
+            target(f"histogram_quantile({q}, sum by (le, instance, model_name) (rate(gen_ai_server_time_per_output_token_seconds_bucket{{{MODEL}}}[$__rate_interval])))", f"P{name} {legend}", ref)
+            for ref, (q, name) in zip("AB", p50_99)
+        ], "s"),
+        panel(l, "timeseries", "Tokens per second (llmscope request telemetry)", target(f"sum by (instance, model_name, token_type, source) (rate(gen_ai_server_tokens_total{{{MODEL}}}[$__rate_interval]))", "{{token_type}} ({{source}}) {{model_name}} · {{instance}}"), "short", description="source=server: the response said (usage, timings, eval_count); source=chunks: stream events counted, an estimate."),
+        panel(l, "timeseries", "Requests in flight (llmscope request telemetry)", target(f"sum by (instance, model_name, pid) (gen_ai_server_active_requests{{{MODEL}}})", "{{model_name}} · pid {{pid}} · {{instance}}"), "short", decimals=0),
         # The same models, as llmscope sees their processes
         panel(l, "timeseries", "GPU memory by model (llmscope, NVML)", target(f"sum by (model_name) (llm_process_gpu_memory_bytes{{{MODEL}}})", "{{model_name}}"), "bytes", w=8),
         panel(l, "timeseries", "CUDA OOMs by model (llmscope)", target(f"sum by (model_name, api) (increase(llm_process_cuda_oom_total{{{MODEL}}}[$__rate_interval]))", "{{model_name}} · {{api}}"), "short", w=8, warn=1, crit=1, decimals=0),

@@ -86,6 +86,10 @@ label_enum! {
         CudaAllocation = "cuda_allocation",
         /// Ring buffer full for a library-map record.
         LibraryMap = "library_map",
+        /// The request-telemetry ring was full: bytes of a server's connection not seen.
+        Http = "http",
+        /// The connection map was full: a server's accepted connection is not followed.
+        HttpConnection = "http_connection",
     }
 }
 
@@ -202,9 +206,12 @@ mod pod {
     unsafe impl aya::Pod for super::cuda::CudaKey {}
     unsafe impl aya::Pod for super::cuda::CudaStat {}
     unsafe impl aya::Pod for super::cuda::AllocKey {}
+    unsafe impl aya::Pod for super::http::ConnKey {}
+    unsafe impl aya::Pod for super::http::HttpRecord {}
 }
 
 pub mod cuda;
+pub mod http;
 
 #[cfg(test)]
 mod labels {
@@ -215,7 +222,7 @@ mod labels {
         for (i, kind) in Lost::ALL.iter().enumerate() {
             assert_eq!(*kind as usize, i);
         }
-        assert_eq!(LOST_SLOTS, 7);
+        assert_eq!(LOST_SLOTS, 9);
         assert_eq!(Lost::LibraryMap.as_str(), "library_map");
     }
 }
@@ -264,6 +271,15 @@ mod layout {
         assert_eq!(offset_of!(cuda::AllocKey, ptr), 8);
         assert_eq!(size_of::<cuda::Pending>(), 24);
         assert_eq!(size_of::<cuda::PendingKey>(), 16);
+    }
+
+    #[test]
+    fn http_records_have_no_padding() {
+        assert_eq!(offset_of!(http::HttpRecord, len), 16);
+        assert_eq!(size_of::<http::HttpRecord>(), 32);
+        assert_eq!(size_of::<http::ConnKey>(), 8);
+        assert_eq!(size_of::<http::IoCall>(), 32);
+        assert!(http::HTTP_CHUNK.is_power_of_two());
     }
 
     #[test]

@@ -6,6 +6,7 @@
 #![feature(asm_experimental_arch)]
 
 mod cuda;
+mod http;
 mod library;
 mod maps;
 mod process;

@@ -12,7 +12,8 @@
 //!    (both printed). The duty printed is time-weighted over the workload's run (the increase
 //!    of `llmscope_cuda_launch_probe_attached_seconds_total`), with the attach/detach cycle
 //!    cost the agent measured meanwhile: its own CPU, the stall it charges the probed
-//!    process, and the wall time.
+//!    process, and the wall time; and what one hit costs, as the agent measured it at
+//!    start-up (compare the bare trap above).
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -145,8 +146,8 @@ fn main() {
     let busy = [("BUSY_US", "20"), ("SECONDS", seconds.as_str())];
     let s: f64 = seconds.parse().unwrap();
     println!("\nlaunch-bound loop (launch + 20 µs of work), {s} s per run, {ROUNDS} alternating rounds, default settings:");
-    println!("| round | without agent | with agent | ratio | duty while it ran | launches counted / true | period | cycle CPU | cycle stall | cycle wall |");
-    println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
+    println!("| round | without agent | with agent | ratio | duty while it ran | launches counted / true | period | cycle CPU | cycle stall | cycle wall | hit cost |");
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
     let (mut ratios, mut errors) = (Vec::new(), Vec::new());
     for round in 1..=ROUNDS {
         let without = measure(&lib, &busy, "iterations=");
@@ -176,7 +177,7 @@ fn main() {
         ratios.push(with / without);
         errors.push(counted / truth);
         println!(
-            "| {round} | {:.0} launches/s | {:.0} launches/s | {:.4} | {duty:.3} | {counted:.0} / {truth:.0} ({:+.1} %) | {period:.1} s | {:.0} µs | {:.1} ms | {:.0} ms |",
+            "| {round} | {:.0} launches/s | {:.0} launches/s | {:.4} | {duty:.3} | {counted:.0} / {truth:.0} ({:+.1} %) | {period:.1} s | {:.0} µs | {:.1} ms | {:.0} ms | {:.0} ns |",
             without / s,
             with / s,
             with / without,
@@ -184,6 +185,7 @@ fn main() {
             gauge("llmscope_cuda_launch_probe_cycle_cpu_seconds") * 1e6,
             gauge("llmscope_cuda_launch_probe_cycle_stall_seconds") * 1e3,
             gauge("llmscope_cuda_launch_probe_cycle_wall_seconds") * 1e3,
+            gauge("llmscope_cuda_launch_probe_hit_seconds") * 1e9,
         );
     }
     println!(

@@ -190,6 +190,13 @@ pub struct Config {
     )]
     pub library_hook: LibraryHook,
 
+    /// Request telemetry (requests, latency and tokens of inference servers, read from their
+    /// own connections by per-process libc probes): `auto` for servers that export no such
+    /// metrics themselves (no Prometheus endpoint found: Ollama, llama-server without
+    /// --metrics), `all` for every server found listening, or `off`.
+    #[arg(long, env = "LLMSCOPE_REQUESTS", value_enum, default_value_t)]
+    pub requests: RequestsMode,
+
     /// Size of the kernel → agent event ring buffer: a power of two, at least one page. A
     /// larger ring loses fewer events under exec storms; losses are counted and repaired by
     /// the periodic scan either way.
@@ -252,6 +259,17 @@ pub enum LibraryHook {
     Perf,
     /// No hook: libraries are found by the /proc scans only (`--rescan-interval`).
     Scan,
+}
+
+/// Which inference servers request telemetry follows (`--requests`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum RequestsMode {
+    /// Servers with no metrics endpoint of their own.
+    #[default]
+    Auto,
+    /// Every server found listening.
+    All,
+    Off,
 }
 
 /// `250ms`, `10s`, `5m`, `1h`, or a plain number of seconds.

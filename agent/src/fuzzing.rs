@@ -135,6 +135,55 @@ pub fn probe_response(data: &[u8]) {
     }
 }
 
+/// The bytes an inference server's clients send it and it answers: any client can send
+/// anything. The input is cut into records — a control byte (bit 0: the server wrote it;
+/// bit 1: the probe copied less than the call moved; bits 2–3: accept, close, or data),
+/// a length byte, then that many bytes — fed to the connections' parsers and the metrics.
+pub fn http_exchanges(data: &[u8]) {
+    use crate::requests::{
+        exchange::Completed, json::MAX_VALUE, Connections, Record, RequestMetrics, MAX_SERIES,
+    };
+    use agent_common::http::{HTTP_ACCEPT, HTTP_CLOSE, HTTP_IN, HTTP_OUT};
+    let mut connections = Connections::default();
+    let mut metrics = RequestMetrics::default();
+    let mut rest = data;
+    let mut at = 0u64;
+    while let [control, len, tail @ ..] = rest {
+        let n = (*len as usize).min(tail.len());
+        let (bytes, next) = tail.split_at(n);
+        rest = next;
+        at += 1_000;
+        let kind = match control >> 2 & 3 {
+            0 => HTTP_ACCEPT,
+            1 => HTTP_CLOSE,
+            _ if control & 1 == 1 => HTTP_OUT,
+            _ => HTTP_IN,
+        };
+        let gap = if control & 2 == 2 {
+            u64::from(*len) * 97
+        } else {
+            0
+        };
+        let record = Record {
+            kind,
+            tgid: u32::from(control >> 4 & 3),
+            fd: 3,
+            len: n as u64 + gap,
+            at_ns: at,
+            data: bytes,
+        };
+        connections.record(record, &mut |pid, c: Completed| {
+            assert!(c.model.as_ref().is_none_or(|m| m.len() <= 3 * MAX_VALUE));
+            assert!(c.duration_ns <= at && c.first_byte_ns.is_none_or(|f| f <= c.duration_ns));
+            metrics.add(pid, &c);
+        });
+    }
+    assert!(metrics.series.len() <= MAX_SERIES);
+    for key in metrics.series.keys() {
+        assert_label(&key.model);
+    }
+}
+
 /// Ollama's `/api/ps` body.
 pub fn ollama_ps(data: &[u8]) {
     if let Some(models) = crate::servers::ollama::parse_ps(data) {

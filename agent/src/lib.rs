@@ -30,6 +30,8 @@ pub mod cuda;
 pub mod ebpf;
 #[cfg(target_os = "linux")]
 pub mod nvml;
+#[cfg(all(target_os = "linux", feature = "ebpf"))]
+pub mod requests;
 
 #[cfg(all(target_os = "linux", feature = "ebpf", feature = "fuzzing"))]
 pub mod fuzzing;

@@ -191,8 +191,16 @@ fn check_metric_reference(exposition: &str) {
                         .collect()
                 })
                 .unwrap_or_default();
-            if let Some(f) = families.get_mut(name) {
-                f.2.extend(labels);
+            // A histogram's samples are its name's _bucket, _sum and _count; `le` is theirs.
+            let family = std::iter::once(name)
+                .chain(
+                    ["_bucket", "_sum", "_count"]
+                        .iter()
+                        .filter_map(|suffix| name.strip_suffix(suffix)),
+                )
+                .find(|n| families.contains_key(*n));
+            if let Some(f) = family.and_then(|n| families.get_mut(n)) {
+                f.2.extend(labels.into_iter().filter(|l| l != "le"));
             }
         }
     }

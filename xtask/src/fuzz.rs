@@ -22,6 +22,7 @@ pub const TARGETS: &[&str] = &[
     "oci_config",
     "docker_inspect",
     "probe_response",
+    "http_exchanges",
     "ollama_ps",
     "classify",
     "web_config",

@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use agent_common::cuda::{AllocKey, CudaKey, FUNCTIONS, KIND_LAUNCH};
+use agent_common::cuda::{cookie, AllocKey, CudaKey, FUNCTIONS, KIND_LAUNCH};
 
 use super::health::Health;
 use super::libraries::AttachJob;
@@ -15,6 +15,7 @@ use super::observe::track_gpu_user;
 use super::table::{Life, Table};
 use super::CudaState;
 use crate::collectors::cuda::{CudaReading, CudaSource};
+use crate::cuda::calibrate::thread_cpu_time;
 use crate::cuda::launches::{
     self, detach_stall, next_duty, CycleCost, CycleHistory, ProcessFunction,
 };
@@ -205,6 +206,7 @@ impl CudaSource for CudaState {
             duty: launches.duty,
             period: launches.period,
             cycle: launches.cycle,
+            hit_cost: launches.measured_hit_cost,
             attacher: self.attacher_stats(),
             detach_backlog: self.detach_backlog.load(Ordering::Relaxed),
             attach_requests_dropped: self.attach_requests_dropped(),
@@ -251,6 +253,7 @@ pub(super) fn spawn_launch_sampler(
     std::thread::Builder::new()
         .name("llmscope-launches".into())
         .spawn(move || {
+            measure_hit_cost(&cuda);
             let mut duty = launches::MIN_DUTY;
             let mut history = CycleHistory::default();
             while !life.stopping() {
@@ -307,6 +310,7 @@ pub(super) fn spawn_launch_sampler(
                     duty,
                     budget_percent,
                     summary.max_rate,
+                    estimates.hit_cost(),
                     cost.charged(),
                     next_period,
                 );
@@ -318,6 +322,50 @@ pub(super) fn spawn_launch_sampler(
             let detached = cuda.attacher().set_launches(false);
             drop(detached);
         })
+}
+
+/// Measures what a launch-probe hit costs on this host, for the launch estimates (on this
+/// thread, before its first window; the attacher is locked for the attach and the detach
+/// only). The launch program counts into the agent's own tgid meanwhile: a generation is set
+/// for it first (so the program reports no first CUDA use), and its counters removed after.
+fn measure_hit_cost(cuda: &CudaState) {
+    let me = std::process::id();
+    const GENERATION: u32 = 1;
+    if let Err(e) = cuda.maps().seen.insert(me, GENERATION, 0) {
+        tracing::warn!(error = %e, "could not measure what a launch-probe hit costs here: launch estimates use the default");
+        return;
+    }
+    let launch = FUNCTIONS
+        .iter()
+        .position(|f| f.kind == KIND_LAUNCH)
+        .expect("a launch function") as u8;
+    let lend = |f: &mut dyn FnMut(&mut aya::Ebpf)| f(cuda.attacher().programs());
+    let measured = crate::cuda::calibrate::hit_cost(&lend, "cuda_entry", cookie(launch));
+    {
+        let mut maps = cuda.maps();
+        let mine: Vec<CudaKey> = maps
+            .stats
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| k.tgid == me)
+            .collect();
+        for k in &mine {
+            let _ = maps.stats.remove(k);
+        }
+        let _ = maps.seen.remove(&me);
+    }
+    match measured {
+        Ok(cost) => {
+            tracing::info!(
+                ?cost,
+                "measured what one launch-probe hit costs a thread here"
+            );
+            cuda.launches().measured_hit_cost = Some(cost);
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, default = ?launches::DEFAULT_HIT_COST, "could not measure what a launch-probe hit costs here: launch estimates use the default");
+        }
+    }
 }
 
 /// The most launch functions one process called in a window.
@@ -367,18 +415,6 @@ impl Timed {
             wall: wall.elapsed(),
         }
     }
-}
-
-/// CPU time of the calling thread: other threads of the agent running meanwhile are not
-/// charged to the cycle.
-fn thread_cpu_time() -> Duration {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes the timespec it is given.
-    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
-    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
 }
 
 /// Raw launch counts per process image and function from the kernel's counters.

@@ -17,6 +17,7 @@ mod libraries;
 mod nvml;
 mod observe;
 mod reconcile;
+mod requests;
 mod sampler;
 mod servers;
 mod table;
@@ -30,9 +31,9 @@ use aya::maps::{MapData, RingBuf};
 
 use crate::collectors::{
     cuda::CudaCollector, gpuinfo::GpuInfoCollector, kernel::KernelCollector, nvml::NvmlCollector,
-    process::ProcessCollector, servers::ServersCollector,
+    process::ProcessCollector, requests::RequestCollector, servers::ServersCollector,
 };
-use crate::config::Config;
+use crate::config::{Config, RequestsMode};
 use crate::cuda::attach::{Attacher, AttacherStats};
 use crate::cuda::launches::LaunchEstimates;
 use crate::cuda::launches::LaunchMode;
@@ -182,11 +183,13 @@ struct Parts {
     gpu_info: Arc<Published<GpuInfoView>>,
     servers: Arc<Published<ServersView>>,
     nvml: Arc<Published<NvmlState>>,
+    requests: Arc<requests::Requests>,
 }
 
 /// What the threads consume once: the kernel's queues and the job queues.
 struct Inputs {
     ring: RingBuf<MapData>,
+    http_ring: RingBuf<MapData>,
     mmap_records: Option<crate::ebpf::perf_mmap::MmapRecords>,
     attach_jobs: std::sync::mpsc::Receiver<libraries::AttachJob>,
     container_jobs: Option<(std::sync::mpsc::Receiver<String>, containers::Sources)>,
@@ -207,6 +210,7 @@ fn wire(config: &Config, proc: ProcRoot, sensor: Sensor) -> (Parts, Inputs) {
         mmap_hook,
         mmap_records,
         hook_program,
+        http,
         ..
     } = sensor;
     let sources = container_sources(config);
@@ -249,9 +253,11 @@ fn wire(config: &Config, proc: ProcRoot, sensor: Sensor) -> (Parts, Inputs) {
         gpu_info: Arc::default(),
         servers: Arc::default(),
         nvml: Arc::default(),
+        requests: Arc::new(requests::Requests::new(config.requests, http.conns)),
     };
     let inputs = Inputs {
         ring: events,
+        http_ring: http.events,
         mmap_records,
         attach_jobs,
         container_jobs: container_jobs.map(|jobs| (jobs, sources)),
@@ -356,9 +362,15 @@ fn spawn_producers(config: &Config, p: &Parts, inputs: Inputs) -> std::io::Resul
                 p.processes.clone(),
                 p.servers.clone(),
                 config.sd_advertise_host.clone(),
+                (config.requests != RequestsMode::Off).then(|| (p.requests.clone(), cuda.clone())),
             )?,
         ),
     ];
+    if config.requests != RequestsMode::Off {
+        let thread =
+            requests::spawn_reader(p.requests.clone(), inputs.http_ring, life.clone(), health)?;
+        threads.push(("requests", thread));
+    }
     if let Some((jobs, sources)) = inputs.container_jobs {
         let thread = containers::spawn(
             table.containers.clone(),
@@ -403,6 +415,10 @@ fn collectors(config: &Config, p: &Parts) -> Vec<Box<dyn Collector>> {
             p.hook_program.clone(),
         )),
         Box::new(CudaCollector::new(p.cuda.clone(), p.processes.clone())),
+        Box::new(RequestCollector::new(
+            p.requests.clone(),
+            p.processes.clone(),
+        )),
         Box::new(ServersCollector::new(p.servers.clone())),
     ];
     if !config.no_nvml {

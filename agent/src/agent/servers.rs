@@ -7,17 +7,19 @@
 //! namespace (a pod, a container with its own network) at that namespace's own addresses,
 //! read from `/proc/<pid>/net`.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::health::Health;
+use super::requests::{Requests, Server};
 use super::table::Table;
+use super::CudaState;
 use crate::metrics::KindCount;
 use crate::servers::{
-    api, listening, local_addresses, probe, socket_inodes, Api, Outcome, ProbeKind,
+    api, listening, local_addresses, probe, socket_inodes, Answer, Api, Outcome, ProbeKind,
 };
 use crate::state::{Endpoint, Member, ProcessView, Published, ServersView};
 use crate::tracker::Tracked;
@@ -71,6 +73,7 @@ pub(super) fn spawn(
     processes: Arc<Published<ProcessView>>,
     servers: Arc<Published<ServersView>>,
     advertise: Option<String>,
+    requests: Option<(Arc<Requests>, Arc<CudaState>)>,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     // A pass stops probing after PASS_BUDGET, and one probe takes at most 2.5 s.
     let heartbeat = health.register("servers", Some(Duration::from_secs(300)));
@@ -81,6 +84,12 @@ pub(super) fn spawn(
             while !table.stopping() {
                 heartbeat.beat();
                 discovery.pass(&table);
+                if let Some((requests, cuda)) = &requests {
+                    let known: HashSet<u32> = table.tracker().all().iter().map(|t| t.pid).collect();
+                    requests.sync(cuda, table.proc.path(), &discovery.found(), |pid| {
+                        known.contains(&pid)
+                    });
+                }
                 table.sleep(INTERVAL);
             }
         })
@@ -159,6 +168,28 @@ impl Discovery {
                 })
                 .collect(),
         });
+    }
+
+    /// The servers found listening on the last pass, for request telemetry.
+    pub(super) fn found(&self) -> Vec<Server> {
+        self.known
+            .iter()
+            .map(|(&(pid, start), p)| {
+                let mut ports: Vec<u16> = p.addrs.iter().map(SocketAddr::port).collect();
+                ports.sort_unstable();
+                ports.dedup();
+                Server {
+                    pid,
+                    start_ticks: start.unwrap_or(0),
+                    ports,
+                    own_metrics: p
+                        .endpoints
+                        .iter()
+                        .any(|e| matches!(e.answer, Answer::Metrics)),
+                    sockets: p.inodes.iter().copied().collect(),
+                }
+            })
+            .collect()
     }
 
     /// What server `t` serves now: what was found before while nothing changed, else a

@@ -83,6 +83,7 @@ static LAUNCH_PERIOD: Family = Family::gauge(
 );
 static LAUNCH_CYCLE_CPU: Family = Family::gauge("llmscope_cuda_launch_probe_cycle_cpu_seconds", "CPU time one attach and detach of the launch probes cost the agent (median of the last cycles); charged to --cuda-overhead-budget.");
 static LAUNCH_CYCLE_WALL: Family = Family::gauge("llmscope_cuda_launch_probe_cycle_wall_seconds", "Wall time one attach and detach of the launch probes took (median of the last cycles; detaches wait for RCU grace periods).");
+static LAUNCH_HIT_COST: Family = Family::gauge("llmscope_cuda_launch_probe_hit_seconds", "What one launch-probe hit costs a probed thread on this host, measured at start-up (the launch estimates give it back); only while launches are sampled.");
 static LAUNCH_CYCLE_STALL: Family = Family::gauge("llmscope_cuda_launch_probe_cycle_stall_seconds", "Stall one detach of the launch probes costs the busiest probed process: an RCU grace period per launch function it called (median of the last cycles); charged to --cuda-overhead-budget.");
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -127,6 +128,8 @@ pub struct CudaReading {
     pub duty: f64,
     pub period: Duration,
     pub cycle: CycleCost,
+    /// What one launch-probe hit costs here, when launches are sampled.
+    pub hit_cost: Option<Duration>,
     pub attacher: AttacherStats,
     pub detach_backlog: u64,
     pub attach_requests_dropped: u64,
@@ -331,6 +334,9 @@ impl Collector for CudaCollector {
         out.set(&LAUNCH_CYCLE_CPU, reading.cycle.cpu.as_secs_f64());
         out.set(&LAUNCH_CYCLE_WALL, reading.cycle.wall.as_secs_f64());
         out.set(&LAUNCH_CYCLE_STALL, reading.cycle.stall.as_secs_f64());
+        if let Some(cost) = reading.hit_cost {
+            out.set(&LAUNCH_HIT_COST, cost.as_secs_f64());
+        }
         Ok(())
     }
 }

@@ -9,6 +9,8 @@ pub mod gpuinfo;
 pub mod kernel;
 pub mod nvml;
 pub mod process;
+#[cfg(all(target_os = "linux", feature = "ebpf"))]
+pub mod requests;
 pub mod servers;
 
 #[cfg(all(test, target_os = "linux", feature = "ebpf"))]

@@ -187,6 +187,56 @@ fn gpu_info(view: &ProcessView) -> GpuInfoView {
     }
 }
 
+struct FixedRequests;
+
+impl super::requests::RequestSource for FixedRequests {
+    fn read(&self, f: &mut dyn FnMut(super::requests::RequestReading<'_>)) {
+        use crate::requests::exchange::{Completed, TokenSource};
+        let mut metrics = crate::requests::RequestMetrics::default();
+        let exchange = |model: Option<&str>, status, streamed, tokens| Completed {
+            route: "/v1/chat/completions",
+            model: model.map(str::to_owned),
+            status,
+            streamed,
+            duration_ns: 1_200_000_000,
+            first_byte_ns: Some(200_000_000),
+            input_tokens: Some(12),
+            output_tokens: tokens,
+        };
+        metrics.add(
+            11,
+            &exchange(
+                Some("tiny-llama"),
+                200,
+                true,
+                Some((11, TokenSource::Server)),
+            ),
+        );
+        metrics.add(
+            11,
+            &exchange(None, 200, true, Some((5, TokenSource::Chunks))),
+        );
+        metrics.add(11, &exchange(Some("other-model"), 503, false, None));
+        // A process the view does not hold: not exported.
+        metrics.add(99, &exchange(Some("gone"), 200, false, None));
+        let mut stats = crate::requests::Stats {
+            other_exchanges: 4,
+            overflow: 1,
+            ..Default::default()
+        };
+        stats.given_up.insert("tls", 2);
+        f(super::requests::RequestReading {
+            metrics: &metrics,
+            stats: &stats,
+            in_flight: &HashMap::from([(11, 1)]),
+        });
+    }
+
+    fn probes(&self) -> (usize, Vec<(&'static str, u64)>) {
+        (1, vec![("go", 1)])
+    }
+}
+
 struct FixedCuda;
 
 impl CudaSource for FixedCuda {
@@ -232,6 +282,7 @@ impl CudaSource for FixedCuda {
                 wall: Duration::from_millis(40),
                 stall: Duration::from_millis(12),
             },
+            hit_cost: Some(Duration::from_nanos(700)),
             attacher: {
                 let mut a = crate::cuda::attach::AttacherStats::default();
                 a.probes = 31;
@@ -299,6 +350,10 @@ fn render_fixed() -> String {
         Box::new(ProcessCollector::new(view.clone())),
         Box::new(ServersCollector::new(Arc::new(Published::new(servers)))),
         Box::new(CudaCollector::new(Arc::new(FixedCuda), view.clone())),
+        Box::new(super::requests::RequestCollector::new(
+            Arc::new(FixedRequests),
+            view.clone(),
+        )),
         Box::new(NvmlCollector::new(
             nvml.clone(),
             view.clone(),

@@ -114,6 +114,11 @@ pub struct Attacher {
 
 impl Attacher {
     /// Takes the loaded object; `cuda_entry` and `cuda_return` must be loaded already.
+    /// The loaded programs, for the other probes that share the object (request telemetry).
+    pub fn programs(&mut self) -> &mut Ebpf {
+        &mut self.ebpf
+    }
+
     pub fn new(ebpf: Ebpf, launches_attached: bool, max_libraries: usize) -> Self {
         Attacher {
             ebpf,

@@ -20,6 +20,15 @@
 //!   and charges it once per launch function the busiest process called in the window;
 //!   attaching stalls nobody (the breakpoint goes in after the grace period).
 //!
+//! The probes also slow what they count: a launch-bound thread loses one hit's cost per launch
+//! while they are attached, so a window sees fewer launches per second than the process makes
+//! outside it (~5 % fewer for a loop that launches every 20 µs on the development VM). The
+//! rest of the period is extrapolated from the window's rate with that time given back: the
+//! window's launches × hit cost ([`super::calibrate`] measures it at start-up). This assumes
+//! the launching thread was busy throughout, as in eager-mode inference; a thread that waits
+//! for the GPU absorbs the hits instead, and is then over-counted by at most that share
+//! (launches per second × hit cost, ~3 % at 100,000 launches/s on bare metal).
+//!
 //! Both are charged to the budget as cost / period, from the median of the last few cycles
 //! (one slow cycle must not swing the period); when that alone would take more than half the
 //! budget, the period is lengthened. (Detaching also waits for RCU tasks-trace grace periods,
@@ -29,11 +38,11 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::Duration;
 
-/// What one launch-probe hit costs the probed thread: the trap (~0.68 µs on the development
-/// VM, ~0.3 µs on bare metal, docs/design.md) plus the program (~0.09 µs), as `cargo xtask
-/// bench uprobe` measured it. Used to turn a launch rate into an overhead; on faster hosts
-/// it errs on the side of less probing.
-pub const TRAP_COST: Duration = Duration::from_nanos(800);
+/// What one launch-probe hit costs the probed thread until (or where) it is measured
+/// ([`super::calibrate`]): the trap (~0.68 µs on the development VM, ~0.3 µs on bare metal,
+/// docs/design.md) plus the program (~0.09 µs), as `cargo xtask bench uprobe` measured it.
+/// On faster hosts it errs on the side of less probing.
+pub const DEFAULT_HIT_COST: Duration = Duration::from_nanos(800);
 /// The shortest window: below it attach/detach latency dominates.
 pub const MIN_DUTY: f64 = 0.01;
 
@@ -81,11 +90,12 @@ pub fn period(configured: Duration, budget_percent: f64, cycle_cost: Duration) -
 }
 
 /// The fraction of the next period to keep the launch probes attached, given the current
-/// one, the highest per-process launch rate seen in its window (launches per second), and
-/// what one attach/detach cycle costs ([`CycleCost::charged`]) over `period`.
+/// one, the highest per-process launch rate seen in its window (launches per second), what
+/// one hit costs, and what one attach/detach cycle costs ([`CycleCost::charged`]) over
+/// `period`.
 ///
 /// Always attached (1.0) costs no cycle; below it, the budget pays the cycle first:
-/// cycle / period + duty × rate × trap ≤ budget. The duty falls at once to what the budget
+/// cycle / period + duty × rate × hit ≤ budget. The duty falls at once to what the budget
 /// allows, but rises at most 2× per period: a process that is idle (or launches rarely) and
 /// then starts launching 100,000 kernels a second must not find the probes attached for a
 /// whole period.
@@ -93,11 +103,12 @@ pub fn next_duty(
     current: f64,
     budget_percent: f64,
     max_rate: f64,
+    hit_cost: Duration,
     cycle_cost: Duration,
     period: Duration,
 ) -> f64 {
     let budget = budget_percent / 100.0;
-    let overhead_if_always_on = max_rate * TRAP_COST.as_secs_f64();
+    let overhead_if_always_on = max_rate * hit_cost.as_secs_f64();
     let allowed = if overhead_if_always_on <= budget {
         1.0
     } else {
@@ -184,6 +195,8 @@ pub struct LaunchEstimates {
     pub period: Duration,
     /// What one attach + detach of the launch probes costs (the median of the last cycles).
     pub cycle: CycleCost,
+    /// What one probe hit costs a probed thread, once measured ([`super::calibrate`]).
+    pub measured_hit_cost: Option<Duration>,
     totals: HashMap<ProcessFunction, f64>,
 }
 
@@ -199,11 +212,14 @@ impl LaunchEstimates {
             duty,
             period: Duration::ZERO,
             cycle: CycleCost::default(),
+            measured_hit_cost: None,
             totals: HashMap::new(),
         }
     }
 
-    /// Adds one window: `seen` launches per key during `window`, standing for `period`.
+    /// Adds one window: `seen` launches per key during `window`, standing for `period`: the
+    /// window's own launches, plus the rest of the period at the rate the process had without
+    /// the probes (the window less the hits' cost; see the module's documentation).
     pub fn add_window(
         &mut self,
         seen: &HashMap<ProcessFunction, u64>,
@@ -211,13 +227,20 @@ impl LaunchEstimates {
         period: Duration,
     ) -> WindowSummary {
         let window_s = window.as_secs_f64().max(1e-6);
-        let scale = (period.as_secs_f64() / window_s).max(1.0);
+        let rest_s = (period.as_secs_f64() - window_s).max(0.0);
         let mut per_process: HashMap<(u32, u32), (u64, HashSet<u8>)> = HashMap::new();
         for (&(tgid, generation, function), &count) in seen.iter().filter(|(_, &c)| c > 0) {
-            *self.totals.entry((tgid, generation, function)).or_default() += count as f64 * scale;
             let (calls, functions) = per_process.entry((tgid, generation)).or_default();
             *calls += count;
             functions.insert(function);
+        }
+        let hit_s = self.hit_cost().as_secs_f64();
+        for (&(tgid, generation, function), &count) in seen.iter().filter(|(_, &c)| c > 0) {
+            let calls = per_process[&(tgid, generation)].0 as f64;
+            // At most half the window given back: beyond that the hit cost is not this host's.
+            let unprobed_s = window_s - (calls * hit_s).min(window_s / 2.0);
+            *self.totals.entry((tgid, generation, function)).or_default() +=
+                count as f64 * (1.0 + rest_s / unprobed_s);
         }
         per_process
             .values()
@@ -227,6 +250,11 @@ impl LaunchEstimates {
                     hot_functions: s.hot_functions.max(functions.len()),
                 }
             })
+    }
+
+    /// What one probe hit costs: as measured, or [`DEFAULT_HIT_COST`] until then.
+    pub fn hit_cost(&self) -> Duration {
+        self.measured_hit_cost.unwrap_or(DEFAULT_HIT_COST)
     }
 
     pub fn total(&self, key: ProcessFunction) -> Option<f64> {
@@ -244,6 +272,8 @@ impl LaunchEstimates {
 mod tests {
     use super::*;
 
+    const HIT: Duration = Duration::from_nanos(800);
+
     #[test]
     fn modes_from_the_budget() {
         assert_eq!(mode(0.0), LaunchMode::Off);
@@ -256,18 +286,21 @@ mod tests {
         let second = Duration::from_secs(1);
         let free = Duration::ZERO;
         // 100,000 launches/s × 0.8 µs = 8 % of a core if always attached; 0.5 % allows 1/16.
-        let duty = next_duty(1.0, 0.5, 100_000.0, free, second);
+        let duty = next_duty(1.0, 0.5, 100_000.0, HIT, free, second);
         assert!((duty - 0.5 / 8.0).abs() < 1e-9, "{duty}");
-        assert!(100_000.0 * TRAP_COST.as_secs_f64() * duty <= 0.005 + 1e-12);
+        assert!(100_000.0 * HIT.as_secs_f64() * duty <= 0.005 + 1e-12);
         assert_eq!(
-            next_duty(1.0, 0.5, 1_000.0, free, second),
+            next_duty(1.0, 0.5, 1_000.0, HIT, free, second),
             1.0,
             "1,000/s costs 0.08 %: always attached"
         );
-        assert_eq!(next_duty(1.0, 0.5, 1e9, free, second), MIN_DUTY);
+        assert_eq!(next_duty(1.0, 0.5, 1e9, HIT, free, second), MIN_DUTY);
         // Idle: it rises, but only 2× per period, so a burst never meets a fully attached period.
-        assert_eq!(next_duty(MIN_DUTY, 0.5, 0.0, free, second), 2.0 * MIN_DUTY);
-        assert_eq!(next_duty(0.6, 0.5, 0.0, free, second), 1.0);
+        assert_eq!(
+            next_duty(MIN_DUTY, 0.5, 0.0, HIT, free, second),
+            2.0 * MIN_DUTY
+        );
+        assert_eq!(next_duty(0.6, 0.5, 0.0, HIT, free, second), 1.0);
     }
 
     #[test]
@@ -275,16 +308,16 @@ mod tests {
         let second = Duration::from_secs(1);
         // A 2 ms cycle per 1 s period takes 0.2 % of the 0.5 %: 0.3 % is left for traps.
         let cycle = Duration::from_millis(2);
-        let duty = next_duty(1.0, 0.5, 100_000.0, cycle, second);
+        let duty = next_duty(1.0, 0.5, 100_000.0, HIT, cycle, second);
         assert!((duty - 0.3 / 8.0).abs() < 1e-9, "{duty}");
-        let overhead = cycle.as_secs_f64() / 1.0 + 100_000.0 * TRAP_COST.as_secs_f64() * duty;
+        let overhead = cycle.as_secs_f64() / 1.0 + 100_000.0 * HIT.as_secs_f64() * duty;
         assert!(overhead <= 0.005 + 1e-12, "{overhead}");
         // A 40 ms cycle would take 4 % of a 1 s period: the period grows to 16 s (half the
         // budget for the cycle), and the duty then fits the other half.
         let slow = Duration::from_millis(40);
         let p = period(second, 0.5, slow);
         assert_eq!(p, Duration::from_secs(16));
-        let duty = next_duty(1.0, 0.5, 100_000.0, slow, p);
+        let duty = next_duty(1.0, 0.5, 100_000.0, HIT, slow, p);
         let overhead = slow.as_secs_f64() / p.as_secs_f64() + 100_000.0 * 8e-7 * duty;
         assert!((overhead - 0.005).abs() < 1e-9, "{overhead}");
         assert_eq!(period(second, 0.5, Duration::from_micros(100)), second);
@@ -292,7 +325,9 @@ mod tests {
 
     #[test]
     fn windows_are_extrapolated_to_the_period() {
+        // A free hit: the window's rate is the process's.
         let mut e = LaunchEstimates::new(LaunchMode::Sampled);
+        e.measured_hit_cost = Some(Duration::ZERO);
         let seen = HashMap::from([((7, 3, 1), 1_000u64), ((7, 3, 2), 500), ((8, 5, 1), 10)]);
         let period = Duration::from_secs(1);
         let summary = e.add_window(&seen, Duration::from_millis(100), period);
@@ -313,6 +348,29 @@ mod tests {
             (e.total((7, 3, 1)), e.total((8, 5, 1))),
             (None, Some(110.0))
         );
+    }
+
+    #[test]
+    fn the_rest_of_the_period_runs_at_the_unprobed_rate() {
+        // A thread that launches every 19 µs, slowed to every 20 µs by a 1 µs hit: the window
+        // (0.1 s) sees 5,000 launches; the other 0.9 s it made 0.9 / 19 µs of them.
+        let mut e = LaunchEstimates::new(LaunchMode::Sampled);
+        e.measured_hit_cost = Some(Duration::from_micros(1));
+        let seen = HashMap::from([((7, 3, 1), 4_000u64), ((7, 3, 2), 1_000)]);
+        e.add_window(&seen, Duration::from_millis(100), Duration::from_secs(1));
+        let truth = 5_000.0 + 0.9 / 19e-6;
+        let counted = e.total((7, 3, 1)).unwrap() + e.total((7, 3, 2)).unwrap();
+        assert!((counted / truth - 1.0).abs() < 1e-9, "{counted} vs {truth}");
+        assert!(
+            (e.total((7, 3, 1)).unwrap() / e.total((7, 3, 2)).unwrap() - 4.0).abs() < 1e-9,
+            "each function keeps its share"
+        );
+        // A hit cost that would give back more than half the window is not believed.
+        let mut e = LaunchEstimates::new(LaunchMode::Sampled);
+        e.measured_hit_cost = Some(Duration::from_millis(1));
+        e.add_window(&seen, Duration::from_millis(100), Duration::from_secs(1));
+        let counted = e.total((7, 3, 1)).unwrap() + e.total((7, 3, 2)).unwrap();
+        assert!((counted - 5_000.0 * 19.0).abs() < 1e-6, "{counted}");
     }
 
     #[test]

@@ -56,14 +56,34 @@ pub(crate) fn resolve<R: std::io::Read + std::io::Seek>(
     file: R,
     api: u8,
 ) -> std::io::Result<Vec<(u8, u64)>> {
-    let cache = ReadCache::new(file);
-    let obj = object::File::parse(&cache).map_err(invalid)?;
     let wanted: HashMap<&str, u8> = FUNCTIONS
         .iter()
         .enumerate()
         .filter(|(_, f)| f.api == api)
         .map(|(id, f)| (f.name, id as u8))
         .collect();
+    find(file, &wanted)
+}
+
+/// The file offsets of the functions `names` (by their index there) that `file` defines.
+pub(crate) fn resolve_names<R: std::io::Read + std::io::Seek>(
+    file: R,
+    names: &[&str],
+) -> std::io::Result<Vec<(u8, u64)>> {
+    let wanted: HashMap<&str, u8> = names
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| (n, i as u8))
+        .collect();
+    find(file, &wanted)
+}
+
+fn find<R: std::io::Read + std::io::Seek>(
+    file: R,
+    wanted: &HashMap<&str, u8>,
+) -> std::io::Result<Vec<(u8, u64)>> {
+    let cache = ReadCache::new(file);
+    let obj = object::File::parse(&cache).map_err(invalid)?;
     let mut found: HashMap<u8, u64> = HashMap::new();
     // Dynamic symbols first (what a stripped library keeps), as aya does.
     for sym in obj.dynamic_symbols().chain(obj.symbols()) {

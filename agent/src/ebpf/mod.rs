@@ -9,6 +9,7 @@ pub mod perf_mmap;
 use std::path::Path;
 
 use agent_common::cuda::{AllocKey, CudaKey, CudaStat};
+use agent_common::http::ConnKey;
 use agent_common::{Lost, LOST_SLOTS};
 
 use crate::config::LibraryHook;
@@ -60,6 +61,14 @@ pub struct Sensor {
     pub hook_program: HookProgram,
     /// Whether ppid comes from the kernel (BTF offsets found) or must be read from /proc.
     pub kernel_ppid: bool,
+    /// Request telemetry's records and its table of followed connections.
+    pub http: HttpMaps,
+}
+
+/// The request probes' ring and connection table (see agent-ebpf/src/http.rs).
+pub struct HttpMaps {
+    pub events: RingBuf<MapData>,
+    pub conns: HashMap<MapData, ConnKey, u32>,
 }
 
 /// How the kernel reports libraries being mapped (`security_mmap_file`).
@@ -257,7 +266,7 @@ impl Sensor {
                 .attach(category, name)
                 .map_err(|e| SensorError::Program(name, e))?;
         }
-        for name in ["cuda_entry", "cuda_return"] {
+        for name in ["cuda_entry", "cuda_return", "http_entry", "http_return"] {
             let program: &mut UProbe = program(&mut ebpf, name)?;
             program.load().map_err(|e| SensorError::Program(name, e))?;
         }
@@ -279,7 +288,14 @@ impl Sensor {
             seen: HashMap::try_from(take(&mut ebpf, "CUDA_SEEN")?)
                 .map_err(|e| SensorError::Map("CUDA_SEEN", e.to_string()))?,
         };
+        let http = HttpMaps {
+            events: RingBuf::try_from(take(&mut ebpf, "HTTP_EVENTS")?)
+                .map_err(|e| SensorError::Map("HTTP_EVENTS", e.to_string()))?,
+            conns: HashMap::try_from(take(&mut ebpf, "HTTP_CONNS")?)
+                .map_err(|e| SensorError::Map("HTTP_CONNS", e.to_string()))?,
+        };
         Ok(Sensor {
+            http,
             programs: ebpf,
             events,
             lost: LostCounters(lost),

@@ -14,7 +14,7 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
-use super::{Families, Labels};
+use super::{Families, Labels, Value};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Format {
@@ -72,7 +72,7 @@ impl Collector for Families {
                 family.kind,
             )?;
             if let [(None, value)] = samples.as_slice() {
-                write(family.kind, *value, metric)?;
+                write(family.kind, value, metric)?;
                 continue;
             }
             for (labels, value) in samples {
@@ -82,7 +82,7 @@ impl Collector for Families {
                     family.name
                 );
                 if let Some(labels) = labels {
-                    write(family.kind, *value, metric.encode_family(&Dyn(labels))?)?;
+                    write(family.kind, value, metric.encode_family(&Dyn(labels))?)?;
                 }
             }
         }
@@ -90,10 +90,21 @@ impl Collector for Families {
     }
 }
 
-fn write(kind: MetricType, value: f64, sample: MetricEncoder) -> Result<(), std::fmt::Error> {
-    match kind {
-        MetricType::Counter => ConstCounter::new(value).encode(sample),
-        _ => ConstGauge::new(value).encode(sample),
+fn write(
+    kind: MetricType,
+    value: &Value,
+    mut sample: MetricEncoder,
+) -> Result<(), std::fmt::Error> {
+    match (kind, value) {
+        (_, Value::Histogram(h)) => sample
+            .encode_histogram::<prometheus_client::encoding::NoLabelSet>(
+                h.sum(),
+                h.count(),
+                &h.buckets(),
+                None,
+            ),
+        (MetricType::Counter, Value::Number(v)) => ConstCounter::new(*v).encode(sample),
+        (_, Value::Number(v)) => ConstGauge::new(*v).encode(sample),
     }
 }
 
@@ -170,6 +181,32 @@ mod tests {
         assert!(om.ends_with("# EOF\n"));
         assert!(om.contains("# UNIT llmscope_took_seconds seconds"));
         assert!(om.contains("# TYPE llmscope_counted counter"));
+    }
+
+    static WAITED: Family = Family::histogram_seconds("llmscope_waited", "A histogram.");
+
+    #[test]
+    fn histograms_in_both_formats() {
+        let mut f = Families::default();
+        let mut h = crate::metrics::Histogram::new(&[0.1, 1.0]);
+        for v in [0.05, 0.1, 0.5, 7.0] {
+            h.observe(v);
+        }
+        f.add_histogram(&WAITED, [("route", "/v1/completions")], h);
+        let text = render(f, Format::Text);
+        for expected in [
+            "# TYPE llmscope_waited_seconds histogram",
+            r#"llmscope_waited_seconds_bucket{le="0.1",route="/v1/completions"} 2"#,
+            r#"llmscope_waited_seconds_bucket{le="1.0",route="/v1/completions"} 3"#,
+            r#"llmscope_waited_seconds_bucket{le="+Inf",route="/v1/completions"} 4"#,
+            r#"llmscope_waited_seconds_count{route="/v1/completions"} 4"#,
+            r#"llmscope_waited_seconds_sum{route="/v1/completions"} 7.65"#,
+        ] {
+            assert!(
+                text.lines().any(|l| l == expected),
+                "missing {expected:?} in\n{text}"
+            );
+        }
     }
 
     #[test]

@@ -158,6 +158,16 @@ impl Family {
         }
     }
 
+    /// A histogram of seconds (named without the suffix, which the encoder adds).
+    pub const fn histogram_seconds(name: &'static str, help: &'static str) -> Family {
+        Family {
+            name,
+            help,
+            kind: MetricType::Histogram,
+            unit: Some(Unit::Seconds),
+        }
+    }
+
     /// A gauge with the unit `seconds` (named without the suffix, which the encoder adds).
     pub const fn seconds(name: &'static str, help: &'static str) -> Family {
         Family {
@@ -173,7 +183,66 @@ impl Family {
 pub(crate) type Labels = Box<dyn EncodeLabelSet + Send + Sync>;
 
 /// One sample: its labels (none in an unlabelled family's one sample) and value.
-pub(crate) type Sample = (Option<Labels>, f64);
+pub(crate) type Sample = (Option<Labels>, Value);
+
+/// A sample's value.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Value {
+    Number(f64),
+    Histogram(Histogram),
+}
+
+/// Observations counted into fixed buckets (upper bounds, ascending; +Inf is implied).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Histogram {
+    bounds: &'static [f64],
+    /// Per bucket (not cumulative), the last one for +Inf.
+    counts: Vec<u64>,
+    sum: f64,
+}
+
+impl Histogram {
+    pub fn new(bounds: &'static [f64]) -> Self {
+        Histogram {
+            bounds,
+            counts: vec![0; bounds.len() + 1],
+            sum: 0.0,
+        }
+    }
+
+    pub fn observe(&mut self, value: f64) {
+        let bucket = self.bounds.partition_point(|&b| b < value);
+        self.counts[bucket] += 1;
+        self.sum += value;
+    }
+
+    pub fn count(&self) -> u64 {
+        self.counts.iter().sum()
+    }
+
+    /// Adds another histogram's observations (of the same buckets) to this one's.
+    pub fn merge(&mut self, other: &Histogram) {
+        debug_assert_eq!(self.bounds, other.bounds);
+        for (mine, theirs) in self.counts.iter_mut().zip(&other.counts) {
+            *mine += theirs;
+        }
+        self.sum += other.sum;
+    }
+
+    pub fn sum(&self) -> f64 {
+        self.sum
+    }
+
+    /// (upper bound, count in that bucket alone), +Inf last, as the encoder takes them.
+    pub(crate) fn buckets(&self) -> Vec<(f64, u64)> {
+        self.bounds
+            .iter()
+            .copied()
+            .chain([f64::INFINITY])
+            .zip(self.counts.iter().copied())
+            .collect()
+    }
+}
 
 /// The samples of one scrape, by family, in the order families were first added. A family
 /// no collector added a sample to is left out of the exposition.
@@ -202,7 +271,17 @@ impl Families {
     where
         L: EncodeLabelSet + Send + Sync + 'static,
     {
-        self.samples(family).push((Some(Box::new(labels)), value));
+        self.samples(family)
+            .push((Some(Box::new(labels)), Value::Number(value)));
+    }
+
+    /// One labelled histogram.
+    pub fn add_histogram<L>(&mut self, family: &'static Family, labels: L, histogram: Histogram)
+    where
+        L: EncodeLabelSet + Send + Sync + 'static,
+    {
+        self.samples(family)
+            .push((Some(Box::new(labels)), Value::Histogram(histogram)));
     }
 
     /// Labelled samples; nothing (and no family) when there are none.
@@ -220,7 +299,7 @@ impl Families {
 
     /// The one sample of an unlabelled family.
     pub fn set(&mut self, family: &'static Family, value: f64) {
-        self.samples(family).push((None, value));
+        self.samples(family).push((None, Value::Number(value)));
     }
 
     /// Counts by one label (`kind`, `reason`, …): every count, 0 included.

@@ -15,7 +15,7 @@ pub use addresses::local_addresses;
 pub use ollama::LoadedModel;
 pub use probe::{probe, Answer, Outcome, ProbeKind};
 #[cfg(target_os = "linux")]
-pub use sockets::{listening, parse_tcp_table, socket_inodes};
+pub use sockets::{accepted_fds, listening, parse_tcp_table, socket_inodes};
 
 use crate::identity::Framework;
 

@@ -45,12 +45,7 @@ pub fn listening(proc: &Path, pid: u32, inodes: &BTreeSet<u64>) -> Vec<SocketAdd
     let base = proc.join(pid.to_string());
     let mut found: Vec<SocketAddr> = ["net/tcp", "net/tcp6"]
         .iter()
-        .filter_map(|t| {
-            let mut table = Vec::new();
-            let file = std::fs::File::open(base.join(t)).ok()?;
-            file.take(MAX_TABLE_BYTES).read_to_end(&mut table).ok()?;
-            Some(table)
-        })
+        .filter_map(|t| read_table(&base.join(t)))
         .flat_map(|table| parse_tcp_table(&table))
         .filter(|(_, inode)| inodes.contains(inode))
         .map(|(addr, _)| addr)
@@ -60,10 +55,49 @@ pub fn listening(proc: &Path, pid: u32, inodes: &BTreeSet<u64>) -> Vec<SocketAdd
     found
 }
 
+/// The fds of process `pid`'s established TCP connections whose local port is one of
+/// `ports` (the connections its listeners accepted), read from its namespace's tables.
+pub fn accepted_fds(proc: &Path, pid: u32, ports: &[u16]) -> Vec<u32> {
+    let base = proc.join(pid.to_string());
+    let inodes: BTreeSet<u64> = ["net/tcp", "net/tcp6"]
+        .iter()
+        .filter_map(|t| read_table(&base.join(t)))
+        .flat_map(|table| rows_in_state(&table, TcpState::Established))
+        .filter(|(addr, _)| ports.contains(&addr.port()))
+        .map(|(_, inode)| inode)
+        .collect();
+    if inodes.is_empty() {
+        return Vec::new();
+    }
+    let Ok(process) = Process::new_with_root(base) else {
+        return Vec::new();
+    };
+    let Ok(fds) = process.fd() else {
+        return Vec::new();
+    };
+    fds.flatten()
+        .take(MAX_SOCKETS)
+        .filter(|fd| matches!(fd.target, FDTarget::Socket(inode) if inodes.contains(&inode)))
+        .filter_map(|fd| u32::try_from(fd.fd).ok())
+        .collect()
+}
+
+fn read_table(path: &Path) -> Option<Vec<u8>> {
+    let mut table = Vec::new();
+    let file = std::fs::File::open(path).ok()?;
+    file.take(MAX_TABLE_BYTES).read_to_end(&mut table).ok()?;
+    Some(table)
+}
+
 /// The listening rows of a `/proc/net/tcp` or `tcp6` table, as procfs reads it (the
 /// addresses in this host's byte order): (local address, socket inode). A table cut at the
 /// read limit is read up to its last whole line; one procfs refuses gives no rows.
 pub fn parse_tcp_table(table: &[u8]) -> Vec<(SocketAddr, u64)> {
+    rows_in_state(table, TcpState::Listen)
+}
+
+/// The rows of a tcp table in `state`: (local address, socket inode).
+fn rows_in_state(table: &[u8], state: TcpState) -> Vec<(SocketAddr, u64)> {
     let whole = table.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
     let Ok(TcpNetEntries(rows)) =
         TcpNetEntries::from_buf_read(&table[..whole], procfs::current_system_info())
@@ -72,7 +106,7 @@ pub fn parse_tcp_table(table: &[u8]) -> Vec<(SocketAddr, u64)> {
     };
     rows.into_iter()
         .take(MAX_ROWS)
-        .filter(|row| row.state == TcpState::Listen)
+        .filter(|row| row.state == state)
         .map(|row| (row.local_address, row.inode))
         .collect()
 }

@@ -159,15 +159,18 @@ impl Demo {
                 .spawn()
                 .unwrap(),
         );
-        // An Ollama server: llmscope reads its /api/ps.
+        // An Ollama server: llmscope reads its /api/ps, and follows its requests (it exports
+        // no metrics of its own).
+        let ollama_port = free_port();
         let ollama = Killed(
             Command::new(root().join("agent/tests/fixtures/ollama/ollama"))
                 .arg("serve")
-                .env("OLLAMA_HOST", format!("127.0.0.1:{}", free_port()))
+                .env("OLLAMA_HOST", format!("127.0.0.1:{ollama_port}"))
                 .env("OLLAMA_TEST_MODELS", "llama3.2:1b:2019393189:2019393189")
                 .spawn()
                 .unwrap(),
         );
+        keep_asking(ollama_port);
         let rules = root().join("deploy/prometheus/rules");
         let config = format!(
             "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n  - {}\n  - {}\nscrape_configs:\n  - job_name: llmscope\n    static_configs:\n      - targets: [\"{}\"]\n  - job_name: inference\n    static_configs:\n      - targets: [\"127.0.0.1:{server_port}\"]\n{extra}",
@@ -205,6 +208,33 @@ impl Demo {
     pub fn query(&self, expr: &str) -> Option<serde_json::Value> {
         self.prometheus.query(expr)
     }
+}
+
+/// Asks the Ollama stand-in for a short streamed generation every 200 ms, until it is gone.
+fn keep_asking(port: u16) {
+    let mut answered = std::time::Instant::now();
+    std::thread::spawn(move || loop {
+        // Not up yet, or gone: try again, and stop once it has not answered for 10 s.
+        let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+            if answered.elapsed() > Duration::from_secs(10) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+            continue;
+        };
+        answered = std::time::Instant::now();
+        let body = r#"{"model": "llama3.2:1b", "prompt": "hi", "options": {"num_predict": 3}}"#;
+        let sent = write!(
+            s,
+            "POST /api/generate HTTP/1.1\r\nHost: ollama\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        let mut out = Vec::new();
+        if sent.is_err() || s.read_to_end(&mut out).is_err() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    });
 }
 
 impl Drop for Demo {
