@@ -33,9 +33,10 @@ enum Task {
     },
     /// Benchmarks (needs root): `exec` (syscall tax, exec-storm overhead, exec → visible),
     /// `libraries` (library mapped → probed / classified), `uprobe` (CUDA probe cost per
-    /// call, launch-bound throughput); all when none is named.
+    /// call, launch-bound throughput), `requests` (request telemetry's cost to a real
+    /// llama-server and to other processes); all when none is named.
     Bench {
-        #[arg(value_parser = ["exec", "libraries", "uprobe"])]
+        #[arg(value_parser = ["exec", "libraries", "uprobe", "requests"])]
         name: Option<String>,
     },
     /// A whole llmscope environment without a GPU (agent, CUDA and NVML test doubles,
@@ -281,11 +282,20 @@ fn bench(name: Option<String>) -> Result<()> {
             "exec".to_owned(),
             "libraries".to_owned(),
             "uprobe".to_owned(),
+            "requests".to_owned(),
         ],
         |n| vec![n],
     );
+    // The requests bench runs the real llama.cpp server the tests build.
+    let (llama_server, llama_model) = llama::fixture()?;
     for name in &names {
-        setup::cargo(&["bench", "--package", "llmscope-agent", "--bench", name])?;
+        setup::cargo_with_env(
+            &["bench", "--package", "llmscope-agent", "--bench", name],
+            &[
+                ("LLMSCOPE_LLAMA_SERVER", llama_server.as_os_str()),
+                ("LLMSCOPE_LLAMA_MODEL", llama_model.as_os_str()),
+            ],
+        )?;
     }
     Ok(())
 }
