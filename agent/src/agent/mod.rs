@@ -189,7 +189,7 @@ struct Parts {
 /// What the threads consume once: the kernel's queues and the job queues.
 struct Inputs {
     ring: RingBuf<MapData>,
-    http_ring: RingBuf<MapData>,
+    http_ring: Option<RingBuf<MapData>>,
     mmap_records: Option<crate::ebpf::perf_mmap::MmapRecords>,
     attach_jobs: std::sync::mpsc::Receiver<libraries::AttachJob>,
     container_jobs: Option<(std::sync::mpsc::Receiver<String>, containers::Sources)>,
@@ -213,6 +213,10 @@ fn wire(config: &Config, proc: ProcRoot, sensor: Sensor) -> (Parts, Inputs) {
         http,
         ..
     } = sensor;
+    let (http_ring, http_conns) = match http {
+        Some(h) => (Some(h.events), Some(h.conns)),
+        None => (None, None),
+    };
     let sources = container_sources(config);
     let (containers, container_jobs) = containers::Containers::new(sources.any());
     let launch_mode = crate::cuda::launches::mode(config.cuda_overhead_budget);
@@ -253,11 +257,11 @@ fn wire(config: &Config, proc: ProcRoot, sensor: Sensor) -> (Parts, Inputs) {
         gpu_info: Arc::default(),
         servers: Arc::default(),
         nvml: Arc::default(),
-        requests: Arc::new(requests::Requests::new(config.requests, http.conns)),
+        requests: Arc::new(requests::Requests::new(config.requests, http_conns)),
     };
     let inputs = Inputs {
         ring: events,
-        http_ring: http.events,
+        http_ring,
         mmap_records,
         attach_jobs,
         container_jobs: container_jobs.map(|jobs| (jobs, sources)),
@@ -362,13 +366,15 @@ fn spawn_producers(config: &Config, p: &Parts, inputs: Inputs) -> std::io::Resul
                 p.processes.clone(),
                 p.servers.clone(),
                 config.sd_advertise_host.clone(),
-                (config.requests != RequestsMode::Off).then(|| (p.requests.clone(), cuda.clone())),
+                (p.requests.mode() != RequestsMode::Off)
+                    .then(|| (p.requests.clone(), cuda.clone())),
             )?,
         ),
     ];
-    if config.requests != RequestsMode::Off {
-        let thread =
-            requests::spawn_reader(p.requests.clone(), inputs.http_ring, life.clone(), health)?;
+    if let (RequestsMode::Auto | RequestsMode::All, Some(ring)) =
+        (p.requests.mode(), inputs.http_ring)
+    {
+        let thread = requests::spawn_reader(p.requests.clone(), ring, life.clone(), health)?;
         threads.push(("requests", thread));
     }
     if let Some((jobs, sources)) = inputs.container_jobs {

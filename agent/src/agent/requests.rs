@@ -40,8 +40,8 @@ pub(super) struct Server {
 
 pub(super) struct Requests {
     mode: RequestsMode,
-    /// The kernel's table of followed connections.
-    conns: Mutex<BpfHashMap<MapData, ConnKey, u32>>,
+    /// The kernel's table of followed connections (None: the kernel refused the programs).
+    conns: Mutex<Option<BpfHashMap<MapData, ConnKey, u32>>>,
     /// Probed processes by pid.
     probed: Mutex<HashMap<u32, Probed>>,
     failed: Mutex<Failures>,
@@ -70,15 +70,27 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Requests {
-    pub(super) fn new(mode: RequestsMode, conns: BpfHashMap<MapData, ConnKey, u32>) -> Self {
+    /// Off whatever `mode` says when the kernel refused the programs (`conns` is None).
+    pub(super) fn new(
+        mode: RequestsMode,
+        conns: Option<BpfHashMap<MapData, ConnKey, u32>>,
+    ) -> Self {
         Requests {
-            mode,
+            mode: if conns.is_some() {
+                mode
+            } else {
+                RequestsMode::Off
+            },
             conns: Mutex::new(conns),
             probed: Mutex::default(),
             failed: Mutex::default(),
             connections: Mutex::default(),
             metrics: Mutex::default(),
         }
+    }
+
+    pub(super) fn mode(&self) -> RequestsMode {
+        self.mode
     }
 
     /// Probes the servers `--requests` asks for among `servers` (every live server found),
@@ -115,7 +127,9 @@ impl Requests {
             if let Some(p) = probed.remove(&pid) {
                 links.extend(probes::detach(cuda.attacher().programs(), p.probes));
             }
-            probes::forget_connections(&mut lock(&self.conns), pid);
+            if let Some(conns) = lock(&self.conns).as_mut() {
+                probes::forget_connections(conns, pid);
+            }
             lock(&self.connections).forget(pid);
         }
         let mut failed = lock(&self.failed);
@@ -129,7 +143,9 @@ impl Requests {
                 // here, at the next pass that sees its sockets change.
                 if *sockets != s.sockets {
                     sockets.clone_from(&s.sockets);
-                    probes::follow_open_connections(&mut lock(&self.conns), proc, s.pid, &s.ports);
+                    if let Some(conns) = lock(&self.conns).as_mut() {
+                        probes::follow_open_connections(conns, proc, s.pid, &s.ports);
+                    }
                 }
                 continue;
             }
@@ -139,12 +155,9 @@ impl Requests {
             let attached = probes::attach(cuda.attacher().programs(), proc, s.pid);
             match attached {
                 Ok(p) => {
-                    let open = probes::follow_open_connections(
-                        &mut lock(&self.conns),
-                        proc,
-                        s.pid,
-                        &s.ports,
-                    );
+                    let open = lock(&self.conns).as_mut().map_or(0, |conns| {
+                        probes::follow_open_connections(conns, proc, s.pid, &s.ports)
+                    });
                     tracing::info!(
                         pid = s.pid,
                         probes = p.count(),

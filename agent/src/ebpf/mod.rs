@@ -61,8 +61,9 @@ pub struct Sensor {
     pub hook_program: HookProgram,
     /// Whether ppid comes from the kernel (BTF offsets found) or must be read from /proc.
     pub kernel_ppid: bool,
-    /// Request telemetry's records and its table of followed connections.
-    pub http: HttpMaps,
+    /// Request telemetry's records and its table of followed connections; None where the
+    /// kernel refused its programs (request telemetry is then off, said at start-up).
+    pub http: Option<HttpMaps>,
 }
 
 /// The request probes' ring and connection table (see agent-ebpf/src/http.rs).
@@ -266,10 +267,16 @@ impl Sensor {
                 .attach(category, name)
                 .map_err(|e| SensorError::Program(name, e))?;
         }
-        for name in ["cuda_entry", "cuda_return", "http_entry", "http_return"] {
+        for name in ["cuda_entry", "cuda_return"] {
             let program: &mut UProbe = program(&mut ebpf, name)?;
             program.load().map_err(|e| SensorError::Program(name, e))?;
         }
+        let http_loaded = ["http_entry", "http_return"]
+            .into_iter()
+            .try_for_each(|name| {
+                let program: &mut UProbe = program(&mut ebpf, name)?;
+                program.load().map_err(|e| SensorError::Program(name, e))
+            });
         let (mmap_hook, mmap_records) = library_hook(&mut ebpf, hook, file_known)?;
         let hook_program = HookProgram::of(&mut ebpf, mmap_hook);
         let events = RingBuf::try_from(take(&mut ebpf, "EVENTS")?)
@@ -288,11 +295,17 @@ impl Sensor {
             seen: HashMap::try_from(take(&mut ebpf, "CUDA_SEEN")?)
                 .map_err(|e| SensorError::Map("CUDA_SEEN", e.to_string()))?,
         };
-        let http = HttpMaps {
-            events: RingBuf::try_from(take(&mut ebpf, "HTTP_EVENTS")?)
-                .map_err(|e| SensorError::Map("HTTP_EVENTS", e.to_string()))?,
-            conns: HashMap::try_from(take(&mut ebpf, "HTTP_CONNS")?)
-                .map_err(|e| SensorError::Map("HTTP_CONNS", e.to_string()))?,
+        let http = match http_loaded {
+            Ok(()) => Some(HttpMaps {
+                events: RingBuf::try_from(take(&mut ebpf, "HTTP_EVENTS")?)
+                    .map_err(|e| SensorError::Map("HTTP_EVENTS", e.to_string()))?,
+                conns: HashMap::try_from(take(&mut ebpf, "HTTP_CONNS")?)
+                    .map_err(|e| SensorError::Map("HTTP_CONNS", e.to_string()))?,
+            }),
+            Err(e) => {
+                tracing::warn!(error = %e, "the kernel refused the request probes: request telemetry is off");
+                None
+            }
         };
         Ok(Sensor {
             http,
