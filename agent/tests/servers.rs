@@ -410,6 +410,10 @@ fn a_server_in_another_network_namespace_is_found_at_its_address() {
         .args(["-m", "vllm.entrypoints.openai.api_server"])
         .args(["--model", "pod/model", "--port", &port.to_string()])
         .env("PYTHONPATH", fixtures())
+        // Its socket exists for a few discovery passes before it listens: once seen without
+        // a listening address, it is still found soon after it listens (it was only probed
+        // again after 30 s).
+        .env("LLMSCOPE_TEST_LISTEN_AFTER", "2")
         .stdin(Stdio::null())
         .stdout(Stdio::null());
     let server = Proc(cmd.spawn().unwrap());

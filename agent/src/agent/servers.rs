@@ -56,12 +56,20 @@ struct Probed {
 }
 
 impl Probed {
-    /// Whether its addresses should be probed again.
+    /// Whether its addresses should be read and probed again.
     fn due(&self, refresh: Duration) -> bool {
         let waiting = self.endpoints.is_empty()
             && !self.addrs.is_empty()
             && self.first_seen.elapsed() < WARM_UP;
-        waiting || self.at.elapsed() >= refresh
+        // A socket read between socket(2) and listen(2) leaves the set of inodes unchanged
+        // when it starts listening: a process with sockets but no listening address is read
+        // again once as long has passed as its age at the last read (at least a pass), so a
+        // server is found a pass or two after it listens, and a worker that never listens
+        // costs a read at exponentially growing intervals.
+        let unbound = self.addrs.is_empty()
+            && !self.inodes.is_empty()
+            && self.at.elapsed() >= self.at.duration_since(self.first_seen).max(INTERVAL);
+        waiting || unbound || self.at.elapsed() >= refresh
     }
 }
 
@@ -360,6 +368,43 @@ mod tests {
             here.candidates(any),
             vec![("127.0.0.1:8080".parse().unwrap(), "node-1:8080".to_owned())]
         );
+    }
+
+    #[test]
+    fn a_socket_that_did_not_listen_yet_is_read_again_at_growing_intervals() {
+        let now = Instant::now();
+        let ago = |s: u64| now.checked_sub(Duration::from_secs(s)).unwrap();
+        let probed = |first: u64, at: u64, inodes: &[u64], addrs: &[&str]| Probed {
+            first_seen: ago(first),
+            inodes: inodes.iter().copied().collect(),
+            addrs: addrs.iter().map(|a| a.parse().unwrap()).collect(),
+            at: ago(at),
+            endpoints: Vec::new(),
+        };
+        // Read at the age of 8 s, 8 s ago: due; 5 s ago: not yet.
+        assert!(probed(16, 8, &[7], &[]).due(REPROBE));
+        assert!(!probed(13, 5, &[7], &[]).due(REPROBE));
+        // Just seen: due again after a pass.
+        assert!(probed(1, 1, &[7], &[]).due(REPROBE));
+        // No sockets at all: a new one changes the inodes, nothing to wait for.
+        assert!(!probed(16, 8, &[], &[]).due(REPROBE));
+        // Listening, not answering yet while warming up: every pass; once it answered, only
+        // at the refresh.
+        let mut answered = probed(100, 8, &[7], &["0.0.0.0:8000"]);
+        assert!(answered.due(REPROBE));
+        let identity = crate::identity::Identity::new(
+            crate::identity::Framework::Vllm,
+            crate::identity::Role::Server,
+            None,
+        );
+        answered.endpoints.push(Endpoint {
+            labels: crate::metrics::ProcessLabels::new(1, "vllm", &identity),
+            target: "127.0.0.1:8000".into(),
+            path: "/metrics",
+            answer: Answer::Metrics,
+        });
+        assert!(!answered.due(REPROBE));
+        assert!(answered.due(Duration::from_secs(5)));
     }
 
     #[test]
