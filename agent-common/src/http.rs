@@ -3,7 +3,9 @@
 //!
 //! One table, [`IO_FUNCTIONS`], read by both sides: userspace attaches `http_entry` and
 //! `http_return` to each function, in one server process only, with the function's
-//! [`IoKind`] as the attach cookie.
+//! `IO_*` kind as the attach cookie. Where the kernel has BPF trampolines or kprobes, hooks on
+//! `tcp_sendmsg`/`tcp_recvmsg`/`tcp_close` send the same records instead, for the
+//! (process, listening port) pairs in the kernel's port table ([`PortKey`]).
 
 /// How a probed function moves bytes (the attach cookie), x86-64 SysV argument order.
 pub const IO_READ: u64 = 1; // read(fd, buf, n)
@@ -58,14 +60,26 @@ pub const HTTP_IOVECS: u32 = 4;
 pub struct HttpRecord {
     pub kind: u32,
     pub tgid: u32,
-    pub fd: u32,
-    /// Bytes of data that follow.
-    pub copied: u32,
+    /// The connection: its fd (libc probes), or the kernel's `struct sock` address (kernel
+    /// hooks).
+    pub conn: u64,
     /// Bytes of the stream this record stands for: `copied`, then `len - copied` the probe
     /// did not copy.
     pub len: u64,
     /// `bpf_ktime_get_ns()` when the call returned.
     pub ktime_ns: u64,
+    /// Bytes of data that follow.
+    pub copied: u32,
+    pub reserved: u32,
+}
+
+/// A listening port of a server the kernel hooks follow: its accepted connections have it
+/// as their local port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PortKey {
+    pub tgid: u32,
+    pub port: u32,
 }
 
 /// A connection of a probed server: (tgid, fd).
@@ -81,7 +95,8 @@ pub struct ConnKey {
 #[derive(Clone, Copy, Debug, Default)]
 pub struct IoCall {
     pub kind: u64,
-    pub fd: u64,
+    /// The connection, as [`HttpRecord::conn`].
+    pub conn: u64,
     /// The buffer, iovec array or msghdr.
     pub ptr: u64,
     /// iovcnt for readv/writev.

@@ -208,6 +208,7 @@ mod pod {
     unsafe impl aya::Pod for super::cuda::AllocKey {}
     unsafe impl aya::Pod for super::http::ConnKey {}
     unsafe impl aya::Pod for super::http::HttpRecord {}
+    unsafe impl aya::Pod for super::http::PortKey {}
 }
 
 pub mod cuda;
@@ -275,9 +276,13 @@ mod layout {
 
     #[test]
     fn http_records_have_no_padding() {
+        assert_eq!(offset_of!(http::HttpRecord, conn), 8);
         assert_eq!(offset_of!(http::HttpRecord, len), 16);
-        assert_eq!(size_of::<http::HttpRecord>(), 32);
+        assert_eq!(offset_of!(http::HttpRecord, ktime_ns), 24);
+        assert_eq!(offset_of!(http::HttpRecord, copied), 32);
+        assert_eq!(size_of::<http::HttpRecord>(), 40);
         assert_eq!(size_of::<http::ConnKey>(), 8);
+        assert_eq!(size_of::<http::PortKey>(), 8);
         assert_eq!(size_of::<http::IoCall>(), 32);
         assert!(http::HTTP_CHUNK.is_power_of_two());
     }

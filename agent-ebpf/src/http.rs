@@ -1,4 +1,6 @@
-//! Request telemetry: `http_entry` and `http_return`, attached by userspace to libc's socket
+//! Request telemetry, two ways to the same records. The kernel hooks (below, `tcp_*`) where
+//! the kernel has BPF trampolines or kprobes: every server, Go ones included. Else
+//! `http_entry` and `http_return`, attached by userspace to libc's socket
 //! functions (agent_common::http::IO_FUNCTIONS) in each inference server it chose — one
 //! process per attachment, so no other process takes a breakpoint. They follow the server's
 //! accepted connections only: `accept`/`accept4` returns put the new fd in [`HTTP_CONNS`]
@@ -8,9 +10,9 @@
 
 use agent_common::{
     http::{
-        ConnKey, HttpRecord, IoCall, HTTP_ACCEPT, HTTP_CHUNK, HTTP_CLOSE, HTTP_IN, HTTP_IOVECS,
-        HTTP_OUT, HTTP_RECORDS, IO_ACCEPT, IO_CLOSE, IO_READ, IO_READV, IO_RECV, IO_RECVMSG,
-        IO_SENDMSG, IO_WRITE, IO_WRITEV, MSG_PEEK,
+        ConnKey, HttpRecord, IoCall, PortKey, HTTP_ACCEPT, HTTP_CHUNK, HTTP_CLOSE, HTTP_IN,
+        HTTP_IOVECS, HTTP_OUT, HTTP_RECORDS, IO_ACCEPT, IO_CLOSE, IO_READ, IO_READV, IO_RECV,
+        IO_RECVMSG, IO_SENDMSG, IO_WRITE, IO_WRITEV, MSG_PEEK,
     },
     Lost,
 };
@@ -18,12 +20,12 @@ use aya_ebpf::{
     bindings::BPF_NOEXIST,
     cty::c_void,
     helpers::{
-        bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user,
+        bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_user,
         generated::{bpf_get_attach_cookie, bpf_probe_read_user as raw_probe_read_user},
     },
-    macros::{map, uprobe, uretprobe},
+    macros::{fentry, fexit, kprobe, kretprobe, map, uprobe, uretprobe},
     maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
-    programs::{ProbeContext, RetProbeContext},
+    programs::{FEntryContext, FExitContext, ProbeContext, RetProbeContext},
     EbpfContext as _,
 };
 
@@ -36,6 +38,11 @@ pub static HTTP_EVENTS: RingBuf = RingBuf::with_byte_size(1024 * 1024, 0);
 /// The followed connections of probed servers (value unused).
 #[map]
 pub static HTTP_CONNS: HashMap<ConnKey, u32> = HashMap::with_max_entries(65536, 0);
+
+/// The kernel hooks' filter: (server process, listening port) pairs whose connections are
+/// followed (value unused). Userspace fills it for the servers it chose.
+#[map]
+pub static HTTP_PORTS: HashMap<PortKey, u32> = HashMap::with_max_entries(4096, 0);
 
 /// Calls in flight per thread. LRU: a thread killed mid-call leaves an entry that ages out.
 #[map]
@@ -65,6 +72,167 @@ pub fn http_return(ctx: RetProbeContext) -> u32 {
     0
 }
 
+// The kernel hooks, where the kernel has BPF trampolines (fentry/fexit) or kprobes: every
+// process's TCP sends, receives and closes pass here while a server is followed; those of a
+// socket whose (process, local port) is not in HTTP_PORTS cost a read and a lookup. A
+// socket's address names its connection, and its first bytes start it (no accept is seen).
+
+/// Offsets in the running kernel's structures and `enum iter_type`'s values, from its BTF
+/// (set by userspace before load; without them the kernel hooks are not attached).
+#[unsafe(no_mangle)]
+static SOCK_NUM_OFFSET: u32 = 0;
+#[unsafe(no_mangle)]
+static MSGHDR_ITER_OFFSET: u32 = 0;
+#[unsafe(no_mangle)]
+static ITER_TYPE_OFFSET: u32 = 0;
+#[unsafe(no_mangle)]
+static ITER_IOV_OFFSET_OFFSET: u32 = 0;
+#[unsafe(no_mangle)]
+static ITER_UBUF_OFFSET: u32 = 0;
+#[unsafe(no_mangle)]
+static ITER_IOV_OFFSET: u32 = 0;
+#[unsafe(no_mangle)]
+static ITER_NR_SEGS_OFFSET: u32 = 0;
+#[unsafe(no_mangle)]
+static ITER_UBUF: u32 = 0;
+#[unsafe(no_mangle)]
+static ITER_IOVEC: u32 = 0;
+
+fn global(value: &u32) -> u64 {
+    // SAFETY: a plain read of a global userspace set before load.
+    unsafe { core::ptr::read_volatile(value) as u64 }
+}
+
+fn kernel_read<T>(base: u64, offset: &u32) -> Option<T> {
+    // SAFETY: the helper checks the kernel address; a bad one is an error.
+    unsafe { bpf_probe_read_kernel((base + global(offset)) as *const T) }.ok()
+}
+
+/// The process whose (tgid, local port of `sk`) is followed, if it is.
+fn follows(sk: u64) -> Option<u32> {
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    let port: u16 = kernel_read(sk, &SOCK_NUM_OFFSET)?;
+    let key = PortKey {
+        tgid,
+        port: port as u32,
+    };
+    // SAFETY: presence check only.
+    unsafe { HTTP_PORTS.get(&key) }.map(|_| tgid)
+}
+
+/// `tcp_sendmsg`/`tcp_recvmsg` entered with `msg`: where its bytes are, for the return.
+fn tcp_entry(sk: u64, msg: u64, read: bool, flags: u64) {
+    if read && flags & MSG_PEEK != 0 || follows(sk).is_none() {
+        return;
+    }
+    let iter = msg + global(&MSGHDR_ITER_OFFSET);
+    let (Some(kind), Some(skip)) = (
+        kernel_read::<u8>(iter, &ITER_TYPE_OFFSET),
+        kernel_read::<u64>(iter, &ITER_IOV_OFFSET_OFFSET),
+    ) else {
+        return;
+    };
+    let call = if kind as u64 == global(&ITER_UBUF) {
+        IoCall {
+            kind: if read { IO_READ } else { IO_WRITE },
+            conn: sk,
+            ptr: kernel_read::<u64>(iter, &ITER_UBUF_OFFSET).unwrap_or(0) + skip,
+            count: 0,
+        }
+    } else if kind as u64 == global(&ITER_IOVEC) && skip == 0 {
+        IoCall {
+            kind: if read { IO_READV } else { IO_WRITEV },
+            conn: sk,
+            ptr: kernel_read::<u64>(iter, &ITER_IOV_OFFSET).unwrap_or(0),
+            count: kernel_read::<u64>(iter, &ITER_NR_SEGS_OFFSET).unwrap_or(0),
+        }
+    } else {
+        // Kernel memory (sendfile, splice) or a partly consumed vector: its length is
+        // sent as a gap.
+        IoCall {
+            kind: if read { IO_READ } else { IO_WRITE },
+            conn: sk,
+            ptr: 0,
+            count: 0,
+        }
+    };
+    let _ = HTTP_CALLS.insert(&bpf_get_current_pid_tgid(), &call, 0);
+}
+
+fn tcp_closed(sk: u64) {
+    if let Some(tgid) = follows(sk) {
+        send_mark(HTTP_CLOSE, tgid, sk);
+    }
+}
+
+/// `int tcp_sendmsg(struct sock *sk, struct msghdr *msg, size_t size)`.
+#[fentry(function = "tcp_sendmsg")]
+pub fn tcp_send_fentry(ctx: FEntryContext) -> u32 {
+    tcp_entry(ctx.arg(0), ctx.arg(1), false, 0);
+    0
+}
+
+#[fexit(function = "tcp_sendmsg")]
+pub fn tcp_send_fexit(ctx: FExitContext) -> u32 {
+    finish(ctx.arg::<i32>(3) as i64);
+    0
+}
+
+/// `int tcp_recvmsg(struct sock *sk, struct msghdr *msg, size_t len, int flags,
+/// int *addr_len)`.
+#[fentry(function = "tcp_recvmsg")]
+pub fn tcp_recv_fentry(ctx: FEntryContext) -> u32 {
+    tcp_entry(ctx.arg(0), ctx.arg(1), true, ctx.arg::<i32>(3) as u64);
+    0
+}
+
+#[fexit(function = "tcp_recvmsg")]
+pub fn tcp_recv_fexit(ctx: FExitContext) -> u32 {
+    finish(ctx.arg::<i32>(5) as i64);
+    0
+}
+
+/// `void tcp_close(struct sock *sk, long timeout)`.
+#[fentry(function = "tcp_close")]
+pub fn tcp_close_fentry(ctx: FEntryContext) -> u32 {
+    tcp_closed(ctx.arg(0));
+    0
+}
+
+/// The same hooks where the kernel has no BPF trampolines.
+#[kprobe]
+pub fn tcp_send_kprobe(ctx: ProbeContext) -> u32 {
+    if let (Some(sk), Some(msg)) = (ctx.arg::<u64>(0), ctx.arg::<u64>(1)) {
+        tcp_entry(sk, msg, false, 0);
+    }
+    0
+}
+
+#[kprobe]
+pub fn tcp_recv_kprobe(ctx: ProbeContext) -> u32 {
+    if let (Some(sk), Some(msg), Some(flags)) =
+        (ctx.arg::<u64>(0), ctx.arg::<u64>(1), ctx.arg::<u64>(3))
+    {
+        tcp_entry(sk, msg, true, flags);
+    }
+    0
+}
+
+/// Both functions' return.
+#[kretprobe]
+pub fn tcp_io_kretprobe(ctx: RetProbeContext) -> u32 {
+    finish(ctx.ret::<i32>() as i64);
+    0
+}
+
+#[kprobe]
+pub fn tcp_close_kprobe(ctx: ProbeContext) -> u32 {
+    if let Some(sk) = ctx.arg::<u64>(0) {
+        tcp_closed(sk);
+    }
+    0
+}
+
 fn followed(tgid: u32, fd: u64) -> bool {
     let key = ConnKey {
         tgid,
@@ -90,7 +258,7 @@ fn on_entry(ctx: &ProbeContext) {
                     tgid,
                     fd: fd as u32,
                 });
-                send_mark(HTTP_CLOSE, tgid, fd as u32);
+                send_mark(HTTP_CLOSE, tgid, fd);
             }
             return;
         }
@@ -103,7 +271,7 @@ fn on_entry(ctx: &ProbeContext) {
     let call = IoCall {
         // recv is read with flags (checked above).
         kind: if kind == IO_RECV { IO_READ } else { kind },
-        fd,
+        conn: fd,
         ptr: r.rsi,
         count: r.rdx,
     };
@@ -111,6 +279,11 @@ fn on_entry(ctx: &ProbeContext) {
 }
 
 fn on_return(ctx: &RetProbeContext) {
+    finish(ctx.ret::<i64>());
+}
+
+/// The return of the call this thread entered: what it moved is sent.
+fn finish(ret: i64) {
     let pid_tgid = bpf_get_current_pid_tgid();
     // SAFETY: the value is copied out before the entry is removed.
     let Some(call) = (unsafe { HTTP_CALLS.get(&pid_tgid) }).copied() else {
@@ -118,7 +291,6 @@ fn on_return(ctx: &RetProbeContext) {
     };
     let _ = HTTP_CALLS.remove(&pid_tgid);
     let tgid = (pid_tgid >> 32) as u32;
-    let ret = ctx.ret::<i64>();
     if ret < 0 {
         return;
     }
@@ -134,7 +306,7 @@ fn on_return(ctx: &RetProbeContext) {
                 count_lost(Lost::HttpConnection);
                 return;
             }
-            send_mark(HTTP_ACCEPT, tgid, ret as u32);
+            send_mark(HTTP_ACCEPT, tgid, ret as u64);
         }
         IO_READ | IO_WRITE if ret > 0 => {
             let kind = if call.kind == IO_READ {
@@ -142,7 +314,7 @@ fn on_return(ctx: &RetProbeContext) {
             } else {
                 HTTP_OUT
             };
-            send_buffer(kind, tgid, call.fd as u32, call.ptr, ret as u64);
+            send_buffer(kind, tgid, call.conn, call.ptr, ret as u64);
         }
         IO_READV | IO_WRITEV if ret > 0 => {
             let kind = if call.kind == IO_READV {
@@ -150,7 +322,7 @@ fn on_return(ctx: &RetProbeContext) {
             } else {
                 HTTP_OUT
             };
-            send_iovecs(kind, tgid, call.fd as u32, call.ptr, call.count, ret as u64);
+            send_iovecs(kind, tgid, call.conn, call.ptr, call.count, ret as u64);
         }
         IO_RECVMSG | IO_SENDMSG if ret > 0 => {
             let kind = if call.kind == IO_RECVMSG {
@@ -169,21 +341,22 @@ fn on_return(ctx: &RetProbeContext) {
             }) else {
                 return;
             };
-            send_iovecs(kind, tgid, call.fd as u32, iov, count, ret as u64);
+            send_iovecs(kind, tgid, call.conn, iov, count, ret as u64);
         }
         _ => {}
     }
 }
 
 /// An accept or close: a record with no data.
-fn send_mark(kind: u32, tgid: u32, fd: u32) {
+fn send_mark(kind: u32, tgid: u32, conn: u64) {
     let head = HttpRecord {
         kind,
         tgid,
-        fd,
-        copied: 0,
+        conn,
         len: 0,
         ktime_ns: unsafe { bpf_ktime_get_ns() },
+        copied: 0,
+        reserved: 0,
     };
     if HTTP_EVENTS.output::<HttpRecord>(&head, 0).is_err() {
         count_lost(Lost::Http);
@@ -193,7 +366,7 @@ fn send_mark(kind: u32, tgid: u32, fd: u32) {
 /// `len` bytes at `buf`: up to HTTP_RECORDS records of HTTP_CHUNK; the last one stands for
 /// whatever is left.
 #[inline(always)]
-fn send_buffer(kind: u32, tgid: u32, fd: u32, buf: u64, len: u64) {
+fn send_buffer(kind: u32, tgid: u32, conn: u64, buf: u64, len: u64) {
     let mut offset = 0u64;
     for i in 0..HTTP_RECORDS {
         if offset >= len {
@@ -205,7 +378,7 @@ fn send_buffer(kind: u32, tgid: u32, fd: u32, buf: u64, len: u64) {
         } else {
             left.min(HTTP_CHUNK as u64)
         };
-        if !send_piece(kind, tgid, fd, buf + offset, span) {
+        if !send_piece(kind, tgid, conn, buf + offset, span) {
             return;
         }
         offset += span;
@@ -215,7 +388,7 @@ fn send_buffer(kind: u32, tgid: u32, fd: u32, buf: u64, len: u64) {
 /// The first HTTP_IOVECS iovecs of a vectored call that moved `len` bytes, one record each;
 /// the last one stands for whatever is left. Inlined: a BPF call takes five arguments.
 #[inline(always)]
-fn send_iovecs(kind: u32, tgid: u32, fd: u32, iov: u64, count: u64, len: u64) {
+fn send_iovecs(kind: u32, tgid: u32, conn: u64, iov: u64, count: u64, len: u64) {
     let mut offset = 0u64;
     for i in 0..HTTP_IOVECS {
         if offset >= len || i as u64 >= count {
@@ -234,7 +407,7 @@ fn send_iovecs(kind: u32, tgid: u32, fd: u32, iov: u64, count: u64, len: u64) {
         let left = len - offset;
         let last = i + 1 == HTTP_IOVECS || i as u64 + 1 == count;
         let span = if last { left } else { left.min(iov_len) };
-        if !send_piece(kind, tgid, fd, base, span) {
+        if !send_piece(kind, tgid, conn, base, span) {
             return;
         }
         offset += span;
@@ -243,7 +416,7 @@ fn send_iovecs(kind: u32, tgid: u32, fd: u32, iov: u64, count: u64, len: u64) {
 
 /// One record: the first HTTP_CHUNK bytes of `span` bytes at `src`. False when the ring is
 /// full (counted; the rest of the call is not sent either).
-fn send_piece(kind: u32, tgid: u32, fd: u32, src: u64, span: u64) -> bool {
+fn send_piece(kind: u32, tgid: u32, conn: u64, src: u64, span: u64) -> bool {
     let Some(scratch) = HTTP_SCRATCH.get_ptr_mut(0) else {
         return false;
     };
@@ -267,10 +440,11 @@ fn send_piece(kind: u32, tgid: u32, fd: u32, src: u64, span: u64) -> bool {
         (*scratch).head = HttpRecord {
             kind,
             tgid,
-            fd,
-            copied: n as u32,
+            conn,
             len: span,
             ktime_ns: bpf_ktime_get_ns(),
+            copied: n as u32,
+            reserved: 0,
         };
         let size = size_of::<HttpRecord>() + (n & (2 * HTTP_CHUNK - 1));
         let bytes = core::slice::from_raw_parts(scratch as *const u8, size);

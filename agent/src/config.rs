@@ -197,6 +197,19 @@ pub struct Config {
     #[arg(long, env = "LLMSCOPE_REQUESTS", value_enum, default_value_t)]
     pub requests: RequestsMode,
 
+    /// How request telemetry reads the servers' connections: auto (hooks on the kernel's TCP
+    /// send, receive and close — fentry, else kprobe — where the kernel has them; else
+    /// per-process uprobes on the servers' libc, which cannot see Go servers such as Ollama),
+    /// or one forced: fentry or kprobe (the agent does not start when the kernel lacks it),
+    /// or libc.
+    #[arg(
+        long = "requests-hook",
+        env = "LLMSCOPE_REQUESTS_HOOK",
+        value_enum,
+        default_value_t
+    )]
+    pub requests_hook: RequestsHook,
+
     /// Size of the kernel → agent event ring buffer: a power of two, at least one page. A
     /// larger ring loses fewer events under exec storms; losses are counted and repaired by
     /// the periodic scan either way.
@@ -270,6 +283,20 @@ pub enum RequestsMode {
     /// Every server found listening.
     All,
     Off,
+}
+
+/// How request telemetry reads connections (`--requests-hook`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum RequestsHook {
+    /// fentry, else kprobe, else libc.
+    #[default]
+    Auto,
+    /// BPF trampolines on tcp_sendmsg, tcp_recvmsg and tcp_close.
+    Fentry,
+    /// kprobes on the same functions.
+    Kprobe,
+    /// Uprobes on each followed server's libc socket functions.
+    Libc,
 }
 
 /// `250ms`, `10s`, `5m`, `1h`, or a plain number of seconds.

@@ -167,7 +167,7 @@ pub fn http_exchanges(data: &[u8]) {
         let record = Record {
             kind,
             tgid: u32::from(control >> 4 & 3),
-            fd: 3,
+            conn: 3,
             len: n as u64 + gap,
             at_ns: at,
             data: bytes,

@@ -25,6 +25,11 @@ struct Seen {
 /// Sends `body` to `path` on `stream` (HTTP/1.1, kept alive) and reads the whole response,
 /// framed by Content-Length or chunked transfer coding.
 fn exchange(stream: &mut TcpStream, path: &str, body: &str) -> Seen {
+    try_exchange(stream, path, body).expect("reading the response")
+}
+
+/// [`exchange`], failing when the response does not come within the stream's read timeout.
+fn try_exchange(stream: &mut TcpStream, path: &str, body: &str) -> std::io::Result<Seen> {
     let started = Instant::now();
     write!(
         stream,
@@ -37,7 +42,7 @@ fn exchange(stream: &mut TcpStream, path: &str, body: &str) -> Seen {
     let mut first_byte = None;
     loop {
         quick_ack(stream);
-        let n = stream.read(&mut chunk).expect("reading the response");
+        let n = stream.read(&mut chunk)?;
         assert!(
             n > 0,
             "{path}: closed after {:?} with {:?}",
@@ -61,12 +66,12 @@ fn exchange(stream: &mut TcpStream, path: &str, body: &str) -> Seen {
         };
         if done {
             let status = head[9..12].parse().unwrap();
-            return Seen {
+            return Ok(Seen {
                 status,
                 body: String::from_utf8_lossy(body).into_owned(),
                 first_byte: first_byte.unwrap(),
                 duration: started.elapsed(),
-            };
+            });
         }
     }
 }
@@ -413,25 +418,110 @@ fn an_ollama_stream_gives_exact_counts_and_hostile_clients_are_only_counted() {
     assert!((ttft / client - 1.0).abs() < 0.10, "{ttft} vs {client}");
 }
 
+/// Each thread of `pid`: its name, and where it waits in the kernel.
+fn kernel_stacks(pid: u32) -> String {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return format!("{pid}: gone");
+    };
+    let mut out = String::new();
+    for task in tasks.flatten() {
+        let read = |f: &str| std::fs::read_to_string(task.path().join(f)).unwrap_or_default();
+        let stack: Vec<String> = read("stack").lines().take(6).map(str::to_owned).collect();
+        out.push_str(&format!(
+            "{} {}: {}\n",
+            task.file_name().to_string_lossy(),
+            read("comm").trim(),
+            stack.join(" < ")
+        ));
+    }
+    out
+}
+
+/// Go servers (Ollama) make their own system calls: the kernel hooks follow them, the libc
+/// probes cannot. Where the agent has the kernel hooks (the VM kernels of `cargo xtask
+/// vmtest`) their requests are counted exactly; where it has only the libc probes (this
+/// host: no BPF trampolines, no kprobes) the server is not given probes that would see
+/// nothing, and that is counted.
 #[test]
-fn a_go_server_is_not_given_libc_probes_that_would_see_nothing() {
+fn a_go_server_is_followed_by_the_kernel_hooks_and_refused_by_the_libc_probes() {
     let agent = Agent::start(&["--rescan-interval", "1h"]);
     let port = free_port();
-    let _server = Proc(
+    let server = Proc(
         Command::new(go_shaped_server())
             .arg("serve")
             .env("OLLAMA_HOST", format!("127.0.0.1:{port}"))
             .spawn()
             .expect("starting the Go-shaped server"),
     );
-    let failed = wait_for(Duration::from_secs(30), || {
+    let pid = server.pid().to_string();
+    let hook = wait_for(Duration::from_secs(30), || {
         let m = agent.metrics();
-        (m.value("llmscope_http_probe_failures_total", &[("reason", "go")]) == Some(1.0))
-            .then_some(m)
+        let (labels, _) = m
+            .samples("llmscope_http_hook")
+            .into_iter()
+            .find(|(_, v)| *v == 1.0)?;
+        let hook = labels.get("hook")?.clone();
+        let refused =
+            m.value("llmscope_http_probe_failures_total", &[("reason", "go")]) == Some(1.0);
+        let followed = m
+            .value("gen_ai_server_active_requests", &[("pid", &pid)])
+            .is_some();
+        (refused || followed).then_some(hook)
     })
     .unwrap_or_else(|| panic!("{}\n{}", agent.metrics().0, agent.log()));
-    assert_eq!(
-        failed.value("llmscope_http_probed_processes", &[]),
-        Some(0.0)
-    );
+    if hook == "libc" {
+        let m = agent.metrics();
+        assert_eq!(m.value("llmscope_http_probed_processes", &[]), Some(0.0));
+        return;
+    }
+    assert!(matches!(hook.as_str(), "fentry" | "kprobe"), "{hook}");
+    let body = r#"{"model": "llama3.2:1b", "prompt": "why is the sky blue"}"#;
+    let ask = |stream: &mut TcpStream| {
+        stream
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        try_exchange(stream, "/api/generate", body).unwrap_or_else(|e| {
+            let m = agent.metrics();
+            let request_lines: Vec<&str> =
+                m.0.lines()
+                    .filter(|l| l.starts_with("gen_ai_") || l.starts_with("llmscope_http_"))
+                    .collect();
+            let sockets = Command::new("ss").arg("-tnpi").output().map(|o| o.stdout);
+            panic!(
+                "no answer: {e}\n{}\n{}\nsockets:\n{}\nserver threads:\n{}\nagent threads:\n{}",
+                agent.log(),
+                request_lines.join("\n"),
+                String::from_utf8_lossy(&sockets.unwrap_or_default()),
+                kernel_stacks(server.pid()),
+                kernel_stacks(agent.pid()),
+            )
+        })
+    };
+    let mut kept = connect(port);
+    let seen = [ask(&mut kept), ask(&mut kept), ask(&mut connect(port))];
+    assert!(seen.iter().all(|s| s.status == 200), "{seen:?}");
+    let m = wait_for(Duration::from_secs(30), || {
+        let m = agent.metrics();
+        let n = sum(
+            &m,
+            "gen_ai_server_request_duration_seconds_count",
+            &[("pid", &pid)],
+        );
+        (n == 3.0).then_some(m)
+    })
+    .unwrap_or_else(|| panic!("{}\n{}", agent.metrics().0, agent.log()));
+    let tokens = |token_type: &str| {
+        sum(
+            &m,
+            "gen_ai_server_tokens_total",
+            &[
+                ("pid", &pid),
+                ("model_name", "llama3.2:1b"),
+                ("token_type", token_type),
+                ("source", "server"),
+            ],
+        )
+    };
+    assert_eq!(tokens("output"), 9.0, "eval_count 3, three times");
+    assert_eq!(tokens("input"), 21.0, "prompt_eval_count 7, three times");
 }

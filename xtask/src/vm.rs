@@ -40,66 +40,103 @@ pub const KERNELS: &[Kernel] = &[
     },
 ];
 
-/// The checks each guest runs: (test binary, test, library hook forced through
-/// `LLMSCOPE_LIBRARY_HOOK`, or `auto`). The kernel-side paths: exec and exit detection with
-/// lineage, a leader thread that exits first, pid reuse, the forced-hook check, and the CUDA uprobes' exact counts on NVIDIA's real libcudart and a
-/// reused pid's counters; the library-mapping checks (a script classified when it maps a
-/// framework library, an unclassified CUDA user probed when it maps its own library copy)
-/// through each hook in turn. Left to the host run: lost events (under TCG an exec storm is
-/// too slow to fill even a one-page ring: 3,006 execs, 0 lost, 230 s on 6.12), containers,
-/// servers, NVML, the soak, dashboards, the web configuration.
-const CHECKS: &[(&str, &str, &str)] = &[
-    (
+/// One check: a test of a test binary, with the library hook forced through
+/// `LLMSCOPE_LIBRARY_HOOK` (or `auto`), or the request hook through `LLMSCOPE_REQUESTS_HOOK`.
+struct Check {
+    binary: &'static str,
+    test: &'static str,
+    variable: &'static str,
+    hook: &'static str,
+}
+
+const fn library(binary: &'static str, test: &'static str, hook: &'static str) -> Check {
+    Check {
+        binary,
+        test,
+        variable: "LLMSCOPE_LIBRARY_HOOK",
+        hook,
+    }
+}
+
+const fn requests(test: &'static str, hook: &'static str) -> Check {
+    Check {
+        binary: "requests",
+        test,
+        variable: "LLMSCOPE_REQUESTS_HOOK",
+        hook,
+    }
+}
+
+/// The checks each guest runs. The kernel-side paths: exec and exit detection with
+/// lineage, a leader thread that exits first, pid reuse, the forced-hook check, and the CUDA
+/// uprobes' exact counts on NVIDIA's real libcudart and a reused pid's counters; the
+/// library-mapping checks (a script classified when it maps a framework library, an
+/// unclassified CUDA user probed when it maps its own library copy) through each hook in
+/// turn; request telemetry's kernel hooks (fentry, kprobe) on a server that makes its own
+/// system calls, as Go's runtime does, with exact token counts. Left to the host run: lost
+/// events (under TCG an exec storm is too slow to fill even a one-page ring: 3,006 execs,
+/// 0 lost, 230 s on 6.12), containers, servers, the libc request probes and their timing
+/// checks against llama-server, NVML, the soak, dashboards, the web configuration.
+const CHECKS: &[Check] = &[
+    library(
         "exec_detection",
         "exec_detection_lineage_secrets_and_grace_period",
         "auto",
     ),
-    (
+    library(
         "exec_detection",
         "a_process_outlives_its_leader_thread",
         "auto",
     ),
-    (
+    library(
         "exec_detection",
         "a_reused_pid_never_inherits_old_series",
         "auto",
     ),
-    (
+    library(
         "exec_detection",
         "a_forced_library_hook_is_used_or_refused_by_name",
         "auto",
     ),
-    ("cuda", "exact_counts_for_runtime_and_driver", "auto"),
-    ("cuda", "a_reused_pid_inherits_no_cuda_counters", "auto"),
-    (
+    library("cuda", "exact_counts_for_runtime_and_driver", "auto"),
+    library("cuda", "a_reused_pid_inherits_no_cuda_counters", "auto"),
+    library(
         "exec_detection",
         "a_script_is_classified_when_it_maps_a_framework_library",
         "fentry",
     ),
-    (
+    library(
         "exec_detection",
         "a_script_is_classified_when_it_maps_a_framework_library",
         "kprobe",
     ),
-    (
+    library(
         "exec_detection",
         "a_script_is_classified_when_it_maps_a_framework_library",
         "perf",
     ),
-    (
+    library(
         "cuda",
         "unclassified_process_with_its_own_library_copy_is_probed_when_it_maps_it",
         "fentry",
     ),
-    (
+    library(
         "cuda",
         "unclassified_process_with_its_own_library_copy_is_probed_when_it_maps_it",
         "kprobe",
     ),
-    (
+    library(
         "cuda",
         "unclassified_process_with_its_own_library_copy_is_probed_when_it_maps_it",
         "perf",
+    ),
+    requests(
+        "a_go_server_is_followed_by_the_kernel_hooks_and_refused_by_the_libc_probes",
+        "fentry",
+    ),
+    requests(
+        "a_go_server_is_followed_by_the_kernel_hooks_and_refused_by_the_libc_probes",
+        "kprobe",
     ),
 ];
 
@@ -184,7 +221,7 @@ fn print_report(r: &Report) {
         r.expected_hook,
         r.took.as_secs()
     );
-    for (_, test, hook) in CHECKS {
+    for Check { test, hook, .. } in CHECKS {
         let name = check_name(test, hook);
         let line = match r.checks.get(&name) {
             Some((true, s)) => format!("ok ({s} s)"),
@@ -207,10 +244,10 @@ pub fn table(host: &str, reports: &[Report]) -> String {
     for r in reports {
         out.push_str(&format!(" {} |", r.hook));
     }
-    for (_, test, hook) in CHECKS {
+    for Check { test, hook, .. } in CHECKS {
         let name = check_name(test, hook);
-        // The host's auto hook is perf records; it has no trampolines nor kprobes (the
-        // forced-hook check shows both refused by name).
+        // The host's auto library hook is perf records, its request hook libc; it has no
+        // trampolines nor kprobes (the forced-hook check shows both refused by name).
         let host = match *hook {
             "auto" | "perf" => "passed",
             _ => "refused: not in this kernel",
@@ -281,7 +318,7 @@ fn test_binaries() -> Result<BTreeMap<String, PathBuf>> {
         "--features",
         "test-faults",
     ]);
-    let mut names: Vec<&str> = CHECKS.iter().map(|(b, _, _)| *b).collect();
+    let mut names: Vec<&str> = CHECKS.iter().map(|c| c.binary).collect();
     names.sort_unstable();
     names.dedup();
     for name in &names {
@@ -465,15 +502,21 @@ echo "VMTEST-HOOK $hook"
 "#,
         agent = agent.display()
     ));
-    for (binary, test, hook) in CHECKS {
+    for Check {
+        binary,
+        test,
+        variable,
+        hook,
+    } in CHECKS
+    {
         let path = &binaries[*binary];
         let name = check_name(test, hook);
         s.push_str(&format!(
             r#"start=$(date +%s)
-if LLMSCOPE_LIBRARY_HOOK={hook} timeout {CHECK_TIMEOUT_SECONDS} {path} --exact {test} --test-threads=1 > /run/check.log 2>&1; then
+if {variable}={hook} timeout {CHECK_TIMEOUT_SECONDS} {path} --exact {test} --test-threads=1 > /run/check.log 2>&1; then
   echo "VMTEST-CHECK {name} ok $(( $(date +%s) - start ))"
 else
-  tail -n 40 /run/check.log
+  tail -n 150 /run/check.log
   echo "VMTEST-CHECK {name} failed $(( $(date +%s) - start ))"
 fi
 "#,

@@ -213,8 +213,15 @@ fn wire(config: &Config, proc: ProcRoot, sensor: Sensor) -> (Parts, Inputs) {
         http,
         ..
     } = sensor;
-    let (http_ring, http_conns) = match http {
-        Some(h) => (Some(h.events), Some(h.conns)),
+    let (http_ring, http_tables) = match http {
+        Some(h) => (
+            Some(h.events),
+            Some(requests::Tables {
+                conns: h.conns,
+                ports: h.ports,
+                kernel: h.kernel,
+            }),
+        ),
         None => (None, None),
     };
     let sources = container_sources(config);
@@ -257,7 +264,7 @@ fn wire(config: &Config, proc: ProcRoot, sensor: Sensor) -> (Parts, Inputs) {
         gpu_info: Arc::default(),
         servers: Arc::default(),
         nvml: Arc::default(),
-        requests: Arc::new(requests::Requests::new(config.requests, http_conns)),
+        requests: Arc::new(requests::Requests::new(config.requests, http_tables)),
     };
     let inputs = Inputs {
         ring: events,
@@ -454,6 +461,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         config.ring_buffer_bytes,
         config.common.max_processes,
         config.library_hook,
+        config.requests_hook,
     )?;
     tracing::info!(
         kernel_ppid = sensor.kernel_ppid,

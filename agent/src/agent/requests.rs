@@ -1,6 +1,8 @@
-//! The request telemetry runtime: which servers are probed — chosen on each server discovery
-//! pass from what it found (`--requests`) — and the thread that reads the probes' records
-//! into the connections' parsers and the metrics.
+//! The request telemetry runtime: which servers are followed — chosen on each server
+//! discovery pass from what it found (`--requests`), through the kernel hooks (their ports in
+//! the kernel's port table; the hooks attached while any server is followed) or each server's
+//! libc probes — and the thread that reads the records into the connections' parsers and the
+//! metrics.
 
 use std::collections::{HashMap, HashSet};
 use std::os::fd::AsRawFd;
@@ -8,7 +10,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use agent_common::http::ConnKey;
+use agent_common::http::{ConnKey, PortKey};
 use aya::maps::{HashMap as BpfHashMap, MapData, RingBuf};
 
 use super::health::Health;
@@ -17,7 +19,8 @@ use super::wakeup::{Spacing, Wakeup};
 use super::CudaState;
 use crate::collectors::requests::{RequestReading, RequestSource};
 use crate::config::RequestsMode;
-use crate::requests::probes::{self, ServerProbes};
+use crate::requests::kernel::{self, KernelHook};
+use crate::requests::probes::{self, ProbeFailure, ServerProbes};
 use crate::requests::{decode, Connections, RequestMetrics};
 
 /// The longest the reader sleeps with nothing to read (its heartbeat).
@@ -38,22 +41,38 @@ pub(super) struct Server {
     pub sockets: Vec<u64>,
 }
 
+/// The kernel's tables of request telemetry, and its hooks when it runs them.
+pub(super) struct Tables {
+    /// The libc probes' followed connections.
+    pub conns: BpfHashMap<MapData, ConnKey, u32>,
+    /// The kernel hooks' followed (server, listening port) pairs.
+    pub ports: BpfHashMap<MapData, PortKey, u32>,
+    /// None: the libc probes are used.
+    pub kernel: Option<KernelHook>,
+}
+
 pub(super) struct Requests {
     mode: RequestsMode,
-    /// The kernel's table of followed connections (None: the kernel refused the programs).
-    conns: Mutex<Option<BpfHashMap<MapData, ConnKey, u32>>>,
-    /// Probed processes by pid.
+    /// None: the kernel refused the programs.
+    tables: Mutex<Option<Tables>>,
+    kernel: Option<KernelHook>,
+    /// The kernel hooks, attached while a server is followed.
+    hooked: Mutex<Option<kernel::Attached>>,
+    /// Followed processes by pid.
     probed: Mutex<HashMap<u32, Probed>>,
     failed: Mutex<Failures>,
     connections: Mutex<Connections>,
     metrics: Mutex<RequestMetrics>,
 }
 
-/// A probed server process.
+/// A followed server process.
 struct Probed {
     start_ticks: u64,
-    probes: ServerProbes,
-    /// Its sockets when its open connections were last added to the kernel's table.
+    /// Its libc probes (None with the kernel hooks).
+    probes: Option<ServerProbes>,
+    /// Its listening ports in the kernel hooks' port table.
+    ports: Vec<u16>,
+    /// Its sockets when its open connections were last added to the libc probes' table.
     sockets: Vec<u64>,
 }
 
@@ -70,18 +89,17 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Requests {
-    /// Off whatever `mode` says when the kernel refused the programs (`conns` is None).
-    pub(super) fn new(
-        mode: RequestsMode,
-        conns: Option<BpfHashMap<MapData, ConnKey, u32>>,
-    ) -> Self {
+    /// Off whatever `mode` says when the kernel refused the programs (`tables` is None).
+    pub(super) fn new(mode: RequestsMode, tables: Option<Tables>) -> Self {
         Requests {
-            mode: if conns.is_some() {
+            mode: if tables.is_some() {
                 mode
             } else {
                 RequestsMode::Off
             },
-            conns: Mutex::new(conns),
+            kernel: tables.as_ref().and_then(|t| t.kernel),
+            tables: Mutex::new(tables),
+            hooked: Mutex::default(),
             probed: Mutex::default(),
             failed: Mutex::default(),
             connections: Mutex::default(),
@@ -91,6 +109,15 @@ impl Requests {
 
     pub(super) fn mode(&self) -> RequestsMode {
         self.mode
+    }
+
+    /// How connections are read: `fentry`, `kprobe`, `libc`, or `off`.
+    pub(super) fn hook(&self) -> &'static str {
+        match (self.mode, self.kernel) {
+            (RequestsMode::Off, _) => "off",
+            (_, Some(hook)) => hook.as_str(),
+            (_, None) => "libc",
+        }
     }
 
     /// Probes the servers `--requests` asks for among `servers` (every live server found),
@@ -112,7 +139,9 @@ impl Requests {
             })
             .map(|s| (s.pid, s))
             .collect();
-        let mut links = Vec::new();
+        // Links to detach: dropped on a thread of their own (each waits for grace periods,
+        // ~0.1 s a link here, ~26 libc links a server), so discovery goes on meanwhile.
+        let mut detach: Vec<Box<dyn Send>> = Vec::new();
         let mut probed = lock(&self.probed);
         let stale: Vec<u32> = probed
             .iter()
@@ -124,11 +153,16 @@ impl Requests {
             .map(|(pid, _)| *pid)
             .collect();
         for pid in stale {
-            if let Some(p) = probed.remove(&pid) {
-                links.extend(probes::detach(cuda.attacher().programs(), p.probes));
+            let Some(p) = probed.remove(&pid) else {
+                continue;
+            };
+            if let Some(probes) = p.probes {
+                let links = probes::detach(cuda.attacher().programs(), probes);
+                detach.extend(links.into_iter().map(|l| Box::new(l) as Box<dyn Send>));
             }
-            if let Some(conns) = lock(&self.conns).as_mut() {
-                probes::forget_connections(conns, pid);
+            if let Some(t) = lock(&self.tables).as_mut() {
+                probes::forget_connections(&mut t.conns, pid);
+                kernel::forget_ports(&mut t.ports, pid, &p.ports);
             }
             lock(&self.connections).forget(pid);
         }
@@ -137,39 +171,16 @@ impl Requests {
             .tried
             .retain(|(pid, start)| wanted.get(pid).is_some_and(|s| s.start_ticks == *start));
         for s in wanted.values() {
-            if let Some(Probed { sockets, .. }) = probed.get_mut(&s.pid) {
-                // A call the server was already in when the probes attached (the accept it
-                // was blocked in) has no return probe: the connections it opened are found
-                // here, at the next pass that sees its sockets change.
-                if *sockets != s.sockets {
-                    sockets.clone_from(&s.sockets);
-                    if let Some(conns) = lock(&self.conns).as_mut() {
-                        probes::follow_open_connections(conns, proc, s.pid, &s.ports);
-                    }
-                }
+            if let Some(p) = probed.get_mut(&s.pid) {
+                self.refresh(p, proc, s);
                 continue;
             }
             if failed.tried.contains(&(s.pid, s.start_ticks)) {
                 continue;
             }
-            let attached = probes::attach(cuda.attacher().programs(), proc, s.pid);
-            match attached {
+            match self.follow(cuda, proc, s) {
                 Ok(p) => {
-                    let open = lock(&self.conns).as_mut().map_or(0, |conns| {
-                        probes::follow_open_connections(conns, proc, s.pid, &s.ports)
-                    });
-                    tracing::info!(
-                        pid = s.pid,
-                        probes = p.count(),
-                        open_connections = open,
-                        "request telemetry on"
-                    );
-                    let probed_now = Probed {
-                        start_ticks: s.start_ticks,
-                        probes: p,
-                        sockets: s.sockets.clone(),
-                    };
-                    probed.insert(s.pid, probed_now);
+                    probed.insert(s.pid, p);
                 }
                 Err(reason) => {
                     tracing::info!(
@@ -183,17 +194,95 @@ impl Requests {
             }
         }
         drop(failed);
+        if let Some(hook) = self.kernel {
+            let mut hooked = lock(&self.hooked);
+            if probed.is_empty() {
+                if let Some(links) = hooked.take() {
+                    tracing::info!(
+                        hook = hook.as_str(),
+                        "no server followed: the kernel hooks of request telemetry detached"
+                    );
+                    detach.push(Box::new(links));
+                }
+            } else if hooked.is_none() {
+                match hook.attach(cuda.attacher().programs()) {
+                    Ok(links) => {
+                        tracing::info!(
+                            hook = hook.as_str(),
+                            "the kernel hooks of request telemetry attached"
+                        );
+                        *hooked = Some(links);
+                    }
+                    Err(e) => {
+                        tracing::warn!(hook = hook.as_str(), error = %e, "cannot attach the kernel hooks of request telemetry");
+                    }
+                }
+            }
+        }
         drop(probed);
         lock(&self.metrics).retain(known);
-        // Each detach waits for grace periods (~0.1 s a link here, ~26 links a server): on a
-        // thread of their own, so discovery goes on meanwhile.
-        if !links.is_empty() {
+        if !detach.is_empty() {
             let detaching = std::thread::Builder::new()
                 .name("llmscope-detach".into())
-                .spawn(move || drop(links));
+                .spawn(move || drop(detach));
             if let Err(e) = detaching {
                 tracing::warn!(error = %e, "cannot start a thread to detach request probes");
             }
+        }
+    }
+
+    /// Starts following server `s`: its ports in the kernel hooks' table, or its libc probes.
+    fn follow(&self, cuda: &CudaState, proc: &Path, s: &Server) -> Result<Probed, ProbeFailure> {
+        let mut tables = lock(&self.tables);
+        let tables = tables.as_mut().ok_or(ProbeFailure::Attach)?;
+        let (probes, open) = if self.kernel.is_some() {
+            if !kernel::follow_ports(&mut tables.ports, s.pid, &s.ports) {
+                return Err(ProbeFailure::Attach);
+            }
+            (None, None)
+        } else {
+            let p = probes::attach(cuda.attacher().programs(), proc, s.pid)?;
+            let open = probes::follow_open_connections(&mut tables.conns, proc, s.pid, &s.ports);
+            (Some(p), Some(open))
+        };
+        tracing::info!(
+            pid = s.pid,
+            hook = self.hook(),
+            ports = ?s.ports,
+            libc_probes = probes.as_ref().map(ServerProbes::count),
+            open_connections = open,
+            "request telemetry on"
+        );
+        Ok(Probed {
+            start_ticks: s.start_ticks,
+            probes,
+            ports: s.ports.clone(),
+            sockets: s.sockets.clone(),
+        })
+    }
+
+    /// Keeps a followed server's entries in the kernel's tables up to date.
+    fn refresh(&self, p: &mut Probed, proc: &Path, s: &Server) {
+        let mut tables = lock(&self.tables);
+        let Some(tables) = tables.as_mut() else {
+            return;
+        };
+        if p.probes.is_none() {
+            if p.ports != s.ports {
+                kernel::forget_ports(&mut tables.ports, s.pid, &p.ports);
+                let followed = kernel::follow_ports(&mut tables.ports, s.pid, &s.ports);
+                p.ports = if followed {
+                    s.ports.clone()
+                } else {
+                    Vec::new()
+                };
+            }
+        } else if p.sockets != s.sockets {
+            // A call the server was already in when the probes attached (the accept it was
+            // blocked in) has no return probe: the connections it opened are found here, at
+            // the next pass that sees its sockets change.
+            p.sockets.clone_from(&s.sockets);
+            probes::follow_open_connections(&mut tables.conns, proc, s.pid, &s.ports);
         }
     }
 }
@@ -224,6 +313,10 @@ impl RequestSource for Requests {
             .collect();
         failures.sort_unstable();
         (probed, failures)
+    }
+
+    fn hook(&self) -> &'static str {
+        Requests::hook(self)
     }
 }
 

@@ -27,7 +27,11 @@ static PROBED: Family = Family::gauge(
     "llmscope_http_probed_processes",
     "Server processes whose connections the request probes follow.",
 );
-static PROBE_FAILURES: Family = Family::counter("llmscope_http_probe_failures", "Server processes the request probes could not attach to, by reason (no_libc: a static binary such as Ollama, which needs the kernel hooks).");
+static HOOK: Family = Family::gauge(
+    "llmscope_http_hook",
+    "How request telemetry reads connections (1 for the one in use): fentry or kprobe (hooks on the kernel's TCP functions, every server), libc (per-process uprobes: not Go servers), or off.",
+);
+static PROBE_FAILURES: Family = Family::counter("llmscope_http_probe_failures", "Server processes request telemetry could not follow, by reason (go: a Go program such as Ollama, which only the kernel hooks see; no_libc: a static binary; attach: the kernel refused, or its tables were full).");
 static OTHER: Family = Family::counter(
     "llmscope_http_other_exchanges",
     "Exchanges on routes that are not inference (health checks, metrics): counted only.",
@@ -53,6 +57,8 @@ pub trait RequestSource: Send + Sync {
     fn read(&self, f: &mut dyn FnMut(RequestReading<'_>));
     /// Processes probed now, and probe failures by reason.
     fn probes(&self) -> (usize, Vec<(&'static str, u64)>);
+    /// How connections are read: `fentry`, `kprobe`, `libc` or `off`.
+    fn hook(&self) -> &'static str;
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -168,6 +174,7 @@ impl Collector for RequestCollector {
         });
         let (probed, failures) = self.source.probes();
         out.set(&PROBED, probed as f64);
+        out.extend(&HOOK, [([("hook", self.source.hook())], 1.0)]);
         out.extend(
             &PROBE_FAILURES,
             ProbeFailure::ALL.iter().map(|f| {

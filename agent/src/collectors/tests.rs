@@ -235,6 +235,10 @@ impl super::requests::RequestSource for FixedRequests {
     fn probes(&self) -> (usize, Vec<(&'static str, u64)>) {
         (1, vec![("go", 1)])
     }
+
+    fn hook(&self) -> &'static str {
+        "fentry"
+    }
 }
 
 struct FixedCuda;

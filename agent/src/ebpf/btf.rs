@@ -14,11 +14,14 @@ pub enum BtfError {
     NoStruct(String),
     #[error("member {1} not found in struct {0}")]
     NoMember(String, String),
+    #[error("value {1} not found in enum {0}")]
+    NoEnumValue(String, String),
 }
 
 const MAGIC: u16 = 0xeb9f;
 const KIND_STRUCT: u32 = 4;
 const KIND_UNION: u32 = 5;
+const KIND_ENUM: u32 = 6;
 
 pub struct Btf {
     data: Vec<u8>,
@@ -27,6 +30,17 @@ pub struct Btf {
     /// Byte offset of each type record, by type id (id 0 is `void`).
     type_offsets: Vec<usize>,
     structs_by_name: HashMap<String, u32>,
+    enums_by_name: HashMap<String, u32>,
+}
+
+/// The NUL-terminated name at `off` in the string section.
+fn string_at(data: &[u8], start: usize, len: usize, off: usize) -> Result<&str, BtfError> {
+    if off >= len {
+        return Err(BtfError::Malformed("string offset out of bounds"));
+    }
+    let s = &data[start + off..start + len];
+    let end = s.iter().position(|b| *b == 0).unwrap_or(s.len());
+    std::str::from_utf8(&s[..end]).map_err(|_| BtfError::Malformed("non-UTF-8 name"))
 }
 
 impl Btf {
@@ -59,6 +73,7 @@ impl Btf {
             strings_len: str_len,
             type_offsets: vec![0],
             structs_by_name: HashMap::new(),
+            enums_by_name: HashMap::new(),
             data: Vec::new(),
         };
         let mut off = types_start;
@@ -75,12 +90,15 @@ impl Btf {
             };
             let id = btf.type_offsets.len() as u32;
             btf.type_offsets.push(off);
-            if kind == KIND_STRUCT {
-                let name_off = u32_at(off)? as usize;
-                if name_off != 0 {
-                    btf.structs_by_name
-                        .insert(btf.string(&data, name_off)?.to_owned(), id);
-                }
+            let by_name = match kind {
+                KIND_STRUCT => Some(&mut btf.structs_by_name),
+                KIND_ENUM => Some(&mut btf.enums_by_name),
+                _ => None,
+            };
+            let name_off = u32_at(off)? as usize;
+            if let Some(by_name) = by_name.filter(|_| name_off != 0) {
+                let name = string_at(&data, strings_start, str_len, name_off)?;
+                by_name.insert(name.to_owned(), id);
             }
             off += 12 + trailing;
         }
@@ -89,12 +107,22 @@ impl Btf {
     }
 
     fn string<'d>(&self, data: &'d [u8], off: usize) -> Result<&'d str, BtfError> {
-        if off >= self.strings_len {
-            return Err(BtfError::Malformed("string offset out of bounds"));
+        string_at(data, self.strings_start, self.strings_len, off)
+    }
+
+    /// The value of `variant` in `enum name` (a 32-bit enum).
+    pub fn enum_value(&self, name: &str, variant: &str) -> Result<i64, BtfError> {
+        let no_value = || BtfError::NoEnumValue(name.to_owned(), variant.to_owned());
+        let id = *self.enums_by_name.get(name).ok_or_else(no_value)?;
+        let off = self.type_offsets[id as usize];
+        let vlen = (self.u32_at(off + 4) & 0xffff) as usize;
+        for i in 0..vlen {
+            let e = off + 12 + 8 * i;
+            if self.string(&self.data, self.u32_at(e) as usize)? == variant {
+                return Ok(i64::from(self.u32_at(e + 4) as i32));
+            }
         }
-        let s = &data[self.strings_start + off..self.strings_start + self.strings_len];
-        let end = s.iter().position(|b| *b == 0).unwrap_or(s.len());
-        std::str::from_utf8(&s[..end]).map_err(|_| BtfError::Malformed("non-UTF-8 name"))
+        Err(no_value())
     }
 
     fn u32_at(&self, off: usize) -> u32 {
@@ -195,6 +223,29 @@ mod tests {
         assert!(matches!(
             btf.member_offset("no_such_struct", "x"),
             Err(BtfError::NoStruct(_))
+        ));
+    }
+
+    #[test]
+    fn finds_the_socket_and_iov_iter_layout_in_the_running_kernel() {
+        let btf = Btf::from_sys_fs().unwrap();
+        // Through anonymous unions and structs: skc_num sits in skc_portpair's struct.
+        let num = btf.member_offset("sock_common", "skc_num").unwrap();
+        let dport = btf.member_offset("sock_common", "skc_dport").unwrap();
+        assert_eq!(num, dport + 2);
+        let ubuf = btf.member_offset("iov_iter", "ubuf").unwrap();
+        let iov = btf
+            .member_offset("iov_iter", "__iov")
+            .or_else(|_| btf.member_offset("iov_iter", "iov"))
+            .unwrap();
+        assert_eq!(ubuf, iov, "one union");
+        assert_eq!(btf.member_offset("iov_iter", "iter_type").unwrap(), 0);
+        let ubuf_type = btf.enum_value("iter_type", "ITER_UBUF").unwrap();
+        let iovec_type = btf.enum_value("iter_type", "ITER_IOVEC").unwrap();
+        assert_ne!(ubuf_type, iovec_type);
+        assert!(matches!(
+            btf.enum_value("iter_type", "ITER_NONE"),
+            Err(BtfError::NoEnumValue(..))
         ));
     }
 

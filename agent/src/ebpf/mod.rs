@@ -9,10 +9,11 @@ pub mod perf_mmap;
 use std::path::Path;
 
 use agent_common::cuda::{AllocKey, CudaKey, CudaStat};
-use agent_common::http::ConnKey;
+use agent_common::http::{ConnKey, PortKey};
 use agent_common::{Lost, LOST_SLOTS};
 
-use crate::config::LibraryHook;
+use crate::config::{LibraryHook, RequestsHook};
+use crate::requests::kernel::KernelHook;
 use aya::maps::lpm_trie::{Key, LpmTrie};
 use aya::maps::{HashMap, MapData, PerCpuArray, RingBuf};
 use aya::programs::{FEntry, KProbe, ProgramError, TracePoint, UProbe};
@@ -31,6 +32,8 @@ static EBPF_OBJECT: Option<&[u8]> = None;
 pub enum SensorError {
     #[error("--library-hook {0}: {1}")]
     Hook(&'static str, String),
+    #[error("--requests-hook {0}: {1}")]
+    RequestsHook(&'static str, String),
     #[error("this binary was built without its eBPF object: run `cargo xtask build-ebpf` and build it again (`cargo xtask run` does both)")]
     NoObject,
     #[error("tracefs is not mounted and mounting it at /sys/kernel/tracing failed: {0} (the agent needs root or CAP_SYS_ADMIN for that; or mount it: mount -t tracefs nodev /sys/kernel/tracing)")]
@@ -66,10 +69,14 @@ pub struct Sensor {
     pub http: Option<HttpMaps>,
 }
 
-/// The request probes' ring and connection table (see agent-ebpf/src/http.rs).
+/// The request probes' ring, the libc probes' connection table and the kernel hooks' port
+/// table (see agent-ebpf/src/http.rs).
 pub struct HttpMaps {
     pub events: RingBuf<MapData>,
     pub conns: HashMap<MapData, ConnKey, u32>,
+    pub ports: HashMap<MapData, PortKey, u32>,
+    /// The kernel hooks, loaded; None: the libc probes are used.
+    pub kernel: Option<KernelHook>,
 }
 
 /// How the kernel reports libraries being mapped (`security_mmap_file`).
@@ -160,6 +167,7 @@ impl Sensor {
         ring_buffer_bytes: u32,
         max_processes: u32,
         hook: LibraryHook,
+        requests_hook: RequestsHook,
     ) -> Result<Sensor, SensorError> {
         let tracefs = ensure_tracefs()?;
         check_layout(
@@ -228,7 +236,15 @@ impl Sensor {
             ],
         );
         let file_known = file.iter().all(|&o| o != 0);
-        let globals: [(&str, u32); 15] = [
+        let http = http_layout(btf.as_ref().ok());
+        let http_known = http.is_ok();
+        let http = http.unwrap_or_else(|e| {
+            if requests_hook != RequestsHook::Libc {
+                tracing::info!(error = %e, "no kernel hooks for request telemetry: its libc probes are used");
+            }
+            [0; 9]
+        });
+        let globals: [(&str, u32); 24] = [
             ("EXIT_GROUP_DEAD_FIELD", u32::from(group_dead_field)),
             ("TASK_SIGNAL_OFFSET", signal[0]),
             ("SIGNAL_LIVE_OFFSET", signal[1]),
@@ -244,6 +260,15 @@ impl Sensor {
             ("INODE_INO_OFFSET", file[6]),
             ("INODE_SB_OFFSET", file[7]),
             ("SB_DEV_OFFSET", file[8]),
+            ("SOCK_NUM_OFFSET", http[0]),
+            ("MSGHDR_ITER_OFFSET", http[1]),
+            ("ITER_TYPE_OFFSET", http[2]),
+            ("ITER_IOV_OFFSET_OFFSET", http[3]),
+            ("ITER_UBUF_OFFSET", http[4]),
+            ("ITER_IOV_OFFSET", http[5]),
+            ("ITER_NR_SEGS_OFFSET", http[6]),
+            ("ITER_UBUF", http[7]),
+            ("ITER_IOVEC", http[8]),
         ];
         let mut loader = EbpfLoader::new();
         for (name, value) in &globals {
@@ -277,6 +302,10 @@ impl Sensor {
                 let program: &mut UProbe = program(&mut ebpf, name)?;
                 program.load().map_err(|e| SensorError::Program(name, e))
             });
+        let kernel_hook = match http_loaded {
+            Ok(()) => requests_kernel_hook(&mut ebpf, requests_hook, http_known)?,
+            Err(_) => None,
+        };
         let (mmap_hook, mmap_records) = library_hook(&mut ebpf, hook, file_known)?;
         let hook_program = HookProgram::of(&mut ebpf, mmap_hook);
         let events = RingBuf::try_from(take(&mut ebpf, "EVENTS")?)
@@ -301,6 +330,9 @@ impl Sensor {
                     .map_err(|e| SensorError::Map("HTTP_EVENTS", e.to_string()))?,
                 conns: HashMap::try_from(take(&mut ebpf, "HTTP_CONNS")?)
                     .map_err(|e| SensorError::Map("HTTP_CONNS", e.to_string()))?,
+                ports: HashMap::try_from(take(&mut ebpf, "HTTP_PORTS")?)
+                    .map_err(|e| SensorError::Map("HTTP_PORTS", e.to_string()))?,
+                kernel: kernel_hook,
             }),
             Err(e) => {
                 tracing::warn!(error = %e, "the kernel refused the request probes: request telemetry is off");
@@ -339,6 +371,73 @@ where
 fn take(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, SensorError> {
     ebpf.take_map(name)
         .ok_or(SensorError::Map(name, "missing from the object".into()))
+}
+
+/// Where the kernel hooks of request telemetry find a socket's local port and a message's
+/// bytes, from the kernel's BTF (the globals of agent-ebpf/src/http.rs, in their order).
+fn http_layout(btf: Option<&btf::Btf>) -> Result<[u32; 9], String> {
+    let btf = btf.ok_or("the kernel has no BTF")?;
+    let offset = |s: &str, m: &str| btf.member_offset(s, m).map_err(|e| e.to_string());
+    // The iovec pointer is `__iov` since Linux 6.4, `iov` before.
+    let iov = offset("iov_iter", "__iov").or_else(|_| offset("iov_iter", "iov"))?;
+    let value = |v: &str| {
+        btf.enum_value("iter_type", v)
+            .map_err(|e| e.to_string())
+            .and_then(|n| u32::try_from(n).map_err(|_| format!("{v} = {n}")))
+    };
+    Ok([
+        offset("sock_common", "skc_num")?,
+        offset("msghdr", "msg_iter")?,
+        offset("iov_iter", "iter_type")?,
+        offset("iov_iter", "iov_offset")?,
+        offset("iov_iter", "ubuf")?,
+        iov,
+        offset("iov_iter", "nr_segs")?,
+        value("ITER_UBUF")?,
+        value("ITER_IOVEC")?,
+    ])
+}
+
+/// Loads the kernel hooks of request telemetry `wanted` asks for: in `auto`, the best that
+/// the kernel runs (None: the libc probes); a forced one it cannot run is an error.
+fn requests_kernel_hook(
+    ebpf: &mut Ebpf,
+    wanted: RequestsHook,
+    layout_known: bool,
+) -> Result<Option<KernelHook>, SensorError> {
+    let try_hook = |ebpf: &mut Ebpf, hook: KernelHook| {
+        if !layout_known {
+            return Err("the kernel's BTF does not give the socket and message layout".into());
+        }
+        hook.load(ebpf)
+    };
+    let forced = |ebpf: &mut Ebpf, hook: KernelHook, feature: &str| {
+        try_hook(ebpf, hook).map(|()| Some(hook)).map_err(|e| {
+            SensorError::RequestsHook(hook.as_str(), format!("{e} (this hook needs {feature})"))
+        })
+    };
+    match wanted {
+        RequestsHook::Libc => Ok(None),
+        RequestsHook::Fentry => forced(
+            ebpf,
+            KernelHook::Fentry,
+            "BPF trampolines (CONFIG_DYNAMIC_FTRACE_WITH_DIRECT_CALLS)",
+        ),
+        RequestsHook::Kprobe => forced(ebpf, KernelHook::Kprobe, "kprobes (CONFIG_KPROBES)"),
+        RequestsHook::Auto => {
+            let fentry = match try_hook(ebpf, KernelHook::Fentry) {
+                Ok(()) => return Ok(Some(KernelHook::Fentry)),
+                Err(e) => e,
+            };
+            match try_hook(ebpf, KernelHook::Kprobe) {
+                Ok(()) => Ok(Some(KernelHook::Kprobe)),
+                Err(kprobe) => {
+                    tracing::info!(fentry_error = %fentry, kprobe_error = %kprobe, "request telemetry cannot hook the kernel's TCP functions: it uses per-process libc probes (not for Go servers)");
+                    Ok(None)
+                }
+            }
+        }
+    }
 }
 
 /// Attaches the library hook `wanted` asks for: in `auto`, the best one that attaches (a

@@ -13,6 +13,7 @@
 pub mod exchange;
 pub mod http1;
 pub mod json;
+pub mod kernel;
 pub mod probes;
 
 use std::collections::{BTreeMap, HashMap};
@@ -48,7 +49,8 @@ pub const TPOT_BUCKETS: &[f64] = &[
 pub struct Record<'a> {
     pub kind: u32,
     pub tgid: u32,
-    pub fd: u32,
+    /// The connection: an fd, or the kernel's socket address.
+    pub conn: u64,
     /// Bytes of the stream the record stands for (`data`, then a gap).
     pub len: u64,
     pub at_ns: u64,
@@ -61,12 +63,12 @@ pub fn decode(bytes: &[u8]) -> Option<Record<'_>> {
     let head = bytes.get(..head_len)?;
     let u32_at = |o: usize| u32::from_ne_bytes(head[o..o + 4].try_into().unwrap());
     let u64_at = |o: usize| u64::from_ne_bytes(head[o..o + 8].try_into().unwrap());
-    let copied = u32_at(12) as usize;
+    let copied = u32_at(32) as usize;
     let data = bytes.get(head_len..head_len.checked_add(copied)?)?;
     Some(Record {
         kind: u32_at(0),
         tgid: u32_at(4),
-        fd: u32_at(8),
+        conn: u64_at(8),
         len: u64_at(16).max(copied as u64),
         at_ns: u64_at(24),
         data,
@@ -91,14 +93,14 @@ pub struct Stats {
 /// The followed connections of every probed server.
 #[derive(Default)]
 pub struct Connections {
-    open: HashMap<(u32, u32), Connection>,
+    open: HashMap<(u32, u64), Connection>,
     pub stats: Stats,
 }
 
 impl Connections {
     /// Handles one record; calls `done(tgid, exchange)` for each exchange that ended.
     pub fn record(&mut self, r: Record<'_>, done: &mut impl FnMut(u32, Completed)) {
-        let key = (r.tgid, r.fd);
+        let key = (r.tgid, r.conn);
         if r.kind == HTTP_ACCEPT {
             // A new connection on a reused fd: whatever was kept for the fd is stale.
             self.open.remove(&key);
@@ -131,7 +133,7 @@ impl Connections {
         }
     }
 
-    fn insert(&mut self, key: (u32, u32), c: Connection) {
+    fn insert(&mut self, key: (u32, u64), c: Connection) {
         if self.open.len() >= MAX_CONNECTIONS {
             self.stats.connections_dropped += 1;
             return;
@@ -287,14 +289,15 @@ mod tests {
     use super::*;
     use exchange::TokenSource;
 
-    fn record(kind: u32, fd: u32, data: &[u8], extra: u64, at: u64) -> Vec<u8> {
+    fn record(kind: u32, conn: u64, data: &[u8], extra: u64, at: u64) -> Vec<u8> {
         let head = HttpRecord {
             kind,
             tgid: 42,
-            fd,
-            copied: data.len() as u32,
+            conn,
             len: data.len() as u64 + extra,
             ktime_ns: at,
+            copied: data.len() as u32,
+            reserved: 0,
         };
         // SAFETY: HttpRecord is repr(C) plain integers without padding.
         let bytes = unsafe {
@@ -308,7 +311,7 @@ mod tests {
         let r = record(HTTP_IN, 7, b"GET", 5, 99);
         let d = decode(&r).unwrap();
         assert_eq!(
-            (d.kind, d.tgid, d.fd, d.len, d.at_ns, d.data),
+            (d.kind, d.tgid, d.conn, d.len, d.at_ns, d.data),
             (HTTP_IN, 42, 7, 8, 99, &b"GET"[..])
         );
         assert_eq!(decode(&r[..r.len() - 1]), None);
@@ -368,7 +371,7 @@ mod tests {
     #[test]
     fn connections_are_bounded() {
         let mut c = Connections::default();
-        for fd in 0..=MAX_CONNECTIONS as u32 {
+        for fd in 0..=MAX_CONNECTIONS as u64 {
             c.record(
                 decode(&record(HTTP_ACCEPT, fd, b"", 0, 0)).unwrap(),
                 &mut |_, _| {},

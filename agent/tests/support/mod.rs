@@ -220,7 +220,11 @@ fn named(program: &Path, name: &str) -> PathBuf {
 /// A listening server whose executable looks like a Go program's, named `ollama`.
 pub fn go_shaped_server() -> PathBuf {
     named(
-        &compiled("go-shaped-server", "requests/go_shaped_server.c", &["-O2"]),
+        &compiled(
+            "go-shaped-server",
+            "requests/go_shaped_server.c",
+            &["-O2", "-pthread"],
+        ),
         "ollama",
     )
 }
