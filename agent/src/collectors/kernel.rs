@@ -9,7 +9,7 @@ use crate::state::Counters;
 static EVENTS: Family = Family::counter("llmscope_events", "Kernel events received, by kind.");
 static EVENTS_LOST: Family = Family::counter("llmscope_events_lost", "Kernel events lost because the ring buffer was full, by kind; reconciliation repairs what they missed.");
 static HOOK_MISSED: Family = Family::counter("llmscope_library_hook_missed", "Runs of the library hook (fentry or kprobe on security_mmap_file) the kernel skipped because another BPF program was running on that CPU; the /proc scans repair what they missed. 0 without a BPF hook.");
-static MAP_BATCHING: Family = Family::gauge("llmscope_library_map_batching", "1 while the perf buffers of library mappings wake the agent only when half full and are read on a 10 ms timer (executable mappings above 500 a second: a record that wakes costs the mapping process an interrupt); 0 while they wake it per record, and without perf records (a BPF hook filters in the kernel).");
+static MAP_BATCHING: Family = Family::gauge("llmscope_library_map_batching", "1 while the perf buffers of library mappings wake the agent only when half full and are read every 2 ms (executable mappings above 500 a second: a record that wakes costs the mapping process an interrupt); 0 while they wake it per record, and without perf records (a BPF hook filters in the kernel).");
 static REPAIRS: Family = Family::counter(
     "llmscope_reconcile_repairs",
     "Processes whose exec or exit the /proc reconciliation found missing, by kind.",
