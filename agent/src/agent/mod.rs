@@ -461,7 +461,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         config.ring_buffer_bytes,
         config.common.max_processes,
         config.library_hook,
-        config.requests_hook,
+        (config.requests != RequestsMode::Off).then_some(config.requests_hook),
     )?;
     tracing::info!(
         kernel_ppid = sensor.kernel_ppid,

@@ -163,11 +163,13 @@ impl TrackedPids {
 
 impl Sensor {
     /// `ring_buffer_bytes`: a power of two, at least one page (checked by the config).
+    /// `requests_hook`: None when request telemetry is off (its kernel hooks are then not
+    /// even tried: a trial attach would touch every TCP call on the node).
     pub fn load(
         ring_buffer_bytes: u32,
         max_processes: u32,
         hook: LibraryHook,
-        requests_hook: RequestsHook,
+        requests_hook: Option<RequestsHook>,
     ) -> Result<Sensor, SensorError> {
         let tracefs = ensure_tracefs()?;
         check_layout(
@@ -239,7 +241,7 @@ impl Sensor {
         let http = http_layout(btf.as_ref().ok());
         let http_known = http.is_ok();
         let http = http.unwrap_or_else(|e| {
-            if requests_hook != RequestsHook::Libc {
+            if requests_hook.is_some_and(|h| h != RequestsHook::Libc) {
                 tracing::info!(error = %e, "no kernel hooks for request telemetry: its libc probes are used");
             }
             [0; 9]
@@ -303,7 +305,10 @@ impl Sensor {
                 program.load().map_err(|e| SensorError::Program(name, e))
             });
         let kernel_hook = match http_loaded {
-            Ok(()) => requests_kernel_hook(&mut ebpf, requests_hook, http_known)?,
+            Ok(()) => match requests_hook {
+                Some(wanted) => requests_kernel_hook(&mut ebpf, wanted, http_known)?,
+                None => None,
+            },
             Err(_) => None,
         };
         let (mmap_hook, mmap_records) = library_hook(&mut ebpf, hook, file_known)?;
