@@ -45,6 +45,12 @@ pub struct Common {
     #[arg(long, env = "LLMSCOPE_GPU_INFO_TTL", default_value = "60s", value_parser = parse_duration)]
     pub gpu_info_ttl: Duration,
 
+    /// User classification rules (YAML; README "Classification rules"): tried before the
+    /// built-in rules, they name in-house servers or exclude processes. Read again when the
+    /// file changes (a bad version is reported and the rules in use are kept).
+    #[arg(long = "classify.rules", env = "LLMSCOPE_CLASSIFY_RULES")]
+    pub classify_rules: Option<PathBuf>,
+
     /// Log level or tracing filter (error, warn, info, debug, trace, or e.g. "llmscope=debug").
     #[arg(long, env = "LLMSCOPE_LOG_LEVEL", default_value = "info")]
     pub log_level: String,
@@ -61,6 +67,19 @@ pub struct Common {
 }
 
 impl Common {
+    /// The rules file, read and compiled (None: no `--classify.rules`).
+    pub fn load_rules(
+        &self,
+    ) -> Result<
+        Option<(crate::identity::RulesFile, crate::identity::Rules)>,
+        crate::identity::RulesError,
+    > {
+        self.classify_rules
+            .as_deref()
+            .map(crate::identity::RulesFile::load)
+            .transpose()
+    }
+
     /// Adds what is wrong with these flags to `problems`.
     pub fn check(&self, problems: &mut Vec<String>) {
         if self.grace_period.is_zero() {
@@ -70,6 +89,13 @@ impl Common {
             if !dir.is_dir() {
                 problems.push(format!("--gpu-info-dir {}: not a directory", dir.display()));
             }
+        }
+        if let Err(e) = self.load_rules() {
+            problems.extend(
+                e.problems
+                    .iter()
+                    .map(|p| format!("--classify.rules {}: {p}", e.file.display())),
+            );
         }
         if tracing_subscriber::EnvFilter::try_new(&self.log_level).is_err() {
             problems.push(format!(

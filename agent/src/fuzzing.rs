@@ -234,3 +234,40 @@ pub fn web_config(data: &[u8]) {
         let _ = crate::web_config::parse(text, std::path::Path::new("web.yml"));
     }
 }
+
+/// `--classify.rules`' YAML, then (after a 0xff byte) a command line it is tried on: a file
+/// compiles or is refused with reasons, and whatever a rule derives from any command line is
+/// a sanitised, bounded label that does not look like a secret.
+pub fn classify_rules(data: &[u8]) {
+    let (text, cmdline) = match data.iter().position(|&b| b == 0xff) {
+        Some(i) => (&data[..i], &data[i + 1..]),
+        None => (data, &[][..]),
+    };
+    let Ok(text) = std::str::from_utf8(text) else {
+        return;
+    };
+    let rules = match crate::identity::Rules::parse(text) {
+        Ok(rules) => rules,
+        Err(problems) => {
+            assert!(!problems.is_empty());
+            return;
+        }
+    };
+    let argv = crate::proc::parse::parse_cmdline(cmdline);
+    let facts = ProcessFacts {
+        pid: 2,
+        ppid: 1,
+        comm: "fuzz".into(),
+        exe: argv.first().cloned().unwrap_or_default(),
+        env: vec![("MODEL".into(), argv.last().cloned().unwrap_or_default())],
+        libraries: argv.iter().skip(1).take(4).cloned().collect(),
+        argv,
+    };
+    let _ = rules.needs(&facts);
+    if let Some((i, crate::identity::Verdict::Classify(id))) = rules.decide(&facts) {
+        assert!(rules.name(i).is_some());
+        assert_label(&id.model_name);
+        assert_label(id.framework.as_str());
+        assert!(!looks_like_secret(&id.model_name), "{:?}", id.model_name);
+    }
+}

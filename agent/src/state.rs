@@ -80,6 +80,8 @@ pub struct ProcessView {
     pub samples: Vec<ProcessSample>,
     pub dropped: u64,
     pub model_names_capped: u64,
+    /// What the user classification rules did (None: no rules file).
+    pub rules: Option<crate::tracker::RuleCounts>,
     /// Processes that could not be read on the last pass (the first error).
     pub error: Option<String>,
     /// Container name lookups by result (ok, not_found, error, dropped).

@@ -6,12 +6,15 @@
 //! reuse by its start time, so a new process never inherits an old one's series.
 
 use std::cell::OnceCell;
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use crate::identity::{derive, sanitize_label, Framework, Identity, ProcessFacts, Role};
+use crate::identity::{
+    derive, sanitize_label, Framework, Identity, ProcessFacts, Role, Rules, Verdict,
+};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Tracked {
@@ -38,6 +41,10 @@ pub struct Tracked {
     /// overwrite it, nor mark it exited.
     #[serde(skip)]
     pub observed_at: Instant,
+    /// Its identity is a user rule's (`--classify.rules`): when no rule matches it any
+    /// more, it is no longer tracked.
+    #[serde(skip)]
+    pub by_rule: bool,
 }
 
 impl Tracked {
@@ -70,6 +77,13 @@ pub enum Observed {
     Dropped,
 }
 
+/// What the user rules did: processes each matched, and rules files refused on reload.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RuleCounts {
+    pub matches: Vec<(String, u64)>,
+    pub reload_failures: u64,
+}
+
 /// Distinct `model_name` values exported at once by default (`--max-model-names`).
 pub const DEFAULT_MAX_MODEL_NAMES: usize = 256;
 /// What a model name past the cap is exported as.
@@ -90,6 +104,17 @@ pub struct Tracker {
     /// (exited at, pid) in exit order: expiry and eviction take the oldest without a pass
     /// over the table. An entry is stale when its pid was replaced or removed meanwhile.
     exits: VecDeque<(Instant, u32)>,
+    /// User rules, tried before the built-in ones.
+    rules: Option<Arc<Rules>>,
+    /// Bumped when the rules change: scans then look at tracked processes again.
+    rules_generation: u64,
+    /// Processes each current rule matched (`llmscope_classify_rule_matches_total`).
+    rule_matches: BTreeMap<String, u64>,
+    /// Changed rules files that could not be used (the rules in use were kept).
+    rules_reload_failures: u64,
+    /// Pids an ignore rule excluded since their exec: counted once, not at every scan.
+    /// Bounded by the table's capacity (cleared when full: at worst a process counts again).
+    ignored: HashSet<u32>,
 }
 
 impl Tracker {
@@ -102,6 +127,62 @@ impl Tracker {
             model_names_capped: 0,
             model_names: HashMap::new(),
             exits: VecDeque::new(),
+            rules: None,
+            rules_generation: 0,
+            rule_matches: BTreeMap::new(),
+            rules_reload_failures: 0,
+            ignored: HashSet::new(),
+        }
+    }
+
+    /// Uses `rules` from now on (None: the built-in rules only). Counts of rules that keep
+    /// their name carry over; processes already tracked are looked at again by the next scan
+    /// (see [`Tracker::rules_generation`]).
+    pub fn set_rules(&mut self, rules: Option<Arc<Rules>>) {
+        let old = std::mem::take(&mut self.rule_matches);
+        if let Some(r) = &rules {
+            self.rule_matches = r
+                .names()
+                .map(|n| (n.to_owned(), old.get(n).copied().unwrap_or(0)))
+                .collect();
+        }
+        self.rules = rules;
+        self.rules_generation += 1;
+        self.ignored.clear();
+    }
+
+    pub fn rules(&self) -> Option<Arc<Rules>> {
+        self.rules.clone()
+    }
+
+    pub fn rules_generation(&self) -> u64 {
+        self.rules_generation
+    }
+
+    /// (rule, processes it matched), in name order.
+    pub fn rule_matches(&self) -> Vec<(String, u64)> {
+        self.rule_matches
+            .iter()
+            .map(|(k, v)| (k.clone(), *v))
+            .collect()
+    }
+
+    /// A changed rules file could not be used: the rules in use stay.
+    pub fn rules_reload_failed(&mut self) {
+        self.rules_reload_failures += 1;
+    }
+
+    /// What the rules did, for the metrics; None without a rules file.
+    pub fn rule_counts(&self) -> Option<RuleCounts> {
+        self.rules.as_ref().map(|_| RuleCounts {
+            matches: self.rule_matches(),
+            reload_failures: self.rules_reload_failures,
+        })
+    }
+
+    fn count_match(&mut self, rule: &str) {
+        if let Some(n) = self.rule_matches.get_mut(rule) {
+            *n += 1;
         }
     }
 
@@ -256,14 +337,42 @@ impl Tracker {
                     p.identity.clone(),
                 )
             });
-        let identity = derive(facts, parent.as_ref().map(|(f, i)| (f, i))).or(fallback);
+        if replace == Replace::Always {
+            self.ignored.remove(&facts.pid);
+        }
+        let ruled = self.rules.clone().and_then(|rules| {
+            let (index, verdict) = rules.decide(facts)?;
+            Some((rules.name(index)?.to_owned(), verdict))
+        });
+        let (identity, rule) = match ruled {
+            Some((rule, Verdict::Ignore)) => {
+                if self.ignored.len() >= self.capacity {
+                    self.ignored.clear();
+                }
+                if self.ignored.insert(facts.pid) {
+                    self.count_match(&rule);
+                }
+                return match self.remove(facts.pid) {
+                    Some(_) => Observed::Removed,
+                    None => Observed::Ignored,
+                };
+            }
+            Some((rule, Verdict::Classify(id))) => (Some(id), Some(rule)),
+            None => (
+                derive(facts, parent.as_ref().map(|(f, i)| (f, i))).or(fallback),
+                None,
+            ),
+        };
+        self.ignored.remove(&facts.pid);
         let Some(mut identity) = identity else {
             if matches!(replace, Replace::OnlyWithIdentity(_)) {
                 // The same process (same start) keeps what is known about it; a reused pid
-                // (another start) does not.
+                // (another start) does not. One a user rule named, and no rule names now,
+                // is not an LLM process any more.
                 let start = start();
                 let same = |t: &Tracked| {
                     t.is_alive()
+                        && !t.by_rule
                         && (start.is_none() || t.start_ticks.is_none() || t.start_ticks == start)
                 };
                 if self.procs.get(&facts.pid).is_some_and(same) {
@@ -280,6 +389,7 @@ impl Tracker {
         if let Some(existing) = self.procs.get(&facts.pid) {
             if existing.is_alive()
                 && existing.identity == identity
+                && existing.by_rule == rule.is_some()
                 && (existing.start_ticks == start_ticks || start_ticks.is_none())
             {
                 return Observed::Unchanged;
@@ -299,9 +409,13 @@ impl Tracker {
             observed_at,
             container: None,
             container_read: false,
+            by_rule: rule.is_some(),
         });
         if capped {
             self.model_names_capped += 1;
+        }
+        if let Some(rule) = rule {
+            self.count_match(&rule);
         }
         Observed::Added(identity)
     }
@@ -458,6 +572,54 @@ mod tests {
     }
 
     const VLLM: &str = "/usr/bin/python3 -m vllm.entrypoints.openai.api_server --model m/x";
+
+    fn rules(text: &str) -> Option<Arc<Rules>> {
+        Some(Arc::new(Rules::parse(text).unwrap()))
+    }
+
+    #[test]
+    fn user_rules_name_exclude_and_count_and_a_reload_applies_to_tracked_processes() {
+        let mut t = Tracker::new(64);
+        t.set_rules(rules(
+            "rules:\n\
+             - {name: acme, match: {name: '^acme-infer$', argv: '--weights (?P<model>\\S+)'}, framework: acme-infer}\n\
+             - {name: no-vllm, match: {argv: 'api_server'}, ignore: true}\n",
+        ));
+        let acme = facts(20, 1, "/opt/acme-infer --weights /m/ranker-v3.gguf");
+        let Observed::Added(id) = t.observe(&acme, || Some(5)) else {
+            panic!("named by the rule")
+        };
+        assert_eq!(
+            (id.framework.as_str(), id.model_name.as_str(), id.role),
+            ("acme-infer", "ranker-v3", Role::Server)
+        );
+        let vllm = facts(21, 1, VLLM);
+        assert_eq!(t.observe(&vllm, || Some(6)), Observed::Ignored);
+        // A scan sees both again: nothing changes, nothing is counted twice.
+        let now = Instant::now();
+        assert_eq!(t.refresh(&acme, || Some(5), now), Observed::Unchanged);
+        assert_eq!(t.refresh(&vllm, || Some(6), now), Observed::Ignored);
+        assert_eq!(
+            t.rule_matches(),
+            [("acme".to_owned(), 1), ("no-vllm".to_owned(), 1)]
+        );
+        // A GPU user an ignore rule excludes is not tracked either.
+        assert_eq!(t.observe_gpu_user(&vllm, || Some(6)), Observed::Ignored);
+
+        // Reload: the acme rule goes, vllm is no longer ignored.
+        let generation = t.rules_generation();
+        t.set_rules(rules(
+            "rules: [{name: other, match: {name: '^nothing$'}, framework: x}]",
+        ));
+        assert_ne!(t.rules_generation(), generation);
+        let later = Instant::now();
+        assert_eq!(t.refresh(&acme, || Some(5), later), Observed::Removed);
+        assert!(matches!(
+            t.refresh(&vllm, || Some(6), later),
+            Observed::Added(id) if id.framework == Framework::Vllm
+        ));
+        assert_eq!(t.rule_matches(), [("other".to_owned(), 0)]);
+    }
 
     #[test]
     fn distinct_model_names_are_capped() {

@@ -19,6 +19,7 @@ use llmscope::collectors::process::ProcessCollector;
 use llmscope::config::{parse_duration, Common};
 use llmscope::gpuinfo::{scan, Limits, Processes};
 use llmscope::http::MetricsSource;
+use llmscope::identity::{Rules, RulesFile};
 use llmscope::metrics::{gather, BuildInfo, Collector, Families, ProcessSample};
 use llmscope::state::{GpuInfoView, ProcessView, Published};
 use llmscope::web_config::WebConfig;
@@ -183,6 +184,7 @@ fn owner(_pid: u32) -> Option<u32> {
 fn poll_forever(
     config: Config,
     mut processes: SysinfoSource,
+    rules: Option<(RulesFile, Rules)>,
     source: Arc<Source>,
     stop: Arc<AtomicBool>,
 ) {
@@ -190,12 +192,32 @@ fn poll_forever(
         config.common.grace_period,
         config.common.max_processes as usize,
     );
+    let (mut rules_file, rules) = rules.unzip();
+    if let Some(rules) = rules {
+        poller.set_rules(Some(Arc::new(rules)));
+    }
     let limits = Limits {
         ttl: config.common.gpu_info_ttl,
         ..Default::default()
     };
     let smi = (!config.no_nvidia_smi).then(|| spawn_smi(&config, stop.clone()));
     while !stop.load(Ordering::Relaxed) {
+        // Every poll classifies every process again: new rules apply to this one.
+        match rules_file.as_mut().and_then(RulesFile::reload_if_changed) {
+            None => {}
+            Some(Ok(rules)) => {
+                tracing::info!(
+                    event = "classify_rules_reloaded",
+                    rules = rules.len(),
+                    "classification rules reloaded"
+                );
+                poller.set_rules(Some(Arc::new(rules)));
+            }
+            Some(Err(e)) => {
+                tracing::warn!(event = "classify_rules_reload_failed", error = %e, "classification rules file changed but cannot be used: the rules in use are kept");
+                poller.rules_reload_failed();
+            }
+        }
         let listed = processes.list();
         let gpu_info = config.common.gpu_info_dir.as_ref().map(|dir| {
             scan(dir, &limits, &Polled(&listed), SystemTime::now())
@@ -283,11 +305,18 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let rules = match config.common.load_rules() {
+        Ok(rules) => rules,
+        Err(e) => {
+            eprintln!("error: --classify.rules {e}");
+            return ExitCode::from(2);
+        }
+    };
     let poller = {
         let (config, source, stop) = (config.clone(), source.clone(), stop.clone());
         std::thread::Builder::new()
             .name("llmscope-poll".into())
-            .spawn(move || poll_forever(config, processes, source, stop))
+            .spawn(move || poll_forever(config, processes, rules, source, stop))
     };
     let Ok(poller) = poller else {
         eprintln!("error: cannot start the polling thread");

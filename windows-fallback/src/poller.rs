@@ -59,6 +59,15 @@ impl Poller {
         }
     }
 
+    /// Classifies with `rules` (user rules before the built-in ones) from the next poll on.
+    pub fn set_rules(&mut self, rules: Option<std::sync::Arc<llmscope::identity::Rules>>) {
+        self.tracker.set_rules(rules);
+    }
+
+    pub fn rules_reload_failed(&mut self) {
+        self.tracker.rules_reload_failed();
+    }
+
     pub fn poll(&mut self, inputs: Inputs) -> Poll {
         let now = inputs.now;
         let mut processes = inputs.processes;
@@ -127,6 +136,7 @@ impl Poller {
         view.members.sort_by_key(|m| m.pid);
         view.dropped = self.tracker.dropped();
         view.model_names_capped = self.tracker.model_names_capped();
+        view.rules = self.tracker.rule_counts();
         Poll {
             gpu_info: inputs.gpu_info.map(|scan| self.gpu_info(scan, &labels)),
             smi: inputs.smi.map(|smi| smi_view(smi, &labels)),

@@ -25,6 +25,7 @@ pub const TARGETS: &[&str] = &[
     "http_exchanges",
     "ollama_ps",
     "classify",
+    "classify_rules",
     "web_config",
 ];
 

@@ -19,6 +19,7 @@ use crate::cuda::calibrate::thread_cpu_time;
 use crate::cuda::launches::{
     self, detach_stall, next_duty, CycleCost, CycleHistory, ProcessFunction,
 };
+use crate::identity::Framework;
 use crate::state::Member;
 
 /// Most retired generations waiting for their grace period; past it the oldest are removed
@@ -220,8 +221,9 @@ pub(super) fn on_oom(table: &Table, pid: u32, function: u32, code: u32, size: u6
     let (framework, model_name) = table
         .tracker()
         .get(pid)
-        .map(|t| (t.identity.framework.as_str(), t.identity.model_name.clone()))
-        .unwrap_or(("unknown", "unknown".into()));
+        .map(|t| (t.identity.framework, t.identity.model_name.clone()))
+        .unwrap_or((Framework::Unknown, "unknown".into()));
+    let framework = framework.as_str();
     let c = table.container_labels(pid);
     let function = FUNCTIONS.get(function as usize).map_or("?", |f| f.name);
     tracing::warn!(

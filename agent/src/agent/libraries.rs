@@ -120,7 +120,9 @@ fn classify_interpreter(table: &Table, map: &LibraryMap) {
     let Ok((mut facts, sample)) = table.proc.facts(map.pid) else {
         return;
     };
-    if !worth_rechecking(&facts) {
+    let rules = table.tracker().rules();
+    let a_rule_asks = rules.is_some_and(|r| r.needs(&facts).libraries);
+    if !worth_rechecking(&facts) && !a_rule_asks {
         return;
     }
     facts.libraries = table.proc.libraries(map.pid).unwrap_or_default();

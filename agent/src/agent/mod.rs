@@ -193,12 +193,19 @@ struct Inputs {
     mmap_records: Option<crate::ebpf::perf_mmap::MmapRecords>,
     attach_jobs: std::sync::mpsc::Receiver<libraries::AttachJob>,
     container_jobs: Option<(std::sync::mpsc::Receiver<String>, containers::Sources)>,
+    /// The rules file, watched for changes by the reconcile thread.
+    rules_file: Option<crate::identity::RulesFile>,
 }
 
 type Threads = Vec<(&'static str, std::thread::JoinHandle<()>)>;
 
 /// Builds the parts around the loaded sensor.
-fn wire(config: &Config, proc: ProcRoot, sensor: Sensor) -> (Parts, Inputs) {
+fn wire(
+    config: &Config,
+    proc: ProcRoot,
+    sensor: Sensor,
+    rules: Option<(crate::identity::RulesFile, crate::identity::Rules)>,
+) -> (Parts, Inputs) {
     // `programs` holds the attachments: owned by the attacher, dropped after the threads
     // that read the ring buffer have stopped.
     let Sensor {
@@ -243,11 +250,16 @@ fn wire(config: &Config, proc: ProcRoot, sensor: Sensor) -> (Parts, Inputs) {
         mmap_hook,
     };
     let life = Arc::new(Life::default());
+    let mut tracker = Tracker::new(config.common.max_processes as usize)
+        .with_max_model_names(config.max_model_names as usize);
+    let (rules_file, rules) = rules.unzip();
+    if let Some(rules) = rules {
+        tracker.set_rules(Some(Arc::new(rules)));
+    }
     let table = Table::new(
         proc,
         config.common.grace_period,
-        Tracker::new(config.common.max_processes as usize)
-            .with_max_model_names(config.max_model_names as usize),
+        tracker,
         Box::new(tracked),
         Arc::new(containers),
         life.clone(),
@@ -272,6 +284,7 @@ fn wire(config: &Config, proc: ProcRoot, sensor: Sensor) -> (Parts, Inputs) {
         mmap_records,
         attach_jobs,
         container_jobs: container_jobs.map(|jobs| (jobs, sources)),
+        rules_file,
     };
     (parts, inputs)
 }
@@ -338,6 +351,7 @@ fn spawn_producers(config: &Config, p: &Parts, inputs: Inputs) -> std::io::Resul
                 health,
                 config.rescan_interval,
                 lost.clone(),
+                inputs.rules_file,
             )?,
         ),
         (
@@ -457,6 +471,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 
     let proc = ProcRoot::new(&config.procfs)
         .with_context(|| format!("--path.procfs {}", config.procfs.display()))?;
+    let rules = config.common.load_rules().context("--classify.rules")?;
+    if let Some((file, rules)) = &rules {
+        tracing::info!(file = %file.path().display(), rules = rules.len(), "classification rules loaded");
+    }
     let sensor = Sensor::load(
         config.ring_buffer_bytes,
         config.common.max_processes,
@@ -468,7 +486,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         library_hook = sensor.mmap_hook.as_str(),
         "eBPF exec, exit and fork tracepoints attached"
     );
-    let (parts, inputs) = wire(&config, proc, sensor);
+    let (parts, inputs) = wire(&config, proc, sensor, rules);
     let web = match &config.common.web_config_file {
         Some(path) => Some(Arc::new(crate::web_config::WebConfig::load(path)?)),
         None => None,

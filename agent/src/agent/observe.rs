@@ -1,7 +1,7 @@
 //! Writing the process table: every producer that learns of a process goes through here, so
 //! the kernel's tracked set, the log line and the sampler's wake-up follow every change.
 
-use crate::identity::{Identity, ProcessFacts, UNKNOWN};
+use crate::identity::{Identity, ProcessFacts, Rules, UNKNOWN};
 use crate::tracker::Observed;
 
 use super::table::Table;
@@ -103,14 +103,25 @@ impl How {
 }
 
 /// Classifies `facts`; when the result names no model, reads the model variables from the
-/// environment and classifies again. Keeps the kernel's tracked set in step.
+/// environment and classifies again. Reads first what a user rule that the command line
+/// matches needs: the environment, and (not at an exec: nothing is mapped yet) the mapped
+/// libraries. Keeps the kernel's tracked set in step.
 pub(super) fn observe_with_env(table: &Table, facts: &mut ProcessFacts, how: How) -> Observed {
     let pid = facts.pid;
     let start = || table.proc.start_ticks(pid).ok();
+    let rules = table.tracker().rules();
+    let extra = rules.as_deref().map_or(&[][..], Rules::env_names);
+    let needs = rules.as_deref().map(|r| r.needs(facts)).unwrap_or_default();
+    if needs.env {
+        facts.env = table.proc.model_env(pid, extra).unwrap_or_default();
+    }
+    if needs.libraries && facts.libraries.is_empty() && how != How::New {
+        facts.libraries = table.proc.libraries(pid).unwrap_or_default();
+    }
     let mut observed = table.observe(pid, |t| how.observe(t, facts, start));
     if let Observed::Added(id) = &observed {
-        if id.model_name == UNKNOWN {
-            if let Ok(env) = table.proc.model_env(pid) {
+        if id.model_name == UNKNOWN && !needs.env {
+            if let Ok(env) = table.proc.model_env(pid, extra) {
                 if !env.is_empty() {
                     facts.env = env;
                     if let Observed::Added(with_model) =

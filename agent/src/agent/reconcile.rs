@@ -16,7 +16,7 @@ use super::observe::{log_detected, log_reclassified, observe_with_env, How};
 use super::table::Table;
 use super::CudaState;
 use crate::ebpf::LostCounters;
-use crate::identity::{worth_rechecking, Framework};
+use crate::identity::{worth_rechecking, Framework, RulesFile};
 use crate::state::Counters;
 use crate::tracker::Observed;
 
@@ -33,6 +33,7 @@ pub(super) fn spawn(
     health: &Arc<Health>,
     interval: Duration,
     lost: Arc<LostCounters>,
+    mut rules: Option<RulesFile>,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     let heartbeat = health.register("reconcile", Some(STALL_LIMIT));
     std::thread::Builder::new()
@@ -42,8 +43,18 @@ pub(super) fn spawn(
             let found = scan(&table, &cuda, &counters, false, &mut read);
             tracing::info!(found, "start-up scan done");
             let mut next = Instant::now() + interval;
+            let mut rules_checked = Instant::now();
             while !table.stopping() {
                 heartbeat.beat();
+                if rules_checked.elapsed() >= RULES_CHECK {
+                    rules_checked = Instant::now();
+                    if rules
+                        .as_mut()
+                        .is_some_and(|file| reload_rules(&table, file))
+                    {
+                        next = Instant::now();
+                    }
+                }
                 if Instant::now() >= next {
                     let losses = library_losses(&counters, &lost);
                     if losses != read.losses {
@@ -59,12 +70,44 @@ pub(super) fn spawn(
         })
 }
 
+/// How often the rules file is looked at for changes (one `stat`).
+const RULES_CHECK: Duration = Duration::from_secs(1);
+
+/// Reads the rules file again when it changed; true when new rules are in use (tracked
+/// processes are then classified again by a scan).
+fn reload_rules(table: &Table, file: &mut RulesFile) -> bool {
+    match file.reload_if_changed() {
+        None => false,
+        Some(Ok(rules)) => {
+            tracing::info!(
+                event = "classify_rules_reloaded",
+                file = %file.path().display(),
+                rules = rules.len(),
+                "classification rules reloaded"
+            );
+            table.tracker().set_rules(Some(Arc::new(rules)));
+            true
+        }
+        Some(Err(e)) => {
+            tracing::warn!(
+                event = "classify_rules_reload_failed",
+                error = %e,
+                "classification rules file changed but cannot be used: the rules in use are kept"
+            );
+            table.tracker().rules_reload_failed();
+            false
+        }
+    }
+}
+
 /// The processes whose maps a scan read, (pid → start time), and the losses of library
 /// mappings and first CUDA calls as of then.
 #[derive(Default)]
 pub(super) struct MapsRead {
     processes: HashMap<u32, u64>,
     losses: u64,
+    /// The classification rules' generation the last scan applied.
+    rules_generation: u64,
 }
 
 /// Library mappings and first CUDA calls the kernel lost, since start.
@@ -94,6 +137,8 @@ pub(super) fn scan(
         }
     };
     let present: HashSet<u32> = pids.iter().copied().collect();
+    let rules_generation = table.tracker().rules_generation();
+    let rules_changed = rules_generation != read.rules_generation;
 
     // A pid the events thread added after /proc was listed is not in `present` but is alive:
     // only an entry older than the listing whose /proc entry is gone now has exited.
@@ -142,6 +187,8 @@ pub(super) fn scan(
                 .map(|t| (t.start_ticks, t.identity.framework != Framework::Unknown))
         };
         match tracked {
+            // Changed rules: every tracked process is looked at again.
+            _ if rules_changed => {}
             Some((Some(start), true)) if start == sample.start_ticks => continue,
             Some((None, true)) => continue,
             Some((Some(start), false))
@@ -154,24 +201,44 @@ pub(super) fn scan(
         if worth_rechecking(&facts) {
             facts.libraries = table.proc.libraries(pid).unwrap_or_default();
         }
-        // A GPU user tracked as this very process is reclassified, not missed.
-        let gpu_user = matches!(tracked, Some((Some(start), false)) if start == sample.start_ticks);
-        candidates.push((sample.start_ticks, read_at, facts, gpu_user));
+        // A process tracked as this very one is reclassified, not missed.
+        let known = match tracked {
+            Some((Some(start), _)) => start == sample.start_ticks,
+            Some((None, _)) => true,
+            None => false,
+        };
+        candidates.push((sample.start_ticks, read_at, facts, known));
     }
     read.processes = maps_read;
+    read.rules_generation = rules_generation;
     candidates.sort_by_key(|(start, _, facts, _)| (*start, facts.pid));
 
     let mut added = 0;
-    for (start_ticks, read_at, mut facts, gpu_user) in candidates {
+    let via = if rules_changed {
+        "classification rules changed"
+    } else {
+        "scan"
+    };
+    for (start_ticks, read_at, mut facts, known) in candidates {
         let how = How::Refresh {
             read_at,
             start_ticks,
         };
-        let Observed::Added(id) = observe_with_env(table, &mut facts, how) else {
-            continue;
+        let id = match observe_with_env(table, &mut facts, how) {
+            Observed::Added(id) => id,
+            Observed::Removed if known => {
+                tracing::info!(
+                    event = "process_untracked",
+                    pid = facts.pid,
+                    via,
+                    "no longer an LLM process"
+                );
+                continue;
+            }
+            _ => continue,
         };
-        if gpu_user {
-            log_reclassified(table, facts.pid, &id, "scan");
+        if known {
+            log_reclassified(table, facts.pid, &id, via);
         } else {
             log_detected(
                 table,

@@ -149,12 +149,13 @@ impl Sampler {
 
     /// A full pass reads every live process; another only those without a reading yet.
     pub(super) fn pass(&mut self, table: &Table, now: Instant, full: bool) {
-        let (tracked, dropped, model_names_capped) = {
+        let (tracked, dropped, model_names_capped, rules) = {
             let tracker = table.tracker();
             (
                 tracker.all(),
                 tracker.dropped(),
                 tracker.model_names_capped(),
+                tracker.rule_counts(),
             )
         };
         let proc = &table.proc;
@@ -162,6 +163,7 @@ impl Sampler {
         let mut view = ProcessView {
             dropped,
             model_names_capped,
+            rules,
             ..ProcessView::default()
         };
         let mut failures = 0;

@@ -17,6 +17,7 @@ use super::health::Health;
 use super::requests::{Requests, Server};
 use super::table::Table;
 use super::CudaState;
+use crate::identity::{Framework, Role};
 use crate::metrics::KindCount;
 use crate::servers::{
     api, listening, local_addresses, probe, socket_inodes, Answer, Api, Outcome, ProbeKind,
@@ -140,6 +141,11 @@ impl Discovery {
             .all()
             .into_iter()
             .filter(Tracked::is_alive)
+            // What a user rule names is examined only when the rule calls it a server.
+            .filter(|t| {
+                !matches!(t.identity.framework, Framework::Custom(_))
+                    || t.identity.role == Role::Server
+            })
             .filter_map(|t| Some((api(t.identity.framework)?, t)))
             .take(MAX_SERVERS)
             .collect();
@@ -392,11 +398,7 @@ mod tests {
         // at the refresh.
         let mut answered = probed(100, 8, &[7], &["0.0.0.0:8000"]);
         assert!(answered.due(REPROBE));
-        let identity = crate::identity::Identity::new(
-            crate::identity::Framework::Vllm,
-            crate::identity::Role::Server,
-            None,
-        );
+        let identity = crate::identity::Identity::new(Framework::Vllm, Role::Server, None);
         answered.endpoints.push(Endpoint {
             labels: crate::metrics::ProcessLabels::new(1, "vllm", &identity),
             target: "127.0.0.1:8000".into(),

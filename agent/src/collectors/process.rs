@@ -37,6 +37,8 @@ static DROPPED: Family = Family::counter(
     "LLM processes not tracked because the table was full (--max-processes).",
 );
 static CAPPED: Family = Family::counter("llmscope_model_names_capped", "LLM processes exported with model_name=\"other\" because the distinct model names reached --max-model-names.");
+static RULE_MATCHES: Family = Family::counter("llmscope_classify_rule_matches", "Processes each user classification rule (--classify.rules) matched: named, or excluded by an ignore rule.");
+static RULES_RELOAD_FAILURES: Family = Family::counter("llmscope_classify_rules_reload_failures", "Changed rules files (--classify.rules) that could not be used; the rules in use were kept (the agent's log says why).");
 static CONTAINER_LOOKUPS: Family = Family::counter("llmscope_container_lookups", "Container name lookups in the container runtime, by result (ok, not_found, error; dropped: the lookup queue was full).");
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, EncodeLabelSet)]
@@ -44,6 +46,11 @@ struct CountLabels {
     llm_type: String,
     model_name: String,
     framework: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct RuleLabel {
+    rule: String,
 }
 
 pub struct ProcessCollector {
@@ -91,6 +98,16 @@ impl Collector for ProcessCollector {
         out.set(&DROPPED, view.dropped as f64);
         out.set(&CAPPED, view.model_names_capped as f64);
         out.counts(&CONTAINER_LOOKUPS, "kind", &view.container_lookups);
+        if let Some(rules) = &view.rules {
+            out.extend(
+                &RULE_MATCHES,
+                rules
+                    .matches
+                    .iter()
+                    .map(|(rule, n)| (RuleLabel { rule: rule.clone() }, *n as f64)),
+            );
+            out.set(&RULES_RELOAD_FAILURES, rules.reload_failures as f64);
+        }
         match &view.error {
             None => Ok(()),
             Some(e) => Err(CollectError(e.clone())),

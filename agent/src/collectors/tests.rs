@@ -62,6 +62,10 @@ fn processes() -> ProcessView {
         ],
         dropped: 2,
         model_names_capped: 1,
+        rules: Some(crate::tracker::RuleCounts {
+            matches: vec![("acme-infer".into(), 3), ("notebooks".into(), 0)],
+            reload_failures: 1,
+        }),
         error: None,
         container_lookups: KindCount::list(&[("ok", 3), ("not_found", 1), ("error", 0)]),
     }

@@ -10,6 +10,7 @@ pub mod docker;
 mod entry;
 mod model;
 pub mod oci;
+pub mod rules;
 mod sanitize;
 #[cfg(test)]
 mod tests;
@@ -17,6 +18,7 @@ mod tests;
 pub use container::{from_cgroup as container_from_cgroup, ContainerRef};
 pub use entry::FRAMEWORK_LIBRARY_PREFIXES;
 pub use model::model_family;
+pub use rules::{Rules, RulesError, RulesFile, Verdict};
 pub use sanitize::{looks_like_secret, sanitize_label, MAX_LABEL_LEN};
 
 use serde::Serialize;
@@ -50,8 +52,7 @@ pub struct ProcessFacts {
     pub libraries: Vec<String>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
-#[serde(rename_all = "kebab-case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Framework {
     Vllm,
     Sglang,
@@ -71,10 +72,42 @@ pub enum Framework {
     Localai,
     /// A process seen using the GPU that no rule recognises (CUDA probes, NVML).
     Unknown,
+    /// A name a user rule gives (`--classify.rules`): an in-house server.
+    Custom(CustomName),
 }
 
 impl Framework {
-    pub fn as_str(self) -> &'static str {
+    /// Every framework the built-in rules know.
+    pub const BUILT_IN: [Framework; 17] = [
+        Framework::Vllm,
+        Framework::Sglang,
+        Framework::Tgi,
+        Framework::LlamaCpp,
+        Framework::Ollama,
+        Framework::Transformers,
+        Framework::TensorrtLlm,
+        Framework::Triton,
+        Framework::Onnxruntime,
+        Framework::Pytorch,
+        Framework::Tensorflow,
+        Framework::Lmdeploy,
+        Framework::MlcLlm,
+        Framework::Exllamav2,
+        Framework::Koboldcpp,
+        Framework::Localai,
+        Framework::Unknown,
+    ];
+
+    /// The framework a label value names: a built-in one (which keeps what llmscope knows of
+    /// it: its metrics path, its API) or a custom name. None: not a valid name.
+    pub fn named(name: &str) -> Option<Framework> {
+        Framework::BUILT_IN
+            .into_iter()
+            .find(|f| f.as_str() == name)
+            .or_else(|| CustomName::new(name).map(Framework::Custom))
+    }
+
+    pub fn as_str(&self) -> &str {
         match self {
             Framework::Vllm => "vllm",
             Framework::Sglang => "sglang",
@@ -93,11 +126,54 @@ impl Framework {
             Framework::Koboldcpp => "koboldcpp",
             Framework::Localai => "localai",
             Framework::Unknown => "unknown",
+            Framework::Custom(name) => name.as_str(),
         }
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+impl Serialize for Framework {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+/// A custom framework name: 1 to [`CustomName::MAX_LEN`] bytes of `[a-z0-9._-]`, starting
+/// with a letter or digit. Stored inline so that [`Framework`] stays `Copy`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct CustomName {
+    len: u8,
+    bytes: [u8; CustomName::MAX_LEN],
+}
+
+impl CustomName {
+    pub const MAX_LEN: usize = 31;
+
+    pub fn new(name: &str) -> Option<CustomName> {
+        let ok = (1..=Self::MAX_LEN).contains(&name.len())
+            && name.starts_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
+            && name.bytes().all(|b| {
+                b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'_' | b'-')
+            });
+        if !ok {
+            return None;
+        }
+        let mut bytes = [0; Self::MAX_LEN];
+        bytes[..name.len()].copy_from_slice(name.as_bytes());
+        Some(CustomName {
+            len: name.len() as u8,
+            bytes,
+        })
+    }
+
+    pub fn as_str(&self) -> &str {
+        // Only ASCII is ever stored (checked in `new`).
+        std::str::from_utf8(&self.bytes[..usize::from(self.len)]).unwrap_or_default()
+    }
+}
+
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
     /// Serves requests (vllm serve, llama-server, ollama serve, tritonserver, …).

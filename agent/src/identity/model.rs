@@ -192,7 +192,10 @@ fn stem_of_path(raw: &str) -> Option<String> {
         stem.to_ascii_lowercase().as_str(),
         "model" | "pytorch_model" | "weights" | "rank0" | "consolidated" | "1" | "current"
     ) || stem.starts_with("model-000")
-        || stem.starts_with("rank");
+        // `rank0.engine`, `rank3_tp4.engine` (TensorRT-LLM), not `ranker-v3`.
+        || stem
+            .strip_prefix("rank")
+            .is_some_and(|n| n.starts_with(|c: char| c.is_ascii_digit()));
     if generic {
         if let Some(dir) = components.next() {
             return Some(basename(dir).to_owned());

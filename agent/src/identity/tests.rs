@@ -23,12 +23,12 @@ type Expected<'a> = Option<(&'a str, &'a str, &'a str)>;
 fn mismatch(case: &ProcessFacts, expected: Expected) -> Option<String> {
     let got = classify(case).map(|id| {
         (
-            id.framework.as_str(),
+            id.framework.as_str().to_owned(),
             id.model_name.clone(),
             id.role.as_str(),
         )
     });
-    let got_ref = got.as_ref().map(|(f, m, r)| (*f, m.as_str(), *r));
+    let got_ref = got.as_ref().map(|(f, m, r)| (f.as_str(), m.as_str(), *r));
     (got_ref != expected).then(|| {
         format!(
             "{:?}: got {got_ref:?}, want {expected:?}",

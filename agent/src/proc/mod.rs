@@ -149,10 +149,20 @@ impl ProcRoot {
         ))
     }
 
-    /// Only the variables of [`MODEL_ENV_VARS`]; nothing else leaves this function.
-    pub fn model_env(&self, pid: u32) -> Result<Vec<(String, String)>, ProcError> {
+    /// Only the variables of [`MODEL_ENV_VARS`] and `extra` (those user rules match on);
+    /// nothing else leaves this function.
+    pub fn model_env(
+        &self,
+        pid: u32,
+        extra: &[String],
+    ) -> Result<Vec<(String, String)>, ProcError> {
         let (environ, _) = self.read_bounded(pid, "environ", ENVIRON_LIMIT)?;
-        Ok(parse_environ_selected(&environ, MODEL_ENV_VARS))
+        let wanted: Vec<&str> = MODEL_ENV_VARS
+            .iter()
+            .copied()
+            .chain(extra.iter().map(String::as_str))
+            .collect();
+        Ok(parse_environ_selected(&environ, &wanted))
     }
 
     /// The raw maps file, up to [`MAPS_LIMIT`] bytes.

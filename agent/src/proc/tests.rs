@@ -101,7 +101,7 @@ fn reads_through_a_configurable_root() {
         "the command line read is bounded"
     );
     assert_eq!(
-        root.model_env(4242).unwrap(),
+        root.model_env(4242, &[]).unwrap(),
         vec![("MODEL".to_owned(), "qwen".to_owned())]
     );
     assert!(matches!(root.sample(4243), Err(ProcError::Gone(4243))));

@@ -56,6 +56,8 @@ pub fn api(framework: Framework) -> Option<Api> {
         // OpenTelemetry's exporter: `api_call` carries no prefix.
         Framework::Localai => ("/metrics", &["localai_", "api_call"]),
         Framework::Ollama => return Some(Api::OllamaPs),
+        // A server a user rule names: any Prometheus text on the usual path is its own.
+        Framework::Custom(_) => ("/metrics", &["# TYPE "]),
         _ => return None,
     };
     Some(Api::Metrics { path, prefixes })

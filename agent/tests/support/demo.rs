@@ -82,8 +82,17 @@ impl Demo {
         )
         .unwrap();
         let lib = fake_nvml_library();
+        // Every source active: classification rules too (one that excludes notebooks).
+        let rules = work.join("rules.yaml");
+        std::fs::write(
+            &rules,
+            "rules:\n  - {name: notebooks, match: {argv: 'jupyter-(lab|notebook)'}, ignore: true}\n",
+        )
+        .unwrap();
         let agent = Agent::start_with_env(
             &[
+                "--classify.rules",
+                rules.to_str().unwrap(),
                 "--nvml-lib",
                 lib.to_str().unwrap(),
                 "--nvml-interval",

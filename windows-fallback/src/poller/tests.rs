@@ -211,3 +211,46 @@ fn gpu_reports_and_nvidia_smi_join_the_identities() {
     );
     assert!(smi.devices.is_empty());
 }
+
+#[test]
+fn user_rules_apply_at_each_poll_and_new_rules_at_the_next() {
+    let rules = |text: &str| {
+        Some(std::sync::Arc::new(
+            llmscope::identity::Rules::parse(text).unwrap(),
+        ))
+    };
+    let mut poller = Poller::new(Duration::from_secs(10), 100);
+    poller.set_rules(rules(
+        r#"rules:
+  - {name: renderer, match: {name: '^renderer\.exe$'}, framework: acme-render, model_name: scene-v2}
+  - {name: no-llama, match: {argv: 'qwen2\.5'}, ignore: true}"#,
+    ));
+    let t0 = Instant::now();
+    let s = poller.poll(inputs(world(), t0));
+    let renderer = labels_of(&s, 60).expect("named by the rule");
+    assert_eq!(
+        (
+            renderer.framework.as_str(),
+            renderer.model_name.as_str(),
+            renderer.role.as_str()
+        ),
+        ("acme-render", "scene-v2", "server")
+    );
+    assert!(labels_of(&s, 50).is_none(), "llama-server ignored");
+    let counts = s.processes.rules.clone().unwrap();
+    assert_eq!(
+        counts.matches,
+        [("no-llama".to_owned(), 1), ("renderer".to_owned(), 1)]
+    );
+    let s = poller.poll(inputs(world(), t0 + Duration::from_secs(1)));
+    assert_eq!(s.processes.rules.unwrap().matches[0].1, 1, "counted once");
+
+    poller.set_rules(None);
+    let s = poller.poll(inputs(world(), t0 + Duration::from_secs(2)));
+    assert!(labels_of(&s, 50).is_some(), "built-in rules again");
+    assert!(
+        labels_of(&s, 60).is_none(),
+        "no rule names the renderer any more"
+    );
+    assert!(s.processes.rules.is_none());
+}
