@@ -106,13 +106,28 @@ impl Common {
     }
 }
 
+/// What the binary does besides running the agent.
+#[cfg(feature = "top")]
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum Command {
+    /// A live terminal view of an agent (this host's by default): GPUs, and processes
+    /// grouped server → workers with their CPU, memory, GPU memory, CUDA work and requests.
+    Top(crate::top::TopArgs),
+}
+
 #[derive(Debug, Clone, Parser)]
 #[command(
     name = "llmscope",
     version,
-    about = "Sees every LLM process on this machine the moment it execs, and exports it to Prometheus."
+    about = "Sees every LLM process on this machine the moment it execs, and exports it to Prometheus.",
+    args_conflicts_with_subcommands = true
 )]
 pub struct Config {
+    /// Without a command: run the agent.
+    #[cfg(feature = "top")]
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
     #[command(flatten)]
     pub common: Common,
 

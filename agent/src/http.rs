@@ -35,6 +35,17 @@ pub trait MetricsSource: Send + Sync + 'static {
     fn build_info(&self) -> BuildInfo;
     /// `Err(reason)` when the agent cannot do its job (e.g. its event reader stopped).
     fn health(&self) -> Result<(), String>;
+    /// The node's snapshot for `/api/v1/processes` ([`crate::api`]): by default the processes
+    /// alone; the agent adds its GPUs, CUDA and request totals.
+    fn node(&self) -> crate::api::Node {
+        crate::api::Node::new(crate::api::Parts {
+            build: self.build_info(),
+            samples: &self.processes(),
+            nvml: None,
+            cuda: &Default::default(),
+            requests: &Default::default(),
+        })
+    }
     /// Inference servers' metrics endpoints, for Prometheus HTTP service discovery.
     fn service_discovery(&self) -> Vec<SdTarget> {
         Vec::new()
@@ -69,6 +80,7 @@ pub fn router(source: Source, auth: Option<Arc<BasicAuth>>) -> Router {
         .route("/", get(landing))
         .route("/metrics", get(metrics))
         .route("/api/processes", get(processes))
+        .route(crate::api::PATH, get(node))
         .route("/api/sd", get(service_discovery));
     if let Some(auth) = auth {
         protected = protected.layer(axum::middleware::from_fn(
@@ -239,6 +251,10 @@ async fn processes(State(source): State<Source>) -> Response {
     Json(source.processes()).into_response()
 }
 
+async fn node(State(source): State<Source>) -> Response {
+    Json(source.node()).into_response()
+}
+
 async fn service_discovery(State(source): State<Source>) -> Response {
     Json(source.service_discovery()).into_response()
 }
@@ -261,6 +277,7 @@ async fn landing(State(source): State<Source>) -> Html<String> {
          <h1>llmscope {} ({})</h1><ul>\
          <li><a href=\"/metrics\">/metrics</a> — Prometheus metrics</li>\
          <li><a href=\"/api/processes\">/api/processes</a> — LLM processes (JSON)</li>\
+         <li><a href=\"/api/v1/processes\">/api/v1/processes</a> — the node: GPUs, and processes with their GPU, CUDA and request totals (JSON, versioned)</li>\
          <li><a href=\"/healthz\">/healthz</a> — health</li>\
          </ul></body></html>",
         build.version, build.mode

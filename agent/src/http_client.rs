@@ -18,6 +18,8 @@ pub struct Request<'a> {
     pub host: &'a str,
     pub path: &'a str,
     pub accept: &'a str,
+    /// An `Authorization` header's value (basic auth), sent as is.
+    pub authorization: Option<&'a str>,
 }
 
 /// How long the whole exchange may take, and how many bytes of answer are read at most.
@@ -98,10 +100,18 @@ pub fn get<C: Conn>(
         _ => HttpError::Io(e),
     };
     conn.set_timeouts(left()?)?;
-    let Request { host, path, accept } = request;
+    let Request {
+        host,
+        path,
+        accept,
+        authorization,
+    } = request;
+    let authorization = authorization
+        .map(|a| format!("Authorization: {a}\r\n"))
+        .unwrap_or_default();
     conn.write_all(
         format!(
-            "GET {path} HTTP/1.1\r\nHost: {host}\r\nAccept: {accept}\r\nConnection: close\r\n\r\n"
+            "GET {path} HTTP/1.1\r\nHost: {host}\r\nAccept: {accept}\r\n{authorization}Connection: close\r\n\r\n"
         )
         .as_bytes(),
     )
@@ -253,6 +263,7 @@ mod tests {
         host: "localhost",
         path: "/metrics",
         accept: "text/plain",
+        authorization: None,
     };
     const LIMITS: Limits = Limits {
         timeout: Duration::from_secs(2),

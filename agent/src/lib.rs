@@ -6,6 +6,7 @@
 //! are shared with windows-fallback; the eBPF sensor, the /proc reader and the agent runtime
 //! are Linux-only.
 
+pub mod api;
 pub mod collectors;
 pub mod config;
 pub mod gpuinfo;
@@ -32,6 +33,9 @@ pub mod ebpf;
 pub mod nvml;
 #[cfg(all(target_os = "linux", feature = "ebpf"))]
 pub mod requests;
+
+#[cfg(feature = "top")]
+pub mod top;
 
 #[cfg(all(target_os = "linux", feature = "ebpf", feature = "fuzzing"))]
 pub mod fuzzing;

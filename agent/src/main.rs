@@ -5,6 +5,15 @@ use llmscope::config::Config;
 
 fn main() -> ExitCode {
     let config = Config::parse();
+    if let Some(llmscope::config::Command::Top(args)) = config.command {
+        return match llmscope::top::run(args, config.common.listen_address) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     if let Err(problems) = config.validate() {
         for p in &problems {
             eprintln!("error: {p}");

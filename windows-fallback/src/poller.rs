@@ -122,6 +122,7 @@ impl Poller {
             };
             view.samples.push(ProcessSample {
                 labels: l.clone(),
+                ppid: t.ppid,
                 alive: t.is_alive(),
                 cpu_seconds: info.cpu_seconds,
                 cpu_percent,

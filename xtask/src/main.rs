@@ -146,6 +146,7 @@ fn test(args: Vec<String>) -> Result<()> {
         ("ip", "iproute2"),
         ("prometheus-alertmanager", "prometheus-alertmanager"),
         ("victoria-metrics", "victoria-metrics"),
+        ("tmux", "tmux"),
     ])?;
     setup::ensure_pip_packages(&[("kubernetes-validate", "kubernetes-validate")])?;
     let cudart = setup::real_libcudart()?;

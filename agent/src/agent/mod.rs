@@ -144,6 +144,10 @@ struct AgentSource {
     health: Arc<health::Health>,
     servers: Arc<Published<ServersView>>,
     processes: Arc<Published<ProcessView>>,
+    /// What `/api/v1/processes` adds to the processes.
+    cuda: Arc<CudaState>,
+    requests: Arc<requests::Requests>,
+    nvml: Arc<Published<NvmlState>>,
 }
 
 impl MetricsSource for AgentSource {
@@ -158,6 +162,23 @@ impl MetricsSource for AgentSource {
 
     fn build_info(&self) -> BuildInfo {
         BuildInfo::new("ebpf")
+    }
+
+    /// The same reads as a scrape's (the published views, one read of the CUDA maps).
+    fn node(&self) -> crate::api::Node {
+        let view = self.processes.get();
+        let nvml = self.nvml.get();
+        let cuda = crate::collectors::cuda::per_process(
+            &crate::collectors::cuda::CudaSource::read(&*self.cuda, &view.members),
+        );
+        let requests = crate::collectors::requests::per_process(&*self.requests);
+        crate::api::Node::new(crate::api::Parts {
+            build: self.build_info(),
+            samples: &view.samples,
+            nvml: nvml.sample.as_ref(),
+            cuda: &cuda,
+            requests: &requests,
+        })
     }
 
     fn health(&self) -> Result<(), String> {
@@ -506,6 +527,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         health: parts.health.clone(),
         servers: parts.servers.clone(),
         processes: parts.processes.clone(),
+        cuda: parts.cuda.clone(),
+        requests: parts.requests.clone(),
+        nvml: parts.nvml.clone(),
     });
     let (stop_http, http_stopped) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(crate::http::serve(listener, source, web, async {

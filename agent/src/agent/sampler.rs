@@ -235,6 +235,7 @@ impl Sampler {
                 let sample = reading.sample;
                 view.samples.push(ProcessSample {
                     labels: labels.clone(),
+                    ppid: t.ppid,
                     alive,
                     cpu_seconds: sample.cpu_ticks as f64 / tps,
                     cpu_percent: alive.then_some(reading.cpu_percent).flatten(),

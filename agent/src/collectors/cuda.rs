@@ -15,6 +15,7 @@ use agent_common::cuda::{
 
 use prometheus_client::encoding::EncodeLabelSet;
 
+use crate::api::ProcessCuda;
 use crate::cuda::attach::AttacherStats;
 use crate::cuda::launches::{CycleCost, LaunchMode};
 use crate::cuda::library::api_name;
@@ -136,50 +137,24 @@ pub struct CudaReading {
     pub library_hook: &'static str,
 }
 
-pub struct CudaCollector {
-    source: Arc<dyn CudaSource>,
-    processes: Arc<Published<ProcessView>>,
+/// The counters of one reading summed per process (and per API, function, direction): what
+/// the families show, and what the JSON API totals.
+struct CudaSums {
+    calls: Sums<(u32, u8)>,
+    errors: Sums<(u32, u8, u16)>,
+    oom: Sums<u32>,
+    alloc_bytes: Sums<(u32, u8)>,
+    frees: Sums<(u32, u8)>,
+    launches: Sums<(u32, u8)>,
+    graphs: Sums<(u32, u8)>,
+    copies: Sums<(u32, u8, u8)>,
+    syncs: Sums<(u32, u8)>,
 }
 
-impl CudaCollector {
-    pub fn new(source: Arc<dyn CudaSource>, processes: Arc<Published<ProcessView>>) -> Self {
-        CudaCollector { source, processes }
-    }
-}
-
-fn direction_name(direction: u8) -> &'static str {
-    match direction {
-        DIR_H2H => "h2h",
-        DIR_H2D => "h2d",
-        DIR_D2H => "d2h",
-        DIR_D2D => "d2d",
-        DIR_DEFAULT => "default",
-        _ => "unknown",
-    }
-}
-
-/// Sums per key, in key order (stable output).
-type Sums<K> = BTreeMap<K, f64>;
-
-/// The copy directions every CUDA process shows from its first call, at 0 until it copies.
-const USUAL_DIRECTIONS: [u8; 3] = [DIR_H2D, DIR_D2H, DIR_D2D];
-
-impl Collector for CudaCollector {
-    fn name(&self) -> &'static str {
-        "cuda"
-    }
-
-    fn collect(&self, out: &mut Families) -> Result<(), CollectError> {
-        let view = self.processes.get();
-        let labels: HashMap<u32, &ProcessLabels> =
-            view.members.iter().map(|m| (m.pid, &m.labels)).collect();
-        let reading = self.source.read(&view.members);
-        let (stats, live, launch_totals, mode) = (
-            &reading.stats,
-            &reading.live,
-            &reading.launch_totals,
-            reading.launch_mode,
-        );
+impl CudaSums {
+    fn of(reading: &CudaReading) -> CudaSums {
+        let (stats, launch_totals, mode) =
+            (&reading.stats, &reading.launch_totals, reading.launch_mode);
 
         let mut calls: Sums<(u32, u8)> = BTreeMap::new();
         let mut errors: Sums<(u32, u8, u16)> = BTreeMap::new();
@@ -239,6 +214,102 @@ impl Collector for CudaCollector {
                 _ => {}
             }
         }
+
+        CudaSums {
+            calls,
+            errors,
+            oom,
+            alloc_bytes,
+            frees,
+            launches,
+            graphs,
+            copies,
+            syncs,
+        }
+    }
+}
+
+/// The CUDA totals of every process in `reading`.
+pub fn per_process(reading: &CudaReading) -> BTreeMap<u32, ProcessCuda> {
+    let s = CudaSums::of(reading);
+    let mut out: BTreeMap<u32, ProcessCuda> = BTreeMap::new();
+    let mut larger = |sums: &Sums<(u32, u8)>, field: fn(&mut ProcessCuda) -> &mut f64| {
+        for (&(tgid, _), &v) in sums {
+            let f = field(out.entry(tgid).or_default());
+            *f = f.max(v);
+        }
+    };
+    larger(&s.launches, |p| &mut p.kernel_launches);
+    larger(&s.graphs, |p| &mut p.graph_launches);
+    larger(&s.syncs, |p| &mut p.sync_seconds);
+    larger(&s.alloc_bytes, |p| &mut p.alloc_bytes);
+    let mut copies: Sums<(u32, u8)> = BTreeMap::new();
+    for (&(tgid, api, _), &v) in &s.copies {
+        *copies.entry((tgid, api)).or_default() += v;
+    }
+    larger(&copies, |p| &mut p.memcpy_bytes);
+    for (&tgid, &n) in &s.oom {
+        out.entry(tgid).or_default().ooms = n as u64;
+    }
+    for (&(tgid, _, _), &n) in &s.errors {
+        out.entry(tgid).or_default().errors += n as u64;
+    }
+    for &(tgid, bytes) in &reading.live {
+        out.entry(tgid).or_default().device_memory_bytes = (bytes as i64).max(0) as u64;
+    }
+    out
+}
+
+pub struct CudaCollector {
+    source: Arc<dyn CudaSource>,
+    processes: Arc<Published<ProcessView>>,
+}
+
+impl CudaCollector {
+    pub fn new(source: Arc<dyn CudaSource>, processes: Arc<Published<ProcessView>>) -> Self {
+        CudaCollector { source, processes }
+    }
+}
+
+fn direction_name(direction: u8) -> &'static str {
+    match direction {
+        DIR_H2H => "h2h",
+        DIR_H2D => "h2d",
+        DIR_D2H => "d2h",
+        DIR_D2D => "d2d",
+        DIR_DEFAULT => "default",
+        _ => "unknown",
+    }
+}
+
+/// Sums per key, in key order (stable output).
+type Sums<K> = BTreeMap<K, f64>;
+
+/// The copy directions every CUDA process shows from its first call, at 0 until it copies.
+const USUAL_DIRECTIONS: [u8; 3] = [DIR_H2D, DIR_D2H, DIR_D2D];
+
+impl Collector for CudaCollector {
+    fn name(&self) -> &'static str {
+        "cuda"
+    }
+
+    fn collect(&self, out: &mut Families) -> Result<(), CollectError> {
+        let view = self.processes.get();
+        let labels: HashMap<u32, &ProcessLabels> =
+            view.members.iter().map(|m| (m.pid, &m.labels)).collect();
+        let reading = self.source.read(&view.members);
+        let CudaSums {
+            calls,
+            errors,
+            oom,
+            alloc_bytes,
+            frees,
+            launches,
+            graphs,
+            copies,
+            syncs,
+        } = CudaSums::of(&reading);
+        let (live, mode) = (&reading.live, reading.launch_mode);
 
         // Every key comes from a member (the source reads members' images only).
         let l = |tgid: &u32| labels[tgid].clone();

@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use prometheus_client::encoding::EncodeLabelSet;
 
+use crate::api::ProcessRequests;
 use crate::identity::UNKNOWN;
 use crate::metrics::{CollectError, Collector, Families, Family, ProcessLabels};
 use crate::requests::http1::Trouble;
@@ -187,4 +188,26 @@ impl Collector for RequestCollector {
         );
         Ok(())
     }
+}
+
+/// The request totals of every process the request telemetry follows.
+pub fn per_process(source: &dyn RequestSource) -> BTreeMap<u32, ProcessRequests> {
+    let mut out: BTreeMap<u32, ProcessRequests> = BTreeMap::new();
+    source.read(&mut |r: RequestReading<'_>| {
+        for (key, s) in &r.metrics.series {
+            let p = out.entry(key.pid).or_default();
+            let n = s.duration.count();
+            p.requests += n;
+            p.duration_seconds_sum += s.duration.sum();
+            if key.status_class == "5xx" {
+                p.server_errors += n;
+            }
+            p.input_tokens += s.input_tokens;
+            p.output_tokens += s.output_tokens.values().sum::<u64>();
+        }
+        for (&pid, &n) in r.in_flight {
+            out.entry(pid).or_default().in_flight = n;
+        }
+    });
+    out
 }

@@ -39,6 +39,7 @@ fn processes() -> ProcessView {
     let gone = labels(12, Framework::Ollama, "ollama");
     let sample = |labels: &ProcessLabels, alive, cpu_percent, threads| ProcessSample {
         labels: labels.clone(),
+        ppid: 1,
         alive,
         cpu_seconds: 12.5,
         cpu_percent,

@@ -87,6 +87,7 @@ impl Docker {
             host: "docker",
             path: &path,
             accept: "application/json",
+            authorization: None,
         };
         let limits = Limits {
             timeout: self.timeout,

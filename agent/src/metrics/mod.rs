@@ -101,6 +101,8 @@ impl EncodeLabelSet for ProcessLabels {
 pub struct ProcessSample {
     #[serde(flatten)]
     pub labels: ProcessLabels,
+    /// The parent's pid (0 when not known).
+    pub ppid: u32,
     /// False during the grace period after exit (values are the last reading).
     pub alive: bool,
     pub cpu_seconds: f64,

@@ -95,6 +95,7 @@ pub fn probe(addr: SocketAddr, api: Api) -> Outcome {
             Api::Metrics { .. } => "text/plain",
             Api::OllamaPs => "application/json",
         },
+        authorization: None,
     };
     let limits = Limits {
         timeout: ANSWER_TIMEOUT,

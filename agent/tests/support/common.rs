@@ -52,6 +52,7 @@ pub fn http_get(
         host: &host,
         path,
         accept: accept.unwrap_or("*/*"),
+        authorization: None,
     };
     let limits = Limits {
         timeout: Duration::from_secs(10),

@@ -382,6 +382,13 @@ impl CudaWorkload {
         line.trim().to_owned()
     }
 
+    /// Starts the plan and returns at once (the workload runs it meanwhile).
+    pub fn go(&mut self) {
+        let stdin = self.child.stdin.as_mut().unwrap();
+        stdin.write_all(b"go\n").unwrap();
+        stdin.flush().unwrap();
+    }
+
     /// Runs the plan; returns the workload's "done …" / "cuda_done …" line.
     pub fn run(&mut self) -> String {
         let stdin = self.child.stdin.as_mut().unwrap();
