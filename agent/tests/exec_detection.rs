@@ -15,12 +15,7 @@ const VLLM_MODEL: &str = "meta-llama/Llama-3.1-8B-Instruct";
 const WAIT: Duration = Duration::from_secs(15);
 
 fn pid_series(agent: &Agent, pid: u32) -> Option<Labels> {
-    agent
-        .metrics()
-        .find("llm_process_memory_bytes", &[("pid", &pid.to_string())])
-        .into_iter()
-        .next()
-        .map(|(l, _)| l)
+    agent.process_labels(pid)
 }
 
 fn wait_series(agent: &Agent, pid: u32) -> Labels {

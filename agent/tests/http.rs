@@ -191,25 +191,7 @@ fn web_config_requires_basic_auth_and_serves_tls() {
     drop(agent);
 
     // TLS and basic auth: a certificate for 127.0.0.1, made here.
-    let (cert, key) = (dir.join("tls.crt"), dir.join("tls.key"));
-    let made = std::process::Command::new("openssl")
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-        ])
-        .args(["-nodes", "-days", "1", "-subj", "/CN=llmscope-test"])
-        .args(["-addext", "subjectAltName=IP:127.0.0.1"])
-        .arg("-keyout")
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert)
-        .output()
-        .expect("running openssl");
-    assert!(made.status.success(), "{made:?}");
+    let (cert, _key) = self_signed_certificate(&dir, "tls");
     // The example the compose stack documents, with this test's hash.
     let example =
         std::fs::read_to_string(demo::root().join("deploy/compose/web-config/web.yml.example"))

@@ -6,7 +6,7 @@
 
 mod support;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -52,20 +52,6 @@ rules:
     role: worker
 "#;
 
-struct Dir(PathBuf);
-
-impl Drop for Dir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn rules_dir() -> Dir {
-    let dir = std::env::temp_dir().join(format!("llmscope-rules-test-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    Dir(dir)
-}
-
 /// Replaces the file by renaming a new one over it (what editors and ConfigMaps do).
 fn write_rules(path: &Path, text: &str) {
     let tmp = path.with_extension("new");
@@ -85,18 +71,9 @@ fn start(program: &Path, args: &[&str], env: &[(&str, &str)]) -> Proc {
     )
 }
 
-fn series(agent: &Agent, pid: u32) -> Option<Labels> {
-    agent
-        .metrics()
-        .find("llm_process_memory_bytes", &[("pid", &pid.to_string())])
-        .into_iter()
-        .next()
-        .map(|(l, _)| l)
-}
-
 fn wait_labels(agent: &Agent, pid: u32, want: &[(&str, &str)]) -> Labels {
     let found = wait_for(WAIT, || {
-        series(agent, pid).filter(|l| {
+        agent.process_labels(pid).filter(|l| {
             want.iter()
                 .all(|(k, v)| l.get(*k).map(String::as_str) == Some(*v))
         })
@@ -104,7 +81,7 @@ fn wait_labels(agent: &Agent, pid: u32, want: &[(&str, &str)]) -> Labels {
     found.unwrap_or_else(|| {
         panic!(
             "pid {pid} never had {want:?}; it has {:?}\nagent log:\n{}",
-            series(agent, pid),
+            agent.process_labels(pid),
             agent.log()
         )
     })
@@ -118,7 +95,7 @@ fn rule_matches(agent: &Agent, rule: &str) -> Option<f64> {
 
 #[test]
 fn user_rules_name_in_house_servers_exclude_processes_and_reload() {
-    let dir = rules_dir();
+    let dir = TempDir::new("llmscope-rules-test");
     let path = dir.0.join("rules.yaml");
     std::fs::write(&path, RULES).unwrap();
     // Scans every second: the test sees that a scan does not count a process again.
@@ -167,7 +144,11 @@ fn user_rules_name_in_house_servers_exclude_processes_and_reload() {
     let mut sandboxed = start(&llama, &["-m", "/models/a.gguf", "--sandbox"], &[]);
     let mut control = start(&llama, &["-m", "/models/b.gguf"], &[]);
     wait_labels(&agent, control.pid(), &[("framework", "llama.cpp")]);
-    assert_eq!(series(&agent, sandboxed.pid()), None, "ignored by the rule");
+    assert_eq!(
+        agent.process_labels(sandboxed.pid()),
+        None,
+        "ignored by the rule"
+    );
     let counted = wait_for(WAIT, || {
         let m = (
             rule_matches(&agent, "acme-infer"),
@@ -241,7 +222,7 @@ fn user_rules_name_in_house_servers_exclude_processes_and_reload() {
 /// found and published for Prometheus's HTTP service discovery.
 #[test]
 fn a_server_named_by_a_rule_has_its_metrics_endpoint_discovered() {
-    let dir = rules_dir();
+    let dir = TempDir::new("llmscope-rules-test");
     let path = dir.0.join("rules.yaml");
     std::fs::write(&path, RULES).unwrap();
     let agent = Agent::start(&["--classify.rules", path.to_str().unwrap()]);
@@ -277,7 +258,7 @@ fn a_server_named_by_a_rule_has_its_metrics_endpoint_discovered() {
 
 #[test]
 fn a_broken_rules_file_stops_start_up_naming_the_file_the_rule_and_the_reason() {
-    let dir = rules_dir();
+    let dir = TempDir::new("llmscope-rules-test");
     let path = dir.0.join("broken.yaml");
     std::fs::write(
         &path,

@@ -93,31 +93,13 @@ struct Node {
     vllm: Proc,
     engine_core: u32,
     launcher: CudaWorkload,
-    _work: tempdir::Dir,
-}
-
-mod tempdir {
-    pub struct Dir(pub std::path::PathBuf);
-    impl Drop for Dir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
+    _work: TempDir,
 }
 
 fn node() -> Node {
-    let work = std::env::temp_dir().join(format!("llmscope-top-test-{}", std::process::id()));
-    std::fs::create_dir_all(&work).unwrap();
+    let work = TempDir::new("llmscope-top-test");
     let (vllm, engine_core) = start_vllm("meta-llama/Llama-3.1-8B-Instruct", "spawn");
-    let values = work.join("nvml-values");
-    std::fs::write(
-        &values,
-        format!(
-            "gpu name=NVIDIA_H100_80GB_HBM3 uuid=GPU-0 total=85899345920 used=21474836480 util=63 mem_util=31 temp=66 power_mw=412000 extended=1\n\
-             proc gpu=0 pid={engine_core} used=17179869184 sm=58 mem=22\n"
-        ),
-    )
-    .unwrap();
+    let values = fake_h100_values(&work.0, engine_core);
     let lib = fake_nvml_library();
     let agent = Agent::start_with_env(
         &[
@@ -149,7 +131,7 @@ fn node() -> Node {
         vllm,
         engine_core,
         launcher,
-        _work: tempdir::Dir(work),
+        _work: work,
     }
 }
 
@@ -376,29 +358,10 @@ fn top_once_prints_a_plain_table_with_rates() {
 /// the certificate it names and speaks https; the password comes from the environment.
 #[test]
 fn top_speaks_the_agents_tls_and_basic_auth() {
-    let dir = std::env::temp_dir().join(format!("llmscope-top-tls-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let _cleanup = tempdir::Dir(dir.clone());
-    for name in ["tls", "other"] {
-        let made = Command::new("openssl")
-            .args([
-                "req",
-                "-x509",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:prime256v1",
-            ])
-            .args(["-nodes", "-days", "1", "-subj", "/CN=llmscope-test"])
-            .args(["-addext", "subjectAltName=IP:127.0.0.1"])
-            .arg("-keyout")
-            .arg(dir.join(format!("{name}.key")))
-            .arg("-out")
-            .arg(dir.join(format!("{name}.crt")))
-            .output()
-            .expect("running openssl");
-        assert!(made.status.success(), "{made:?}");
-    }
+    let tmp = TempDir::new("llmscope-top-tls");
+    let dir = &tmp.0;
+    self_signed_certificate(dir, "tls");
+    let (other, _) = self_signed_certificate(dir, "other");
     let hash = bcrypt::hash("watch-secret", 6).unwrap();
     let web = dir.join("web.yml");
     std::fs::write(
@@ -441,7 +404,6 @@ fn top_speaks_the_agents_tls_and_basic_auth() {
     let err = String::from_utf8_lossy(&wrong.stderr);
     assert!(err.contains("401: the agent wants credentials"), "{err}");
     // Another certificate than the agent's: refused.
-    let other = dir.join("other.crt");
     let impostor = top_with(
         Some("watch-secret"),
         &["top", "--tls.ca-file", other.to_str().unwrap()],

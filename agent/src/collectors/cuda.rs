@@ -298,40 +298,30 @@ impl Collector for CudaCollector {
         let labels: HashMap<u32, &ProcessLabels> =
             view.members.iter().map(|m| (m.pid, &m.labels)).collect();
         let reading = self.source.read(&view.members);
-        let CudaSums {
-            calls,
-            errors,
-            oom,
-            alloc_bytes,
-            frees,
-            launches,
-            graphs,
-            copies,
-            syncs,
-        } = CudaSums::of(&reading);
+        let sums = CudaSums::of(&reading);
         let (live, mode) = (&reading.live, reading.launch_mode);
 
         // Every key comes from a member (the source reads members' images only).
         let l = |tgid: &u32| labels[tgid].clone();
         let api = |a: u8| Api { api: api_name(a) };
-        let mut per_api = |family: &'static Family, sums: Sums<(u32, u8)>| {
+        let mut per_api = |family: &'static Family, values: Sums<(u32, u8)>| {
             out.extend(
                 family,
-                sums.into_iter().map(|((t, a), v)| ((l(&t), api(a)), v)),
+                values.into_iter().map(|((t, a), v)| ((l(&t), api(a)), v)),
             );
         };
-        per_api(&ALLOC_BYTES, alloc_bytes);
-        per_api(&FREES, frees);
+        per_api(&ALLOC_BYTES, sums.alloc_bytes);
+        per_api(&FREES, sums.frees);
         let launch_family = match mode {
             LaunchMode::Sampled => &LAUNCHES_SAMPLED,
             _ => &LAUNCHES,
         };
-        per_api(launch_family, launches);
-        per_api(&GRAPH_LAUNCHES, graphs);
-        per_api(&SYNC_SECONDS, syncs);
+        per_api(launch_family, sums.launches);
+        per_api(&GRAPH_LAUNCHES, sums.graphs);
+        per_api(&SYNC_SECONDS, sums.syncs);
         out.extend(
             &CALLS,
-            calls.into_iter().map(|((t, f), v)| {
+            sums.calls.into_iter().map(|((t, f), v)| {
                 let f = &FUNCTIONS[f as usize];
                 let function = ApiFunction {
                     api: api_name(f.api),
@@ -342,7 +332,7 @@ impl Collector for CudaCollector {
         );
         out.extend(
             &ERRORS,
-            errors.into_iter().map(|((t, f, code), v)| {
+            sums.errors.into_iter().map(|((t, f, code), v)| {
                 let f = &FUNCTIONS[f as usize];
                 let labels = ApiFunctionCode {
                     api: api_name(f.api),
@@ -352,10 +342,10 @@ impl Collector for CudaCollector {
                 ((l(&t), labels), v)
             }),
         );
-        out.extend(&OOM, oom.into_iter().map(|(t, v)| (l(&t), v)));
+        out.extend(&OOM, sums.oom.into_iter().map(|(t, v)| (l(&t), v)));
         out.extend(
             &MEMCPY_BYTES,
-            copies.into_iter().map(|((t, a, d), v)| {
+            sums.copies.into_iter().map(|((t, a, d), v)| {
                 let direction = ApiDirection {
                     api: api_name(a),
                     direction: direction_name(d),

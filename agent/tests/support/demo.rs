@@ -71,16 +71,7 @@ impl Demo {
         std::fs::create_dir_all(&reports).unwrap();
 
         let (vllm, _engine) = start_vllm("meta-llama/Llama-3.1-8B-Instruct", "spawn");
-        let values = work.join("nvml-values");
-        std::fs::write(
-            &values,
-            format!(
-                "gpu name=NVIDIA_H100_80GB_HBM3 uuid=GPU-0 total=85899345920 used=21474836480 util=63 mem_util=31 temp=66 power_mw=412000 extended=1\n\
-                 proc gpu=0 pid={} used=17179869184 sm=58 mem=22\n",
-                vllm.pid()
-            ),
-        )
-        .unwrap();
+        let values = fake_h100_values(&work, vllm.pid());
         let lib = fake_nvml_library();
         // Every source active: classification rules too (one that excludes notebooks).
         let rules = work.join("rules.yaml");

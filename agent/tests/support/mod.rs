@@ -96,6 +96,15 @@ impl Agent {
         Exposition(body)
     }
 
+    /// The labels of `pid`'s series (None: the agent does not export it).
+    pub fn process_labels(&self, pid: u32) -> Option<Labels> {
+        self.metrics()
+            .find("llm_process_memory_bytes", &[("pid", &pid.to_string())])
+            .into_iter()
+            .next()
+            .map(|(l, _)| l)
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
@@ -305,6 +314,68 @@ pub fn torch_library(dir: &Path) -> PathBuf {
 
 /// The NVML test double (tests/fixtures/nvml/fake_nvml.c); it reads its values from the file
 /// named by LLMSCOPE_FAKE_NVML on every call.
+/// A directory removed when dropped.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    /// A fresh `<tmp>/<prefix>-<this test process's pid>`.
+    pub fn new(prefix: &str) -> TempDir {
+        let dir = std::env::temp_dir().join(format!("{prefix}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// What the NVML double reads (LLMSCOPE_FAKE_NVML): one H100 with 20 of 80 GiB used, `pid`
+/// using 16 GiB of it. Written into `dir`; its path.
+pub fn fake_h100_values(dir: &Path, pid: u32) -> PathBuf {
+    let values = dir.join("nvml-values");
+    std::fs::write(
+        &values,
+        format!(
+            "gpu name=NVIDIA_H100_80GB_HBM3 uuid=GPU-0 total=85899345920 used=21474836480 util=63 mem_util=31 temp=66 power_mw=412000 extended=1\n\
+             proc gpu=0 pid={pid} used=17179869184 sm=58 mem=22\n"
+        ),
+    )
+    .unwrap();
+    values
+}
+
+/// A self-signed certificate for 127.0.0.1 (`openssl req -x509`: a CA certificate, as most
+/// exporters' self-made ones are), as `<name>.crt` and `<name>.key` in `dir`.
+pub fn self_signed_certificate(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
+    let (cert, key) = (
+        dir.join(format!("{name}.crt")),
+        dir.join(format!("{name}.key")),
+    );
+    let made = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+        ])
+        .args(["-nodes", "-days", "1", "-subj", "/CN=llmscope-test"])
+        .args(["-addext", "subjectAltName=IP:127.0.0.1"])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .expect("running openssl");
+    assert!(made.status.success(), "{made:?}");
+    (cert, key)
+}
+
 pub fn fake_nvml_library() -> PathBuf {
     compiled(
         "libnvidia-ml.so.1",
