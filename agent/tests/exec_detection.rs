@@ -887,3 +887,50 @@ fn a_forced_library_hook_is_used_or_refused_by_name() {
         }
     }
 }
+
+/// A /proc scan that reads a process whose exec event still waits in the ring (a busy events
+/// thread, made so by LLMSCOPE_TEST_FAULT=events_slow: 300 ms before every drain) leaves the
+/// process to its event: each is detected once, by its exec, and no exec is counted missed.
+#[test]
+fn a_scan_never_takes_an_exec_still_in_the_ring_for_a_missed_one() {
+    let agent = Agent::start_with_env(
+        &["--rescan-interval", "1s"],
+        &[("LLMSCOPE_TEST_FAULT", "events_slow")],
+    );
+    let program = workload("llama-server");
+    let mut procs = Vec::new();
+    for i in 0..30 {
+        procs.push(spawn(&program, &["-m", &format!("/models/race-{i}.gguf")]));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for p in &procs {
+        wait_series(&agent, p.pid());
+    }
+    // Another scan or two over them all.
+    std::thread::sleep(Duration::from_millis(2500));
+    let log = agent.log();
+    for p in &procs {
+        let needle = format!("pid={} ", p.pid());
+        let detected: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains("process_detected") && l.contains(&needle))
+            .collect();
+        assert!(
+            detected.len() == 1 && detected[0].contains("via=\"exec\""),
+            "pid {} detected {} times:\n{}",
+            p.pid(),
+            detected.len(),
+            detected.join("\n")
+        );
+    }
+    assert_eq!(
+        agent.metrics().value(
+            "llmscope_reconcile_repairs_total",
+            &[("kind", "missed_exec")]
+        ),
+        Some(0.0)
+    );
+    for p in &mut procs {
+        p.kill();
+    }
+}

@@ -12,7 +12,8 @@ fn injected() -> String {
 }
 
 /// A fault of the ring reader: it panics (`events_panic`) or stops reading
-/// (`events_stall`) a second after start.
+/// (`events_stall`) a second after start, or rests 300 ms before every turn (`events_slow`:
+/// events wait in the ring, as they do behind a busy reader).
 pub struct EventsFault {
     fault: String,
     started: Instant,
@@ -38,6 +39,7 @@ impl EventsFault {
                     std::thread::sleep(Duration::from_millis(50));
                 }
             }
+            "events_slow" => std::thread::sleep(Duration::from_millis(300)),
             _ => {}
         }
     }

@@ -213,6 +213,13 @@ pub(super) fn scan(
     read.rules_generation = rules_generation;
     candidates.sort_by_key(|(start, _, facts, _)| (*start, facts.pid));
 
+    // A process the scan read whose exec event is still in the ring is not a missed exec:
+    // the events already queued are handled first, so that the exec event, handled after
+    // the read, makes the scan's reading of that process stale (the tracker then keeps the
+    // event's). Without this, a scan during a burst of execs detected some twice (soak test).
+    if candidates.iter().any(|(_, _, _, known)| !known) {
+        table.wait_drained_after(Instant::now(), Duration::from_secs(1));
+    }
     let mut added = 0;
     let via = if rules_changed {
         "classification rules changed"
