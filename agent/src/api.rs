@@ -31,7 +31,7 @@ pub struct Agent {
     pub mode: String,
 }
 
-/// One GPU as NVML last saw it.
+/// One GPU as NVML (windows-fallback: nvidia-smi) last saw it.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct Gpu {
@@ -67,7 +67,8 @@ pub struct Process {
     /// Resident set size.
     pub memory_bytes: u64,
     pub start_time_seconds: f64,
-    /// Its share of the GPUs as NVML reports it (summed over GPUs).
+    /// Its share of the GPUs as NVML (windows-fallback: nvidia-smi) reports it, summed over
+    /// GPUs.
     pub gpu: Option<ProcessGpu>,
     /// What the CUDA probes counted.
     pub cuda: Option<ProcessCuda>,

@@ -337,7 +337,9 @@ impl Tracker {
                     p.identity.clone(),
                 )
             });
-        if replace == Replace::Always {
+        // An exec is a new image: an ignore rule's match counts again. (A GPU user's first
+        // call is not, nor is anything else that reports a process.)
+        if replace == Replace::Always && fallback.is_none() {
             self.ignored.remove(&facts.pid);
         }
         let ruled = self.rules.clone().and_then(|rules| {
@@ -603,8 +605,9 @@ mod tests {
             t.rule_matches(),
             [("acme".to_owned(), 1), ("no-vllm".to_owned(), 1)]
         );
-        // A GPU user an ignore rule excludes is not tracked either.
+        // A GPU user an ignore rule excludes is not tracked either, nor counted again.
         assert_eq!(t.observe_gpu_user(&vllm, || Some(6)), Observed::Ignored);
+        assert_eq!(t.rule_matches()[1], ("no-vllm".to_owned(), 1));
 
         // Reload: the acme rule goes, vllm is no longer ignored.
         let generation = t.rules_generation();

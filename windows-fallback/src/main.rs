@@ -21,7 +21,7 @@ use llmscope::gpuinfo::{scan, Limits, Processes};
 use llmscope::http::MetricsSource;
 use llmscope::identity::{Rules, RulesFile};
 use llmscope::metrics::{gather, BuildInfo, Collector, Families, ProcessSample};
-use llmscope::state::{GpuInfoView, ProcessView, Published};
+use llmscope::state::{GpuInfoView, GpuSample, ProcessGpu, ProcessView, Published};
 use llmscope::web_config::WebConfig;
 
 use crate::collector::SmiCollector;
@@ -132,6 +132,34 @@ impl MetricsSource for Source {
 
     fn build_info(&self) -> BuildInfo {
         BuildInfo::new("polling")
+    }
+
+    /// The processes, with the GPUs and per-process GPU memory nvidia-smi reported.
+    fn node(&self) -> llmscope::api::Node {
+        let smi = self.smi.get();
+        let gpus = GpuSample {
+            devices: smi.devices.clone(),
+            processes: smi
+                .processes
+                .iter()
+                .filter_map(|(labels, gpu, bytes)| {
+                    Some(ProcessGpu {
+                        pid: labels.pid.parse().ok()?,
+                        gpu: gpu.gpu.parse().ok()?,
+                        memory_bytes: Some(*bytes),
+                        ..ProcessGpu::default()
+                    })
+                })
+                .collect(),
+            ..GpuSample::default()
+        };
+        llmscope::api::Node::new(llmscope::api::Parts {
+            build: self.build_info(),
+            samples: &self.processes(),
+            nvml: Some(&gpus),
+            cuda: &Default::default(),
+            requests: &Default::default(),
+        })
     }
 
     fn health(&self) -> Result<(), String> {

@@ -246,6 +246,25 @@ fn run(build: Build) -> View {
         m.value("llmscope_build_info", &[("mode", "polling")]),
         Some(1.0)
     );
+    // The JSON API `llmscope top` reads: the same process, the same identity.
+    let (code, _, body) = http_get(addr, "/api/v1/processes", None).unwrap();
+    assert_eq!(code, 200, "{body}");
+    let node: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let server = node["processes"]
+        .as_array()
+        .and_then(|list| list.iter().find(|p| p["pid"].as_u64() == pid.parse().ok()))
+        .unwrap_or_else(|| panic!("pid {pid} not in /api/v1/processes: {body}"));
+    let text = |k: &str| server[k].as_str().unwrap_or_default().to_owned();
+    view.insert(
+        "/api/v1/processes".to_owned(),
+        (
+            text("framework"),
+            text("model_name"),
+            text("llm_type"),
+            text("role"),
+            f64::from(node["api_version"].as_u64().unwrap_or(0) as u32),
+        ),
+    );
     let _ = std::fs::remove_dir_all(&dir);
     view
 }
@@ -276,6 +295,7 @@ fn the_linux_and_windows_builds_agree() {
         3221225472.0
     );
     assert_eq!(linux["llm_process_gpu_utilization"].4, 55.0);
+    assert_eq!(linux["/api/v1/processes"].4, 1.0, "api_version");
 
     let exe = std::env::var_os("LLMSCOPE_FALLBACK_EXE")
         .map(PathBuf::from)
