@@ -198,3 +198,101 @@ impl Node {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{BTreeMap, BTreeSet};
+
+    use super::*;
+    use crate::metrics::{ContainerLabels, ProcessLabels};
+    use crate::state::{DeviceSample, ProcessGpu as NvmlProcess};
+
+    fn keys(v: &serde_json::Value) -> BTreeSet<String> {
+        v.as_object()
+            .map(|o| o.keys().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// The README documents the API with an example and a list: both name exactly the
+    /// fields a snapshot has.
+    #[test]
+    fn the_readme_documents_every_field() {
+        let readme =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
+        let section = &readme[readme.find("**`/api/v1/processes`**").expect("the section")..];
+        let json = &section[section.find("```json").unwrap() + 7..];
+        let example: serde_json::Value =
+            serde_json::from_str(&json[..json.find("```").unwrap()]).expect("valid JSON");
+        let listed: BTreeSet<String> = section[section.find("`requests` (for servers").unwrap()..]
+            .split_once(" has ")
+            .unwrap()
+            .1
+            .split('.')
+            .next()
+            .unwrap()
+            .split('`')
+            .skip(1)
+            .step_by(2)
+            .map(str::to_owned)
+            .collect();
+
+        let mut labels = ProcessLabels::new(
+            7,
+            "vllm",
+            &crate::identity::Identity::new(
+                crate::identity::Framework::Vllm,
+                crate::identity::Role::Server,
+                None,
+            ),
+        );
+        labels.container = ContainerLabels::default();
+        let samples = [ProcessSample {
+            labels,
+            ppid: 1,
+            alive: true,
+            cpu_seconds: 1.0,
+            cpu_percent: Some(1.0),
+            memory_bytes: 1,
+            threads: Some(1),
+            start_time_seconds: 1.0,
+        }];
+        let nvml = GpuSample {
+            devices: vec![DeviceSample {
+                index: 0,
+                ..DeviceSample::default()
+            }],
+            processes: vec![NvmlProcess {
+                pid: 7,
+                memory_bytes: Some(1.0),
+                ..NvmlProcess::default()
+            }],
+            ..GpuSample::default()
+        };
+        let node = Node::new(Parts {
+            build: BuildInfo::new("ebpf"),
+            samples: &samples,
+            nvml: Some(&nvml),
+            cuda: &BTreeMap::from([(7, ProcessCuda::default())]),
+            requests: &BTreeMap::from([(7, ProcessRequests::default())]),
+        });
+        let ours = serde_json::to_value(&node).unwrap();
+        let p = &ours["processes"][0];
+        let documented = &example["processes"][0];
+        for (what, a, b) in [
+            ("node", &ours, &example),
+            ("agent", &ours["agent"], &example["agent"]),
+            ("gpu", &ours["gpus"][0], &example["gpus"][0]),
+            ("process", p, documented),
+            ("process gpu", &p["gpu"], &documented["gpu"]),
+            ("process cuda", &p["cuda"], &documented["cuda"]),
+        ] {
+            assert_eq!(
+                keys(a),
+                keys(b),
+                "{what}: the code's fields, then the README's"
+            );
+        }
+        assert_eq!(keys(&p["requests"]), listed, "requests");
+        assert_eq!(ours["api_version"], VERSION);
+    }
+}

@@ -21,6 +21,9 @@ use crate::api::Node;
 use view::Options;
 pub use view::SortKey;
 
+/// The shortest `--interval`.
+const MIN_INTERVAL: Duration = Duration::from_millis(100);
+
 /// `llmscope top`'s flags.
 #[derive(Debug, Clone, clap::Args)]
 pub struct TopArgs {
@@ -65,6 +68,12 @@ pub struct TopArgs {
 
 /// Runs `top` until `q`; an error is for the user (exit code 1 with --once, 2 for flags).
 pub fn run(args: TopArgs, listen: std::net::SocketAddr) -> Result<(), String> {
+    if args.interval < MIN_INTERVAL {
+        return Err(format!(
+            "--interval {:?}: at least {MIN_INTERVAL:?} (each reading costs the agent a scrape's work)",
+            args.interval
+        ));
+    }
     let client = client_for(&args, listen)?;
     let options = Options {
         sort: args.sort,
