@@ -148,7 +148,8 @@ impl Tracker {
         }
         self.rules = rules;
         self.rules_generation += 1;
-        self.ignored.clear();
+        // `ignored` stays: a process excluded before a reload and still excluded after it is
+        // not counted again.
     }
 
     pub fn rules(&self) -> Option<Arc<Rules>> {
@@ -607,6 +608,15 @@ mod tests {
         );
         // A GPU user an ignore rule excludes is not tracked either, nor counted again.
         assert_eq!(t.observe_gpu_user(&vllm, || Some(6)), Observed::Ignored);
+        assert_eq!(t.rule_matches()[1], ("no-vllm".to_owned(), 1));
+
+        // The same rules again: an excluded process is not counted again.
+        let same = t.rules();
+        t.set_rules(same);
+        assert_eq!(
+            t.refresh(&vllm, || Some(6), Instant::now()),
+            Observed::Ignored
+        );
         assert_eq!(t.rule_matches()[1], ("no-vllm".to_owned(), 1));
 
         // Reload: the acme rule goes, vllm is no longer ignored.
