@@ -14,6 +14,10 @@ use anyhow::{bail, Context, Result};
 use crate::setup;
 
 pub const TAG: &str = "llmscope:dev";
+/// The Dockerfile's build stage of the last build: its cache, kept once.
+const BUILD_STAGE_TAG: &str = "llmscope:dev-build";
+/// The label the Dockerfile puts on both stages' images.
+const STAGE_LABEL: &str = "io.llmscope.stage";
 const DEFAULT_BUILDER: &str = "docker.io/library/rust:1-bookworm";
 const DEFAULT_RUNTIME: &str = "gcr.io/distroless/cc-debian12";
 const MIRROR: &str = "http://deb.debian.org/debian";
@@ -32,8 +36,13 @@ pub fn build() -> Result<()> {
     };
     let root = setup::workspace_root();
     println!("xtask: building {TAG} (builder {builder}, runtime {runtime})");
-    setup::run(
-        Command::new("docker")
+    // The build stage is tagged too, so the next build of an unchanged tree reuses it, and
+    // so the one it replaces becomes untagged: removed below with the previous image. Each
+    // build stage holds a release target directory (over a gigabyte); left behind, they
+    // filled the disk of the machine that runs the tests.
+    for (target, tag) in [(Some("build"), BUILD_STAGE_TAG), (None, TAG)] {
+        let mut build = Command::new("docker");
+        build
             .current_dir(&root)
             // crates.io through the host's network; the build has no other.
             .args([
@@ -45,8 +54,19 @@ pub fn build() -> Result<()> {
             ])
             .args(["--build-arg", &format!("BUILDER_IMAGE={builder}")])
             .args(["--build-arg", &format!("RUNTIME_IMAGE={runtime}")])
-            .args(["-t", TAG, "."]),
-    )
+            .args(["-t", tag]);
+        if let Some(target) = target {
+            build.args(["--target", target]);
+        }
+        setup::run(build.arg("."))?;
+    }
+    setup::run(Command::new("docker").args([
+        "image",
+        "prune",
+        "--force",
+        "--filter",
+        &format!("label={STAGE_LABEL}"),
+    ]))
 }
 
 fn docker_ok(args: &[&str]) -> bool {

@@ -225,8 +225,21 @@ impl PodContainer {
             .stdin(save.stdout.take().unwrap())
             .output()
             .unwrap();
-        assert!(save.wait().unwrap().success(), "docker save {image}");
-        assert!(out.status.success(), "ctr images import: {out:?}");
+        // Either failing fails the other (a broken pipe, or a truncated archive): both are told.
+        let saved = save.wait().unwrap();
+        assert!(
+            saved.success() && out.status.success(),
+            "docker save {image} | ctr images import: docker save {saved}, ctr {out:?} \
+             (is the disk full? df: {})",
+            String::from_utf8_lossy(
+                &Command::new("df")
+                    .arg("-h")
+                    .arg("/")
+                    .output()
+                    .unwrap()
+                    .stdout
+            )
+        );
         let id = format!(
             "{:064x}",
             (u128::from(std::process::id()) << 64) | u128::from(n)
