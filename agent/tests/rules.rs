@@ -1,8 +1,8 @@
 //! User classification rules (`--classify.rules`) with the real agent and real processes:
 //! an in-house server named by a rule (its model from an argv capture), another from an
-//! environment variable, an ignored process the built-in rules would pick, a reload that
-//! applies to processes already tracked, a broken version kept out, and a broken file at
-//! start-up. Run as root (`cargo xtask test`).
+//! environment variable, another by a library it maps, an ignored process the built-in rules
+//! would pick, a reload that applies to processes already tracked, a broken version kept out,
+//! and a broken file at start-up. Run as root (`cargo xtask test`).
 
 mod support;
 
@@ -34,9 +34,13 @@ rules:
   - name: house-llm
     match: { argv: 'stand_in_server\.py \d+ (?P<model>\S+)' }
     framework: house-llm
+  - name: kernels-of-the-house
+    match: { library: '/libacme_kernels\.so$' }
+    framework: acme-kernels
+    model_name: acme-kernels-v1
 "#;
 
-/// The same rules, the acme server renamed and the ignore rule gone.
+/// The same rules, the acme server renamed, the ignore and library rules gone.
 const RULES_V2: &str = r#"
 rules:
   - name: acme-infer
@@ -139,6 +143,25 @@ fn user_rules_name_in_house_servers_exclude_processes_and_reload() {
     assert_eq!(labels["model_name"], "acme/ranker-7b", "{labels:?}");
     assert_eq!(labels["role"], "worker");
 
+    // A plain program that maps the house's kernel library: named at a scan (the library
+    // is no framework's, so no mapping hook reports it).
+    let kernels = dir.0.join("lib/libacme_kernels.so");
+    std::fs::create_dir_all(kernels.parent().unwrap()).unwrap();
+    let built = Command::new("cc")
+        .args(["-shared", "-fPIC", "-o"])
+        .arg(&kernels)
+        .args(["-x", "c", "/dev/null"])
+        .status()
+        .expect("running cc");
+    assert!(built.success());
+    let mut house = start(
+        &workload("house-batch"),
+        &[],
+        &[("LD_PRELOAD", kernels.to_str().unwrap())],
+    );
+    let labels = wait_labels(&agent, house.pid(), &[("framework", "acme-kernels")]);
+    assert_eq!(labels["model_name"], "acme-kernels-v1", "{labels:?}");
+
     // A llama-server the built-in rules name, excluded; one without the flag is tracked.
     let llama = workload("llama-server");
     let mut sandboxed = start(&llama, &["-m", "/models/a.gguf", "--sandbox"], &[]);
@@ -154,8 +177,9 @@ fn user_rules_name_in_house_servers_exclude_processes_and_reload() {
             rule_matches(&agent, "acme-infer"),
             rule_matches(&agent, "ranker"),
             rule_matches(&agent, "sandboxed"),
+            rule_matches(&agent, "kernels-of-the-house"),
         );
-        (m == (Some(1.0), Some(1.0), Some(1.0))).then_some(())
+        (m == (Some(1.0), Some(1.0), Some(1.0), Some(1.0))).then_some(())
     });
     assert!(
         counted.is_some(),
@@ -167,6 +191,7 @@ fn user_rules_name_in_house_servers_exclude_processes_and_reload() {
     // Two scans later, nothing is counted twice.
     std::thread::sleep(Duration::from_millis(2500));
     assert_eq!(rule_matches(&agent, "sandboxed"), Some(1.0));
+    assert_eq!(rule_matches(&agent, "kernels-of-the-house"), Some(1.0));
 
     // A new version applies to processes already running: the server is renamed, the
     // sandboxed llama-server is no longer excluded.
@@ -174,6 +199,15 @@ fn user_rules_name_in_house_servers_exclude_processes_and_reload() {
     wait_labels(&agent, acme.pid(), &[("framework", "acme-infer-v2")]);
     wait_labels(&agent, sandboxed.pid(), &[("framework", "llama.cpp")]);
     assert_eq!(rule_matches(&agent, "sandboxed"), None, "the rule is gone");
+    // Nothing but the removed rule made the library's user an LLM process.
+    let untracked = wait_for(WAIT, || {
+        agent.process_labels(house.pid()).is_none().then_some(())
+    });
+    assert!(
+        untracked.is_some(),
+        "{:?}",
+        agent.process_labels(house.pid())
+    );
     assert!(agent.log().contains("classification rules reloaded"));
 
     // A broken version is refused, counted and logged; the rules in use stay.
@@ -212,6 +246,7 @@ fn user_rules_name_in_house_servers_exclude_processes_and_reload() {
         &mut ranker,
         &mut sandboxed,
         &mut control,
+        &mut house,
         &mut later,
     ] {
         p.kill();
