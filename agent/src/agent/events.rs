@@ -17,6 +17,7 @@ use super::table::Table;
 use super::wakeup::{Spacing, Wakeup};
 use super::CudaState;
 use crate::cuda::library::classify_name;
+use crate::ebpf::events::LibraryMap;
 use crate::ebpf::perf_mmap::{MmapRecords, Mode, ModePolicy};
 use crate::ebpf::{decode, ExecRecord, KernelEvent};
 use crate::identity::ProcessFacts;
@@ -39,6 +40,8 @@ const LONGEST_REST: Duration = Duration::from_millis(10);
 /// library mapped in one was seen 10 ms late (library → classified p90 10.7 ms). In a real
 /// storm the drains find bursts and rest the longest anyway, so this adds few wake-ups.
 const BATCHED_READ: Duration = Duration::from_millis(2);
+/// While a drain reads the ring, the perf buffers are read again this often.
+const PERF_READ_WHILE_RING: Duration = Duration::from_millis(2);
 
 /// Reads the kernel's records into `table` (and `cuda`'s retired generations and attach
 /// queue), counting them in `counters`.
@@ -100,31 +103,38 @@ fn run(
         heartbeat.beat();
         #[cfg(feature = "test-faults")]
         fault.strike(|| table.stopping());
-        // Library mappings from the perf records are taken before the ring is read, and
-        // handled after it: every exec that preceded a mapping is in the ring by then, so a
-        // process is never tracked from its mapping before its exec is seen (and detected
-        // twice). A process whose exit is read here made its mappings before it: they are
-        // dropped (the kernel reports every process's exit, tracked or not).
+        // Library mappings from the perf records are taken before the ring is read (and
+        // while it is read), and handled after it: every exec that preceded a mapping is in
+        // the ring by then, so a process is never tracked from its mapping before its exec
+        // is seen (and detected twice). A process whose exit is read here made its mappings
+        // before it: they are dropped (the kernel reports every process's exit, tracked or
+        // not).
         let drain_started = Instant::now();
         let mut mappings = Vec::new();
         let mut exited = std::collections::HashSet::new();
         // Records read by this drain, perf and ring: what sets the rest after it.
         let mut records = 0;
+        let mut perf_read = drain_started;
         if let Some(perf) = &mut mmap_records {
             let mode = policy.next(perf.mode(), perf.mappings(), drain_started);
             switch_mode(perf, mode, wakeup, &mut mappings);
             counters
                 .library_map_batching
                 .store(u64::from(perf.mode() == Mode::Batching), Ordering::Relaxed);
-            let before = perf.mappings();
-            perf.drain(classify_name, |map| mappings.push(map));
-            records = (perf.mappings() - before) as usize;
-            counters
-                .library_map_lost
-                .store(perf.lost(), Ordering::Relaxed);
+            records = read_perf(perf, &mut mappings, counters);
         }
         while let Some(item) = ring.next() {
             records += 1;
+            // Each record is handled here (an exec classified from /proc): a burst of them
+            // took the thread up to 150 ms under the soak with three CPU hogs, in which the
+            // perf buffers, a fraction of the ring's size, could fill and lose records.
+            if let Some(perf) = mmap_records
+                .as_mut()
+                .filter(|_| perf_read.elapsed() >= PERF_READ_WHILE_RING)
+            {
+                records += read_perf(perf, &mut mappings, counters);
+                perf_read = Instant::now();
+            }
             let event = decode(&item);
             drop(item);
             match event {
@@ -139,7 +149,8 @@ fn run(
                 } => {
                     Counters::add(&counters.exit, 1);
                     table.exited(pid);
-                    if !mappings.is_empty() {
+                    // A mapping read later in this drain may be this process's.
+                    if mmap_records.is_some() {
                         exited.insert(pid);
                     }
                     cuda.retired().retire(pid, cuda_generation, Instant::now());
@@ -193,13 +204,24 @@ fn run(
     }
 }
 
+/// Hands the library mappings the perf buffers hold to `mappings`; how many executable
+/// mappings they held.
+fn read_perf(perf: &mut MmapRecords, mappings: &mut Vec<LibraryMap>, counters: &Counters) -> usize {
+    let before = perf.mappings();
+    perf.drain(classify_name, |map| mappings.push(map));
+    counters
+        .library_map_lost
+        .store(perf.lost(), Ordering::Relaxed);
+    (perf.mappings() - before) as usize
+}
+
 /// Reopens the perf buffers in `mode` (when it is not theirs already), their records into
 /// `mappings`, and lets their new fds wake the thread.
 fn switch_mode(
     records: &mut MmapRecords,
     mode: Mode,
     wakeup: &Wakeup,
-    mappings: &mut Vec<crate::ebpf::events::LibraryMap>,
+    mappings: &mut Vec<LibraryMap>,
 ) {
     if mode == records.mode() {
         return;

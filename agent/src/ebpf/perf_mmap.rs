@@ -21,9 +21,18 @@ use std::time::{Duration, Instant};
 
 use super::events::LibraryMap;
 
-/// Data pages per CPU buffer (a power of two): 64 KiB holds ~400 records, 10 ms of a busy
-/// node's executable mappings many times over.
-const DATA_PAGES: usize = 16;
+/// Data pages per CPU buffer (a power of two) while mappings are rare: 64 KiB holds ~600
+/// records (~110 bytes each), and the reader is woken by the first.
+const WAKING_PAGES: usize = 16;
+/// ... and while they batch. They are read every 2 ms, but not by a reader kept off the
+/// CPU: under the soak (500 processes a second) with three CPU hogs on two cores, reads came
+/// up to 516 ms apart, a buffer held up to 39 KB when read, and about one run in ten lost
+/// records of 64 KiB buffers. 256 KiB holds ~2,400 records, over a second of that storm.
+/// The buffers have this size only while a storm lasts, and old and new buffers together
+/// (320 KiB of data a CPU at the switch) stay within the default `perf_event_mlock_kb`
+/// (516 KiB a CPU) that a reader without `CAP_IPC_LOCK` may lock; where the limit is
+/// lower, they are mapped at the waking size.
+const BATCHING_PAGES: usize = 64;
 
 const PERF_TYPE_SOFTWARE: u32 = 1;
 const PERF_COUNT_SW_DUMMY: u64 = 9;
@@ -255,21 +264,32 @@ impl CpuBuffer {
         let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
         // SAFETY: sysconf has no preconditions.
         let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize;
-        let data_size = DATA_PAGES * page;
-        // SAFETY: mapping the event's ring: one header page plus a power of two of data pages.
-        let base = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                page + data_size,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                fd.as_raw_fd(),
-                0,
-            )
+        let sizes: &[usize] = match mode {
+            Mode::Waking => &[WAKING_PAGES],
+            // A batching buffer the locked-memory limit refuses is mapped at the waking size.
+            Mode::Batching => &[BATCHING_PAGES, WAKING_PAGES],
         };
-        if base == libc::MAP_FAILED {
-            return Err(std::io::Error::last_os_error());
+        let mut mapped = Err(std::io::Error::from_raw_os_error(libc::EINVAL));
+        for data_size in sizes.iter().map(|n| n * page) {
+            // SAFETY: mapping the event's ring: one header page plus a power of two of data
+            // pages.
+            let base = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    page + data_size,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_SHARED,
+                    fd.as_raw_fd(),
+                    0,
+                )
+            };
+            if base != libc::MAP_FAILED {
+                mapped = Ok((base, data_size));
+                break;
+            }
+            mapped = Err(std::io::Error::last_os_error());
         }
+        let (base, data_size) = mapped?;
         Ok(CpuBuffer {
             fd,
             base: base.cast(),
