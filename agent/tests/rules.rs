@@ -145,15 +145,7 @@ fn user_rules_name_in_house_servers_exclude_processes_and_reload() {
 
     // A plain program that maps the house's kernel library: named at a scan (the library
     // is no framework's, so no mapping hook reports it).
-    let kernels = dir.0.join("lib/libacme_kernels.so");
-    std::fs::create_dir_all(kernels.parent().unwrap()).unwrap();
-    let built = Command::new("cc")
-        .args(["-shared", "-fPIC", "-o"])
-        .arg(&kernels)
-        .args(["-x", "c", "/dev/null"])
-        .status()
-        .expect("running cc");
-    assert!(built.success());
+    let kernels = empty_shared_library(&dir.0.join("lib/libacme_kernels.so"));
     let mut house = start(
         &workload("house-batch"),
         &[],

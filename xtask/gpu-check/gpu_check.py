@@ -246,7 +246,9 @@ def check_nvml(report, agent, args, hold):
         apps = nvidia_smi("--query-compute-apps=pid,used_memory") or []
         smi_proc = next((int(a[1]) << 20 for a in apps if a[0] == str(hold.pid)), None)
         source = "nvidia-smi"
-    total = agent.value("nvidia_gpu_memory_total_bytes", gpu=0)
+    # The device series appear with the NVML collector's first reading, which may come after
+    # the workload is tracked (NVML's initialisation alone can take seconds on a GPU node).
+    total = wait_for(10, lambda: agent.value("nvidia_gpu_memory_total_bytes", gpu=0), 0.2)
     used = agent.value("nvidia_gpu_memory_used_bytes", gpu=0)
     temp = agent.value("nvidia_gpu_temperature", gpu=0)
     mib = lambda b: "—" if b is None else f"{b / 1048576:.0f} MiB"

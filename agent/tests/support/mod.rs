@@ -299,17 +299,20 @@ pub fn tiny_cuda_library() -> PathBuf {
 /// An empty shared library where PyTorch keeps `libtorch_cpu.so`, under `dir`: what a
 /// script maps when it imports torch, as far as the agent can tell.
 pub fn torch_library(dir: &Path) -> PathBuf {
-    let lib_dir = dir.join("site-packages/torch/lib");
-    std::fs::create_dir_all(&lib_dir).unwrap();
-    let lib = lib_dir.join("libtorch_cpu.so");
+    empty_shared_library(&dir.join("site-packages/torch/lib/libtorch_cpu.so"))
+}
+
+/// An empty shared library at `path` (its directory made).
+pub fn empty_shared_library(path: &Path) -> PathBuf {
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
     let built = Command::new("cc")
         .args(["-shared", "-fPIC", "-o"])
-        .arg(&lib)
+        .arg(path)
         .args(["-x", "c", "/dev/null"])
         .status()
         .expect("running cc");
-    assert!(built.success(), "building {}", lib.display());
-    lib
+    assert!(built.success(), "building {}", path.display());
+    path.to_owned()
 }
 
 /// The NVML test double (tests/fixtures/nvml/fake_nvml.c); it reads its values from the file
