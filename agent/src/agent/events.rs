@@ -126,7 +126,7 @@ fn run(
         while let Some(item) = ring.next() {
             records += 1;
             // Each record is handled here (an exec classified from /proc): a burst of them
-            // took the thread up to 150 ms under the soak with three CPU hogs, in which the
+            // took the thread up to 150 ms under the soak with three CPU hogs and a disk writer, in which the
             // perf buffers, a fraction of the ring's size, could fill and lose records.
             if let Some(perf) = mmap_records
                 .as_mut()

@@ -25,8 +25,8 @@ use super::events::LibraryMap;
 /// records (~110 bytes each), and the reader is woken by the first.
 const WAKING_PAGES: usize = 16;
 /// ... and while they batch. They are read every 2 ms, but not by a reader kept off the
-/// CPU: under the soak (500 processes a second) with three CPU hogs on two cores, reads came
-/// up to 516 ms apart, a buffer held up to 39 KB when read, and about one run in ten lost
+/// CPU: under the soak (500 processes a second) with three CPU hogs on two cores (and a disk
+/// writer), reads came up to 516 ms apart, a buffer held up to 39 KB when read, and about one run in ten lost
 /// records of 64 KiB buffers. 256 KiB holds ~2,400 records, over a second of that storm.
 /// The buffers have this size only while a storm lasts, and old and new buffers together
 /// (320 KiB of data a CPU at the switch) stay within the default `perf_event_mlock_kb`
